@@ -1,0 +1,166 @@
+"""Argument checks shared by every backend: one home, run before any kernel launches.
+
+Each check raises ``TypeError`` (wrong kind of object, wrong dtype) or ``ValueError`` (wrong
+shape or value) naming the argument, the expected and the actual value (SPEC §5).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from . import patterns
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, x, ndim: Optional[int] = None, shape_doc: str = "", floating: bool = True) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor{' of shape ' + shape_doc if shape_doc else ''}, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc} ({ndim} dims), got {tuple(x.shape)}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def same_dtype_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, x in others.items():
+        if x.device != ref.device:
+            raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {x.device}")
+        if x.dtype != ref.dtype:
+            raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {x.dtype}")
+
+
+def grid(value, num_tokens: Optional[int] = None, name: str = "grid") -> tuple:
+    """Validate a ``(T, Hp, Wp)`` grid; with ``num_tokens``, require ``N == T * Hp * Wp``."""
+    if (not isinstance(value, Sequence) or len(value) != 3
+            or not all(isinstance(g, int) and not isinstance(g, bool) for g in value)):
+        raise TypeError(f"{name} must be a tuple of three ints (T, Hp, Wp), got {value!r}")
+    if any(g < 1 for g in value):
+        raise ValueError(f"{name} must have positive entries (T, Hp, Wp), got {tuple(value)}")
+    value = tuple(value)
+    if num_tokens is not None and patterns.num_tokens(value) != num_tokens:
+        t, hp, wp = value
+        raise ValueError(f"number of tokens N={num_tokens} must equal T*Hp*Wp = {t}*{hp}*{wp} = "
+                         f"{patterns.num_tokens(value)} for {name}={value}")
+    return value
+
+
+def pattern(value, num_tokens: int, device: torch.device):
+    """Return ``(name, group_ids)``: ``("explicit", ids)`` for a tensor, ``(name, None)`` otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"pattern tensor must have an integer dtype, got {value.dtype}")
+        if value.shape != (num_tokens,):
+            raise ValueError(f"pattern tensor must have shape (N,) = ({num_tokens},), got {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"pattern tensor must be on the inputs' device {device}, got {value.device}")
+        if not torch.compiler.is_compiling() and num_tokens and int(value.min()) < 0:
+            raise ValueError(f"pattern tensor must hold non-negative group ids, got min {int(value.min())}")
+        return "explicit", value.long()
+    if value not in patterns.PATTERN_NAMES:
+        raise ValueError(f"pattern must be one of {patterns.PATTERN_NAMES} or an int tensor of shape (N,), got {value!r}")
+    return value, None
+
+
+def finite(name: str, value, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} float, got {value}")
+    return value
+
+
+def count(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def attention(q, k, v, grid_, num_global_heads, pattern_, scale):
+    """Checks for ``hsda``; returns ``(grid, pattern_name, group_ids, num_global_heads, scale)``."""
+    q = tensor("q", q, 4, "(B, H, N, d)")
+    k = tensor("k", k, 4, "(B, H, N, d)")
+    v = tensor("v", v, 4, "(B, H, N, d)")
+    same_dtype_device("q", q, k=k, v=v)
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape (B, H, N, d) = {tuple(q.shape)}, got {tuple(x.shape)}")
+    _, num_heads, n, d = q.shape
+    hg = num_heads // 2 if num_global_heads is None else count("num_global_heads", num_global_heads, 0, num_heads)
+    if grid_ is None:
+        if hg != num_heads:
+            raise ValueError("grid (T, Hp, Wp) is required unless every head is global "
+                             f"(num_global_heads={hg}, H={num_heads})")
+        grid_ = (1, 1, n)
+    grid_ = grid(grid_, n)
+    name, ids = pattern(pattern_, n, q.device)
+    scale = d ** -0.5 if scale is None else finite("scale", scale)
+    return grid_, name, ids, hg, scale
+
+
+def team_input(x, h=None):
+    x = tensor("x", x, 3, "(B, N, D)")
+    if h is not None:
+        h = tensor("h", h, 2, "(B, D)")
+        same_dtype_device("x", x, h=h)
+        if h.shape != (x.shape[0], x.shape[2]):
+            raise ValueError(f"h must have shape (B, D) = {(x.shape[0], x.shape[2])}, got {tuple(h.shape)}")
+
+
+def num_out(value, num_tokens: int, name: str = "num_out") -> int:
+    return count(name, value, 1, max(num_tokens, 1)) if num_tokens else count(name, value, 1, value)
+
+
+def selection(x, k_name: str, k, start, scores=None):
+    x = tensor("x", x, 3, "(B, L, D)")
+    b, length, _ = x.shape
+    if length == 0:
+        raise ValueError("x must hold at least one token (L >= 1), got L=0")
+    count(k_name, k, 1, length)
+    if start is not None:
+        start = tensor("start", start, 1, "(B,)", floating=False)
+        if start.dtype.is_floating_point or start.dtype == torch.bool:
+            raise TypeError(f"start must have an integer dtype, got {start.dtype}")
+        if start.shape != (b,):
+            raise ValueError(f"start must have shape (B,) = ({b},), got {tuple(start.shape)}")
+        if start.device != x.device:
+            raise ValueError(f"start must be on x's device {x.device}, got {start.device}")
+        if not torch.compiler.is_compiling() and b and not bool(((start >= 0) & (start < length)).all()):
+            raise ValueError(f"start must hold indices in [0, {length}), got {start.tolist()}")
+    if scores is not None:
+        scores = tensor("scores", scores, 2, "(B, L)")
+        if scores.shape != (b, length):
+            raise ValueError(f"scores must have shape (B, L) = {(b, length)}, got {tuple(scores.shape)}")
+        if scores.device != x.device:
+            raise ValueError(f"scores must be on x's device {x.device}, got {scores.device}")
+
+
+def merge(u, idx, x, e, tau):
+    u = tensor("u", u, 3, "(B, L, Du)")
+    x = tensor("x", x, 3, "(B, L, D)")
+    e = tensor("e", e, 3, "(B or 1, L, D)")
+    same_dtype_device("x", x, u=u, e=e)
+    b, length, d = x.shape
+    if u.shape[:2] != (b, length):
+        raise ValueError(f"u must have shape (B, L, Du) with (B, L) = {(b, length)}, got {tuple(u.shape)}")
+    if e.shape not in ((b, length, d), (1, length, d)):
+        raise ValueError(f"e must have shape (B, L, D) or (1, L, D) with (B, L, D) = {(b, length, d)}, got {tuple(e.shape)}")
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a torch.Tensor of shape (B, L'), got {type(idx).__name__}")
+    if idx.dtype != torch.long:
+        raise TypeError(f"idx must be int64 (from select_meta_tokens), got {idx.dtype}")
+    if idx.dim() != 2 or idx.shape[0] != b:
+        raise ValueError(f"idx must have shape (B, L') with B={b}, got {tuple(idx.shape)}")
+    if idx.device != x.device:
+        raise ValueError(f"idx must be on x's device {x.device}, got {idx.device}")
+    if not 1 <= idx.shape[1] <= max(length, 1):
+        raise ValueError(f"idx must select L' tokens with 1 <= L' <= L={length}, got L'={idx.shape[1]}")
+    if not torch.compiler.is_compiling() and idx.numel() and not bool(((idx >= 0) & (idx < length)).all()):
+        raise ValueError(f"idx must hold token indices in [0, {length}), got min {int(idx.min())}, max {int(idx.max())}")
+    return finite("tau", tau, positive=True)

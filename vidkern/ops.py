@@ -1,0 +1,333 @@
+"""Public ops: argument checks, backend dispatch, and the ``torch.library`` custom ops.
+
+A public function checks its arguments (:mod:`vidkern.checks`), asks :mod:`vidkern.dispatch`
+for a backend, and then either calls the backend directly (the reference, differentiated by
+autograd) or goes through a ``vidkern::`` custom op whose forward and backward are the backend's
+own. The custom ops have fake implementations, so ``torch.compile(fullgraph=True)`` traces
+models that use them without graph breaks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from . import backends as _backends  # noqa: F401  (registers the backends)
+from . import checks, dispatch, patterns, reference
+
+
+def _pattern_arg(name: str, ids: Optional[Tensor]):
+    return ids if ids is not None else name
+
+
+# =========================================================================== attention
+@custom_op("vidkern::hsda", mutates_args=())
+def _hsda_op(q: Tensor, k: Tensor, v: Tensor, grid: list[int], pattern: str, group_ids: Optional[Tensor],
+             num_global_heads: int, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    return dispatch.get(backend).hsda_forward(q, k, v, tuple(grid), _pattern_arg(pattern, group_ids),
+                                              num_global_heads, scale)
+
+
+@_hsda_op.register_fake
+def _(q, k, v, grid, pattern, group_ids, num_global_heads, scale, backend):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+
+
+@custom_op("vidkern::hsda_backward", mutates_args=())
+def _hsda_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                      grid: list[int], pattern: str, group_ids: Optional[Tensor], num_global_heads: int,
+                      scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return dispatch.get(backend).hsda_backward(grad_out, q, k, v, out, lse, tuple(grid),
+                                               _pattern_arg(pattern, group_ids), num_global_heads, scale)
+
+
+@_hsda_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, grid, pattern, group_ids, num_global_heads, scale, backend):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _hsda_setup(ctx, inputs, output):
+    q, k, v, *ctx.args = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _hsda_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _hsda_backward_op(grad_out, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_hsda_op.register_autograd(_hsda_backward, setup_context=_hsda_setup)
+
+
+def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] = None,
+         pattern="checkerboard", scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+    """Head-split sparse-dense attention (FAR, SPEC §1.2).
+
+    Args:
+        q, k, v: ``(B, H, N, d)``, any strides (e.g. views of a fused qkv projection),
+            float16/bfloat16/float32/float64, tokens in natural grid order.
+        grid: ``(T, Hp, Wp)`` with ``N == T * Hp * Wp``; may be ``None`` when every head is global.
+        num_global_heads: heads ``[0, Hg)`` attend globally; default ``H // 2`` (the paper's 1:1).
+        pattern: group rule of the other heads: ``"checkerboard"`` (default), ``"temporal"``,
+            ``"global"`` or an int tensor ``(N,)`` of group ids.
+        scale: softmax scale, default ``d ** -0.5``.
+        backend: force a backend (else ``$VIDKERN_BACKEND``, else automatic).
+
+    Returns:
+        ``(B, H, N, d)``, dtype of ``q``:
+        ``O[b,h,n] = sum_{m in G_h(n)} softmax_m(scale q[b,h,n].k[b,h,m]) v[b,h,m]``.
+    """
+    grid, name, ids, hg, scale = checks.attention(q, k, v, grid, num_global_heads, pattern, scale)
+    be = dispatch.select("hsda", q.device, q.dtype, backend)
+    if be.native_autograd or q.numel() == 0:  # empty inputs: the reference returns empty outputs and grads
+        return reference.hsda(q, k, v, grid, hg, _pattern_arg(name, ids), scale)
+    return _hsda_op(q, k, v, list(grid), name, ids, hg, scale, be.name)[0]
+
+
+def sparse_dense_attention(q: Tensor, k: Tensor, v: Tensor, grid, pattern="checkerboard",
+                           scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+    """Sparse-dense attention on every head: :func:`hsda` with ``num_global_heads=0``."""
+    return hsda(q, k, v, grid, num_global_heads=0, pattern=pattern, scale=scale, backend=backend)
+
+
+def group_mean(x: Tensor, grid, pattern="checkerboard", backend: Optional[str] = None) -> Tensor:
+    """Mean of each group's tokens (SPEC §1.4). ``x``: ``(B, N, D)`` -> ``(B, G, D)``.
+
+    ``G`` is 2 for the checkerboard (1 on a 1x1 spatial grid), ``Hp*Wp`` for ``"temporal"``,
+    1 for ``"global"``, ``max id + 1`` for an explicit pattern (every id must occur).
+    """
+    x = checks.tensor("x", x, 3, "(B, N, D)")
+    grid = checks.grid(grid, x.shape[1])
+    name, ids = checks.pattern(pattern, x.shape[1], x.device)
+    if ids is not None and not torch.compiler.is_compiling():
+        present = torch.bincount(ids, minlength=1)
+        if bool((present == 0).any()):
+            raise ValueError(f"pattern tensor must use every group id in [0, {present.numel()}); "
+                             f"missing {torch.nonzero(present == 0).flatten().tolist()}")
+    be = dispatch.select("group_mean", x.device, x.dtype, backend)
+    return be.group_mean(x, grid, _pattern_arg(name, ids))
+
+
+# =========================================================================== TEAM
+@custom_op("vidkern::feature_summary", mutates_args=())
+def _feature_summary_op(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return dispatch.get(backend).feature_summary_forward(x)
+
+
+@_feature_summary_op.register_fake
+def _(x, backend):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape[0], x.shape[2]), x.new_empty(x.shape[0], x.shape[2], dtype=acc)
+
+
+@custom_op("vidkern::feature_summary_backward", mutates_args=())
+def _feature_summary_backward_op(grad_f: Tensor, x: Tensor, f: Tensor, lse: Tensor, backend: str) -> Tensor:
+    return dispatch.get(backend).feature_summary_backward(grad_f, x, f, lse)
+
+
+@_feature_summary_backward_op.register_fake
+def _(grad_f, x, f, lse, backend):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _feature_summary_setup(ctx, inputs, output):
+    ctx.backend = inputs[1]
+    ctx.save_for_backward(inputs[0], *output)
+
+
+def _feature_summary_backward(ctx, grad_f, _grad_lse):
+    x, f, lse = ctx.saved_tensors
+    if grad_f is None:
+        return None, None
+    return _feature_summary_backward_op(grad_f, x, f, lse, ctx.backend), None
+
+
+_feature_summary_op.register_autograd(_feature_summary_backward, setup_context=_feature_summary_setup)
+
+
+def feature_summary(x: Tensor, backend: Optional[str] = None) -> Tensor:
+    """TEAM feature summary (FAM, SPEC §2): ``f[b,c] = sum_n softmax_n(X[b,:,c])[n] X[b,n,c]``.
+
+    ``x``: ``(B, N, D)`` float -> ``(B, D)`` in ``x``'s dtype (float32 accumulation).
+    """
+    checks.team_input(x)
+    be = dispatch.select("feature_summary", x.device, x.dtype, backend)
+    if be.native_autograd or x.numel() == 0:
+        return reference.feature_summary(x)
+    return _feature_summary_op(x, be.name)[0]
+
+
+@custom_op("vidkern::team_gate", mutates_args=())
+def _team_gate_op(x: Tensor, h: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return dispatch.get(backend).team_gate_forward(x, h)
+
+
+@_team_gate_op.register_fake
+def _(x, h, backend):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = x.new_empty(x.shape[:2], dtype=acc)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), stats, torch.empty_like(stats)
+
+
+@custom_op("vidkern::team_gate_backward", mutates_args=())
+def _team_gate_backward_op(grad_y: Tensor, x: Tensor, h: Tensor, tok_lse: Tensor, s: Tensor,
+                           backend: str) -> tuple[Tensor, Tensor]:
+    return dispatch.get(backend).team_gate_backward(grad_y, x, h, tok_lse, s)
+
+
+@_team_gate_backward_op.register_fake
+def _(grad_y, x, h, tok_lse, s, backend):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(h.shape, dtype=h.dtype, device=h.device)
+
+
+def _team_gate_setup(ctx, inputs, output):
+    ctx.backend = inputs[2]
+    ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
+
+
+def _team_gate_backward(ctx, grad_y, _grad_lse, _grad_s):
+    x, h, tok_lse, s = ctx.saved_tensors
+    if grad_y is None:
+        return None, None, None
+    dx, dh = _team_gate_backward_op(grad_y, x, h, tok_lse, s, ctx.backend)
+    return dx, dh, None
+
+
+_team_gate_op.register_autograd(_team_gate_backward, setup_context=_team_gate_setup)
+
+
+def team_gate(x: Tensor, h: Tensor, backend: Optional[str] = None) -> Tensor:
+    """TEAM gating (FAM gate + TAM, SPEC §2), fused.
+
+    ``x``: ``(B, N, D)``; ``h``: ``(B, D)`` pre-sigmoid output of the FAM MLP (same dtype).
+    Returns ``Y = softmax_n(s0)[n] * sigmoid(h) * X`` with
+    ``s0[n] = sum_c softmax_c(X'[n])[c] X'[n,c]``, ``X' = sigmoid(h) * X``; shape of ``x``.
+    """
+    checks.team_input(x, h)
+    be = dispatch.select("team_gate", x.device, x.dtype, backend)
+    if be.native_autograd or x.numel() == 0:
+        return reference.team_gate(x, h)
+    return _team_gate_op(x, h, be.name)[0]
+
+
+# =========================================================================== STTM
+@custom_op("vidkern::orthogonal_select", mutates_args=())
+def _orthogonal_select_op(x: Tensor, k: int, start: Tensor, backend: str) -> Tensor:
+    return dispatch.get(backend).orthogonal_select(x, k, start)
+
+
+@_orthogonal_select_op.register_fake
+def _(x, k, start, backend):
+    return x.new_empty(x.shape[0], k, dtype=torch.long)
+
+
+def orthogonal_select(x: Tensor, k: int, start: Tensor, backend: Optional[str] = None) -> Tensor:
+    """Greedy most-orthogonal selection (SPEC §3.1 step 2), no gradient.
+
+    ``x``: ``(B, L, D)``; ``start``: int ``(B,)``. Returns int64 ``(B, k)`` in selection order:
+    ``start[b]`` first, then each step the unchosen token whose largest ``|cos|`` to the chosen
+    tokens is smallest (lowest index on ties). Cosines are computed in float32 (float64 inputs:
+    float64).
+    """
+    checks.selection(x, "k", k, start)
+    be = dispatch.select("orthogonal_select", x.device, x.dtype, backend)
+    x = x.detach()
+    if x.shape[0] == 0:
+        return x.new_empty(0, k, dtype=torch.long)
+    if be.native_autograd:
+        return reference.orthogonal_select(x, k, start)
+    return _orthogonal_select_op(x, k, start.long(), be.name)
+
+
+def select_meta_tokens(x: Tensor, num_out: int, scores: Optional[Tensor] = None, alpha: float = 1.5,
+                       start: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """STTM meta-token selection (SPEC §3.1): int64 ``(B, num_out)``, sorted ascending. No gradient.
+
+    Greedy most-orthogonal selection of ``K`` tokens from ``start`` (default *(choice)*: the token
+    of largest norm, the eval rule; STTM draws it at random in training). With attentiveness
+    ``scores`` ``(B, L)``, ``K = min(L, ceil(alpha * num_out))`` candidates are selected and the
+    ``num_out`` of highest score kept (lowest index on ties); without, ``K = num_out``.
+    """
+    x = checks.tensor("x", x, 3, "(B, L, D)")
+    checks.selection(x, "num_out", num_out, start, scores)
+    alpha = checks.finite("alpha", alpha, positive=True)
+    x = x.detach()
+    start = reference.default_start(x) if start is None else start
+    k = reference.candidate_count(x.shape[1], num_out, scores is not None, alpha)
+    cand = orthogonal_select(x, k, start, backend=backend)
+    if scores is None:
+        return torch.sort(cand, dim=1).values
+    return reference.filter_by_scores(cand, scores.detach(), num_out)
+
+
+@custom_op("vidkern::soft_merge", mutates_args=())
+def _soft_merge_op(u: Tensor, idx: Tensor, x: Tensor, e: Tensor, tau: float,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return dispatch.get(backend).soft_merge_forward(u, idx, x, e, tau)
+
+
+@_soft_merge_op.register_fake
+def _(u, idx, x, e, tau, backend):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    b, length = x.shape[:2]
+    lp = idx.shape[1]
+    return (x.new_empty(b, lp, x.shape[2]), e.new_empty(b, lp, e.shape[2]),
+            x.new_empty(b, length, dtype=acc), x.new_empty(b, lp, dtype=acc))
+
+
+@custom_op("vidkern::soft_merge_backward", mutates_args=())
+def _soft_merge_backward_op(grad_a: Tensor, grad_p: Tensor, u: Tensor, idx: Tensor, x: Tensor, e: Tensor,
+                            a: Tensor, p: Tensor, row_lse: Tensor, col_sum: Tensor, tau: float,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return dispatch.get(backend).soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau)
+
+
+@_soft_merge_backward_op.register_fake
+def _(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau, backend):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (u, x, e))
+
+
+def _soft_merge_setup(ctx, inputs, output):
+    u, idx, x, e, ctx.tau, ctx.backend = inputs
+    ctx.save_for_backward(u, idx, x, e, *output)
+
+
+def _soft_merge_backward(ctx, grad_a, grad_p, _grad_lse, _grad_sum):
+    u, idx, x, e, a, p, row_lse, col_sum = ctx.saved_tensors
+    grad_a = torch.zeros_like(a) if grad_a is None else grad_a
+    grad_p = torch.zeros_like(p) if grad_p is None else grad_p
+    du, dx, de = _soft_merge_backward_op(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum,
+                                         ctx.tau, ctx.backend)
+    return du, None, dx, de, None, None
+
+
+_soft_merge_op.register_autograd(_soft_merge_backward, setup_context=_soft_merge_setup)
+
+
+def soft_merge(u: Tensor, idx: Tensor, x: Tensor, e: Tensor, tau: float = 1.0,
+               backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """STTM soft merging (SPEC §3.2) without materialising the ``(L, L')`` matrix.
+
+    Args:
+        u: ``(B, L, Du)`` normalised ``phi(X)``; the meta features are ``V = u[idx]``.
+        idx: int64 ``(B, L')`` meta-token indices (from :func:`select_meta_tokens`).
+        x: ``(B, L, D)`` tokens; e: ``(B, L, D)`` or ``(1, L, D)`` position features.
+        tau: softmax temperature, finite and positive.
+
+    Returns:
+        ``(A, P)``, each ``(B, L', D)``: ``A = C^T X``, ``P = C^T E`` with
+        ``C = softmax_tokens(softmax_meta(U V^T / tau))``.
+    """
+    tau = checks.merge(u, idx, x, e, tau)
+    be = dispatch.select("soft_merge", x.device, x.dtype, backend)
+    e = e.expand(x.shape[0], -1, -1)  # autograd sums a broadcast e's gradient back to (1, L, D)
+    if be.native_autograd or x.shape[0] == 0:
+        return reference.soft_merge(u, idx, x, e, tau)
+    a, p, _, _ = _soft_merge_op(u, idx, x, e, tau, be.name)
+    return a, p
