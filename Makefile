@@ -9,7 +9,6 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: setup.py pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,bench]"
 	touch $@
 

@@ -146,26 +146,27 @@ class TorchBackend(Backend):
         return tuple(grads)
 
     # ----------------------------------------------------------------------- TEAM
+    # In float32, P = exp(X - lse) loses about |lse| ulps; a max-subtracted softmax does not, so
+    # the backward recomputes P that way and the saved log-sum-exp serves kernel backends.
     def feature_summary_forward(self, x):
-        """Returns ``(f (B, D), lse (B, D))``: ``lse[b,c] = logsumexp_n X[b,n,c]`` for the backward."""
+        """Returns ``(f (B, D), lse (B, D))`` with ``lse[b,c] = logsumexp_n X[b,n,c]``."""
         xa = x.to(acc_dtype(x.dtype))
-        lse = torch.logsumexp(xa, dim=1)
-        f = (torch.exp(xa - lse[:, None]) * xa).sum(dim=1)
-        return f.to(x.dtype), lse
+        f = (torch.softmax(xa, dim=1) * xa).sum(dim=1)
+        return f.to(x.dtype), torch.logsumexp(xa, dim=1)
 
     def feature_summary_backward(self, grad_f, x, f, lse):
-        """``dX = P * (1 + X - f) * df`` with ``P = exp(X - lse)``."""
-        acc = acc_dtype(x.dtype)
-        xa, fa = x.to(acc), f.to(acc)
-        p = torch.exp(xa - lse[:, None])
-        return (p * (1 + xa - fa[:, None]) * grad_f.to(acc)[:, None]).to(x.dtype)
+        """``dX = P * (1 + X - f) * df`` with ``P = softmax_n(X)``."""
+        xa = x.to(acc_dtype(x.dtype))
+        p = torch.softmax(xa, dim=1)
+        fa = (p * xa).sum(dim=1, keepdim=True)  # f at full precision (the saved f is rounded to x's dtype)
+        return (p * (1 + xa - fa) * grad_f.to(xa.dtype)[:, None]).to(x.dtype)
 
     def team_gate_forward(self, x, h):
         """Returns ``(y, tok_lse, s)``: ``tok_lse[b,n] = logsumexp_c X'[b,n,:]``, ``s`` the token softmax."""
         acc = acc_dtype(x.dtype)
         xp = torch.sigmoid(h.to(acc))[:, None, :] * x.to(acc)
         tok_lse = torch.logsumexp(xp, dim=-1)
-        s0 = (torch.exp(xp - tok_lse[..., None]) * xp).sum(-1)
+        s0 = (torch.softmax(xp, dim=-1) * xp).sum(-1)
         s = torch.softmax(s0, dim=-1)
         return (s[..., None] * xp).to(x.dtype), tok_lse, s
 
@@ -174,7 +175,7 @@ class TorchBackend(Backend):
         xa, dy = x.to(acc), grad_y.to(acc)
         g = torch.sigmoid(h.to(acc))
         xp = g[:, None, :] * xa
-        q = torch.exp(xp - tok_lse[..., None])                                   # softmax over channels
+        q = torch.softmax(xp, dim=-1)                                            # over channels
         s0 = (q * xp).sum(-1)
         ds = (dy * xp).sum(-1)                                                   # dL/ds
         ds0 = s * (ds - (s * ds).sum(-1, keepdim=True))                          # through softmax over tokens

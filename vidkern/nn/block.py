@@ -1,0 +1,81 @@
+"""A ViT block with vidkern's pieces: FAR attention, token-group interaction and TEAM (SPEC §1.5, §2)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .attention import HSDAttention, attention_kind
+from .far import TokenGroupInteraction
+from .team import TEAM
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch per sample with probability ``p`` in training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Mlp(nn.Module):
+    """``fc2(GELU(fc1(x)))`` with timm's parameter names."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """``x += TGI(x)``; ``x += Attn(LN1 x)``; ``x += MLP(LN2 x)``; ``x += TEAM(LN3 x)`` (optional parts).
+
+    Args:
+        attention: a layout of :data:`vidkern.nn.attention.ATTENTION_KINDS` (``"hsda"`` default,
+            ``"global"``, ``"sparse_dense"``, ``"temporal"``, ``"head_split_temporal"``).
+        token_group_interaction: add FAR's TGI branch (``tgi_groups`` defaults to ``num_heads``).
+        team_ratios: ``(r1, r2, r3)`` adds a TEAM sub-block (SPEC §2), ``None`` leaves it out.
+        qv_bias: VideoMAE's q/v biases (``qkv_bias`` gives timm's full qkv bias instead).
+
+    Shapes: ``forward(x (B, N, D), grid=None) -> (B, N, D)``; ``grid`` overrides the default.
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid=None, mlp_ratio: float = 4.0, attention: str = "hsda",
+                 qkv_bias: bool = False, qv_bias: bool = True, token_group_interaction: bool = False,
+                 tgi_groups: Optional[int] = None, team_ratios=None, drop_path: float = 0.0,
+                 norm_eps: float = 1e-6, backend: Optional[str] = None):
+        super().__init__()
+        hg, pattern = attention_kind(attention, num_heads)
+        self.grid = grid
+        self.tgi = (TokenGroupInteraction(dim, grid, tgi_groups or num_heads)
+                    if token_group_interaction else None)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = HSDAttention(dim, num_heads, grid, hg, pattern, qkv_bias=qkv_bias, qv_bias=qv_bias,
+                                 backend=backend)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if team_ratios is not None:
+            self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
+            self.team = TEAM(dim, team_ratios, backend=backend)
+        else:
+            self.norm3 = self.team = None
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, grid=None) -> torch.Tensor:
+        grid = grid if grid is not None else self.grid
+        if self.tgi is not None:
+            x = x + self.drop_path(self.tgi(x, grid))
+        x = x + self.drop_path(self.attn(self.norm1(x), grid))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.team is not None:
+            x = x + self.drop_path(self.team(self.norm3(x)))
+        return x
