@@ -146,29 +146,30 @@ class TorchBackend(Backend):
         return tuple(grads)
 
     # ----------------------------------------------------------------------- TEAM
-    # In float32, P = exp(X - lse) loses about |lse| ulps; a max-subtracted softmax does not, so
-    # the backward recomputes P that way and the saved log-sum-exp serves kernel backends.
+    # P is always recomputed with ATen's fused softmax: in float32, exp(X - lse) loses about |lse|
+    # ulps. The saved log-sum-exp statistics (cheap here: max - log(max P)) serve kernel backends.
     def feature_summary_forward(self, x):
         """Returns ``(f (B, D), lse (B, D))`` with ``lse[b,c] = logsumexp_n X[b,n,c]``."""
         xa = x.to(acc_dtype(x.dtype))
-        f = (torch.softmax(xa, dim=1) * xa).sum(dim=1)
-        return f.to(x.dtype), torch.logsumexp(xa, dim=1)
+        p = torch.softmax(xa, dim=1)
+        f = (p * xa).sum(dim=1)
+        return f.to(x.dtype), xa.amax(dim=1) - torch.log(p.amax(dim=1))
 
     def feature_summary_backward(self, grad_f, x, f, lse):
         """``dX = P * (1 + X - f) * df`` with ``P = softmax_n(X)``."""
         xa = x.to(acc_dtype(x.dtype))
         p = torch.softmax(xa, dim=1)
         fa = (p * xa).sum(dim=1, keepdim=True)  # f at full precision (the saved f is rounded to x's dtype)
-        return (p * (1 + xa - fa) * grad_f.to(xa.dtype)[:, None]).to(x.dtype)
+        return (xa - fa).add_(1).mul_(p).mul_(grad_f.to(xa.dtype)[:, None]).to(x.dtype)
 
     def team_gate_forward(self, x, h):
         """Returns ``(y, tok_lse, s)``: ``tok_lse[b,n] = logsumexp_c X'[b,n,:]``, ``s`` the token softmax."""
         acc = acc_dtype(x.dtype)
         xp = torch.sigmoid(h.to(acc))[:, None, :] * x.to(acc)
-        tok_lse = torch.logsumexp(xp, dim=-1)
-        s0 = (torch.softmax(xp, dim=-1) * xp).sum(-1)
-        s = torch.softmax(s0, dim=-1)
-        return (s[..., None] * xp).to(x.dtype), tok_lse, s
+        q = torch.softmax(xp, dim=-1)                                            # over channels
+        s = torch.softmax((q * xp).sum(dim=-1), dim=-1)                          # over tokens, of s0
+        tok_lse = xp.amax(dim=-1) - torch.log(q.amax(dim=-1))
+        return (xp.mul_(s[..., None])).to(x.dtype), tok_lse, s
 
     def team_gate_backward(self, grad_y, x, h, tok_lse, s):
         acc = acc_dtype(x.dtype)
@@ -176,12 +177,13 @@ class TorchBackend(Backend):
         g = torch.sigmoid(h.to(acc))
         xp = g[:, None, :] * xa
         q = torch.softmax(xp, dim=-1)                                            # over channels
-        s0 = (q * xp).sum(-1)
+        s0 = (q * xp).sum(-1, keepdim=True)
         ds = (dy * xp).sum(-1)                                                   # dL/ds
         ds0 = s * (ds - (s * ds).sum(-1, keepdim=True))                          # through softmax over tokens
-        dxp = s[..., None] * dy + ds0[..., None] * q * (1 + xp - s0[..., None])  # direct + through s0
+        # dX' = s dY + ds0 * Q * (1 + X' - s0): the direct path and the path through s0.
+        dxp = (xp - s0).add_(1).mul_(q).mul_(ds0[..., None]).addcmul_(s[..., None], dy)
         dg = (dxp * xa).sum(1)
-        return (g[:, None, :] * dxp).to(x.dtype), (dg * g * (1 - g)).to(h.dtype)
+        return dxp.mul_(g[:, None, :]).to(x.dtype), (dg * g * (1 - g)).to(h.dtype)
 
     # ----------------------------------------------------------------------- STTM
     def orthogonal_select(self, x, k, start):

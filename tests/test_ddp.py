@@ -1,0 +1,53 @@
+"""A 2-process DistributedDataParallel step (gloo, CPU) gives the single-process gradients."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from tiny import TinyVideoViT, clip_for
+
+
+def _model():
+    torch.manual_seed(0)
+    return TinyVideoViT(sttm=False)  # HSDA, TGI, TEAM and the group-averaged head
+
+
+def _data():
+    model = _model()
+    return clip_for(model, batch=4, seed=1), torch.tensor([0, 3, 5, 6])
+
+
+def _worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        clips, labels = _data()
+        shard = slice(rank * 2, rank * 2 + 2)
+        F.cross_entropy(model(clips[shard]), labels[shard]).backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.module.named_parameters()}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    out = tmp_path / "grads.pt"
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    ddp = torch.load(out)
+    model = _model()
+    clips, labels = _data()
+    F.cross_entropy(model(clips), labels).backward()
+    assert ddp.keys() == dict(model.named_parameters()).keys()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,190 @@
+"""Every module forward/backward; conversions from timm/VideoMAE attention; the README example."""
+import math
+import pathlib
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vidkern import reference as R
+from vidkern.nn import (STTM, TEAM, Block, GroupAveragedClassifier, HSDAttention, TokenGroupInteraction,
+                        attention_kind, team_width)
+from tiny import TinyVideoViT, clip_for
+
+
+class VideoMAEAttention(nn.Module):
+    """VideoMAE's attention as published (q/v biases, no k bias), written out here as the oracle."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(dim)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.randn(dim)) if qkv_bias else None
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias)) if self.q_bias is not None else self.qkv.bias
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class TimmAttention(VideoMAEAttention):
+    def __init__(self, dim, num_heads):
+        super().__init__(dim, num_heads, qkv_bias=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+
+
+@pytest.mark.parametrize("kind", [VideoMAEAttention, TimmAttention])
+def test_from_attention_with_all_heads_global_computes_the_same(kind):
+    attn = kind(32, 4).double()
+    new = HSDAttention.from_attention(attn, grid=(2, 3, 3), num_global_heads=4)
+    assert (new.q_bias is not None) == (getattr(attn, "q_bias", None) is not None)
+    x = torch.randn(2, 18, 32, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(new(x), attn(x))
+    new(x).sum().backward()
+    assert new.qkv.weight.grad is not None and x.grad is not None
+
+
+def test_hsda_attention_matches_reference_math_and_names_parameters_like_videomae():
+    m = HSDAttention(32, 4, grid=(2, 3, 3), qv_bias=True).double()
+    with torch.no_grad():
+        m.q_bias.normal_(), m.v_bias.normal_()
+    assert {n for n, _ in m.named_parameters()} == {"qkv.weight", "q_bias", "v_bias", "proj.weight", "proj.bias"}
+    x = torch.randn(2, 18, 32, dtype=torch.float64)
+    bias = torch.cat([m.q_bias, torch.zeros_like(m.q_bias), m.v_bias])
+    q, k, v = F.linear(x, m.qkv.weight, bias).reshape(2, 18, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    want = m.proj(R.hsda(q, k, v, (2, 3, 3), 2).transpose(1, 2).reshape(2, 18, 32))
+    torch.testing.assert_close(m(x), want)
+    assert "num_global_heads=2" in repr(m)
+
+
+def test_from_attention_rejects_attention_dropout():
+    attn = VideoMAEAttention(16, 2)
+    attn.attn_drop = nn.Dropout(0.1)
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        HSDAttention.from_attention(attn, (1, 2, 2))
+
+
+def test_attention_kinds():
+    assert attention_kind("hsda", 12) == (6, "checkerboard")
+    assert attention_kind("head_split_temporal", 6) == (3, "temporal")
+    assert attention_kind("global", 6) == (6, "global")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        attention_kind("local", 6)
+
+
+def test_token_group_interaction_structure_and_grad():
+    tgi = TokenGroupInteraction(48, grid=(2, 3, 5), num_groups=4)
+    assert tgi.conv.weight.shape == (12, 3, 3, 3, 3) and tgi.conv.groups == 4
+    x = torch.randn(2, 30, 48, requires_grad=True)
+    out = tgi(x)
+    assert out.shape == x.shape
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in tgi.parameters())
+    # The conv runs on the (T, Hp, Wp) grid in natural token order: tokens far apart in the grid
+    # do not interact. Token (0,0,0)'s output depends on its 3x3x3 neighbourhood only.
+    g = torch.autograd.grad(tgi(x)[0, 0].sum(), x)[0][0].abs().sum(-1).view(2, 3, 5)
+    assert (g[:2, :2, :2] > 0).all() and g[:, :, 2:].eq(0).all() and g[:, 2:].eq(0).all()
+    zero = TokenGroupInteraction(48, (2, 3, 5), 4, zero_init=True)
+    assert zero(x).abs().max() == 0
+
+
+@pytest.mark.parametrize("combine,expect_in", [("concat", 2 * 16), ("mean", 16)])
+def test_group_averaged_classifier(combine, expect_in):
+    head = GroupAveragedClassifier(16, 5, grid=(2, 3, 3), combine=combine)
+    assert head.head.in_features == expect_in
+    x = torch.randn(3, 18, 16, dtype=torch.float32, requires_grad=True)
+    pooled = head.fc_norm(R.group_mean(x, (2, 3, 3)))
+    want = head.head(pooled.flatten(1) if combine == "concat" else pooled.mean(1))
+    torch.testing.assert_close(head(x), want)
+    head(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_team_module_widths_and_equation():
+    team = TEAM(384, (0.2, 0.4, 0.6))
+    widths = [m.out_features for m in team.mlp if isinstance(m, nn.Linear)]
+    assert widths == [77, 154, 230, 384] == [team_width(r, 384) for r in (0.2, 0.4, 0.6)] + [384]
+    x = torch.randn(2, 20, 384, requires_grad=True)
+    torch.testing.assert_close(team(x), R.team_gate(x, team.mlp(R.feature_summary(x))), rtol=1e-5, atol=1e-6)
+    team(x).sum().backward()
+    assert all(p.grad is not None for p in team.parameters())
+
+
+def test_sttm_module_eval_is_deterministic_and_train_seeded():
+    sttm = STTM(16, merge_ratio=0.5)
+    x, e = torch.randn(3, 21, 16), torch.randn(1, 21, 16)
+    sttm.eval()
+    y1, p1, i1 = sttm(x, e, return_indices=True)
+    y2, _, i2 = sttm(x, e, return_indices=True)
+    assert y1.shape == (3, 10, 16) and p1.shape == (3, 10, 16) and torch.equal(i1, i2)
+    assert torch.equal(i1, R.select_meta_tokens(x, 10))
+    sttm.train()
+    torch.manual_seed(1)
+    _, _, a = sttm(x, e, return_indices=True)
+    torch.manual_seed(1)
+    _, _, b = sttm(x, e, return_indices=True)
+    assert torch.equal(a, b)
+    # Same math as the reference pipeline:
+    u = F.normalize(sttm.phi(x), dim=-1)
+    ra, rp = R.soft_merge(u, i1, x, e)
+    sttm.eval()
+    torch.testing.assert_close(sttm(x, e)[0], sttm.proj(torch.cat([ra, rp], -1)), rtol=1e-5, atol=1e-6)
+
+
+def test_sttm_module_with_scores_and_gradients():
+    sttm = STTM(8, num_out=4)
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    e = torch.randn(1, 12, 8, requires_grad=True)
+    y, p, idx = sttm(x, e, scores=torch.rand(2, 12), return_indices=True)
+    (y.sum() + p.sum()).backward()
+    assert x.grad is not None and e.grad.shape == (1, 12, 8) and sttm.phi.weight.grad is not None
+    with pytest.raises(ValueError, match="exactly one of num_out and merge_ratio"):
+        STTM(8)
+
+
+def test_block_and_tiny_vit_train_step():
+    blk = Block(48, 4, (2, 3, 5), token_group_interaction=True, team_ratios=(0.25, 0.5, 0.75), drop_path=0.1)
+    x = torch.randn(2, 30, 48, requires_grad=True)
+    blk(x).sum().backward()
+    assert all(p.grad is not None for p in blk.parameters())
+    model = TinyVideoViT()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    clips, labels = clip_for(model), torch.tensor([1, 4])
+    before = F.cross_entropy(model.eval()(clips), labels).item()
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model.train()(clips), labels).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+    assert F.cross_entropy(model.eval()(clips), labels).item() < before
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_tiny_vit_gradients_agree_across_backends(backend):
+    torch.manual_seed(0)
+    model = TinyVideoViT(backend=backend).double().eval()
+    torch.manual_seed(0)
+    oracle = TinyVideoViT(backend="reference").double().eval()
+    clips = clip_for(model).double()
+    model(clips).sum().backward()
+    oracle(clips).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_readme_example_runs():
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert math.isfinite(scope["loss"].item())

@@ -1,0 +1,113 @@
+"""Every bad input of SPEC §5 raises a named TypeError/ValueError before any kernel runs."""
+import math
+
+import pytest
+import torch
+
+import vidkern
+
+
+def qkv(b=1, h=2, n=12, d=8, dtype=torch.float32):
+    return [torch.randn(b, h, n, d, dtype=dtype) for _ in range(3)]
+
+
+def raises(exc, match, fn, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        fn(*args, **kwargs)
+
+
+def test_attention_bad_inputs():
+    q, k, v = qkv()
+    raises(TypeError, "q must be a torch.Tensor", vidkern.hsda, q.tolist(), k, v, (1, 3, 4))
+    raises(ValueError, r"q must have shape \(B, H, N, d\)", vidkern.hsda, q[0], k, v, (1, 3, 4))
+    raises(ValueError, r"k must have q's shape .*\(1, 2, 12, 8\).*got \(1, 2, 11, 8\)", vidkern.hsda, q, k[:, :, :11], v, (1, 3, 4))
+    raises(ValueError, r"N=12 must equal T\*Hp\*Wp = 1\*3\*5 = 15", vidkern.hsda, q, k, v, (1, 3, 5))
+    raises(TypeError, "grid must be a tuple of three ints", vidkern.hsda, q, k, v, (3, 4))
+    raises(TypeError, "grid must be a tuple of three ints", vidkern.hsda, q, k, v, (1.0, 3, 4))
+    raises(ValueError, "grid must have positive entries", vidkern.hsda, q, k, v, (-1, -3, 4))
+    raises(ValueError, "grid .* is required unless every head is global", vidkern.hsda, q, k, v, None)
+    raises(TypeError, "v must have q's dtype torch.float32, got torch.float16", vidkern.hsda, q, k, v.half(), (1, 3, 4))
+    raises(TypeError, "q must be float16, bfloat16, float32 or float64, got torch.int64", vidkern.hsda,
+           q.long(), k.long(), v.long(), (1, 3, 4))
+    raises(ValueError, "k must be on q's device cpu, got meta", vidkern.hsda, q, k.to("meta"), v, (1, 3, 4))
+    raises(ValueError, r"num_global_heads must be in \[0, 2\], got 3", vidkern.hsda, q, k, v, (1, 3, 4), 3)
+    raises(TypeError, "num_global_heads must be an int", vidkern.hsda, q, k, v, (1, 3, 4), 1.0)
+    raises(ValueError, "pattern must be one of", vidkern.hsda, q, k, v, (1, 3, 4), pattern="diagonal")
+    raises(ValueError, r"pattern tensor must have shape \(N,\) = \(12,\)", vidkern.hsda, q, k, v, (1, 3, 4),
+           pattern=torch.zeros(11, dtype=torch.long))
+    raises(TypeError, "pattern tensor must have an integer dtype", vidkern.hsda, q, k, v, (1, 3, 4),
+           pattern=torch.zeros(12))
+    raises(ValueError, "non-negative group ids", vidkern.hsda, q, k, v, (1, 3, 4), pattern=-torch.ones(12, dtype=torch.long))
+    raises(ValueError, "scale must be a finite float, got nan", vidkern.hsda, q, k, v, (1, 3, 4), scale=math.nan)
+
+
+def test_team_bad_inputs():
+    x, h = torch.randn(2, 5, 4), torch.randn(2, 4)
+    raises(ValueError, r"x must have shape \(B, N, D\)", vidkern.feature_summary, x[0])
+    raises(TypeError, "x must be float16", vidkern.feature_summary, x.int())
+    raises(ValueError, r"h must have shape \(B, D\) = \(2, 4\), got \(2, 5\)", vidkern.team_gate, x, torch.randn(2, 5))
+    raises(TypeError, "h must have x's dtype", vidkern.team_gate, x, h.double())
+    raises(ValueError, "h must be on x's device", vidkern.team_gate, x, h.to("meta"))
+
+
+def test_selection_bad_inputs():
+    x = torch.randn(2, 10, 4)
+    raises(ValueError, r"num_out must be in \[1, 10\], got 11", vidkern.select_meta_tokens, x, 11)
+    raises(ValueError, r"num_out must be in \[1, 10\], got 0", vidkern.select_meta_tokens, x, 0)
+    raises(TypeError, "num_out must be an int", vidkern.select_meta_tokens, x, 2.5)
+    raises(ValueError, r"scores must have shape \(B, L\) = \(2, 10\)", vidkern.select_meta_tokens, x, 3, torch.randn(2, 9))
+    raises(ValueError, r"start must hold indices in \[0, 10\)", vidkern.select_meta_tokens, x, 3, start=torch.tensor([0, 10]))
+    raises(ValueError, r"start must have shape \(B,\) = \(2,\)", vidkern.orthogonal_select, x, 3, torch.tensor([0]))
+    raises(TypeError, "start must have an integer dtype", vidkern.orthogonal_select, x, 3, torch.tensor([0.0, 1.0]))
+    raises(ValueError, "alpha must be a finite positive float", vidkern.select_meta_tokens, x, 3, torch.randn(2, 10), alpha=0.0)
+    raises(ValueError, r"k must be in \[1, 10\], got 12", vidkern.orthogonal_select, x, 12, torch.tensor([0, 1]))
+
+
+def test_merge_bad_inputs():
+    u, x, e = torch.randn(2, 10, 3), torch.randn(2, 10, 4), torch.randn(1, 10, 4)
+    idx = torch.tensor([[0, 5], [1, 2]])
+    raises(ValueError, "tau must be a finite positive float, got inf", vidkern.soft_merge, u, idx, x, e, math.inf)
+    raises(ValueError, "tau must be a finite positive float, got nan", vidkern.soft_merge, u, idx, x, e, math.nan)
+    raises(ValueError, "tau must be a finite positive float, got 0.0", vidkern.soft_merge, u, idx, x, e, 0.0)
+    raises(TypeError, "idx must be int64", vidkern.soft_merge, u, idx.int(), x, e)
+    raises(ValueError, r"idx must hold token indices in \[0, 10\)", vidkern.soft_merge, u, idx + 9, x, e)
+    raises(ValueError, r"L' <= L=10, got L'=11", vidkern.soft_merge, u, torch.zeros(2, 11, dtype=torch.long), x, e)
+    raises(ValueError, r"1 <= L' .* got L'=0", vidkern.soft_merge, u, torch.zeros(2, 0, dtype=torch.long), x, e)
+    raises(ValueError, r"e must have shape \(B, L, D\) or \(1, L, D\)", vidkern.soft_merge, u, idx, x, torch.randn(2, 10, 5))
+    raises(ValueError, r"u must have shape \(B, L, Du\)", vidkern.soft_merge, u[:, :9], idx, x, e)
+    raises(TypeError, "e must have x's dtype", vidkern.soft_merge, u, idx, x, e.double())
+    raises(ValueError, "u must be on x's device", vidkern.soft_merge, u.to("meta"), idx, x, e)
+
+
+def test_group_mean_bad_inputs():
+    x = torch.randn(2, 12, 4)
+    raises(ValueError, "N=12 must equal", vidkern.group_mean, x, (1, 3, 5))
+    raises(ValueError, r"must use every group id .* missing \[1\]", vidkern.group_mean, x, (1, 3, 4),
+           torch.tensor([0, 2] * 6))
+
+
+def test_errors_come_before_any_backend_runs(monkeypatch):
+    """A bad call never reaches dispatch (so no kernel can launch)."""
+    from vidkern import dispatch
+
+    def boom(*a, **k):
+        raise AssertionError("dispatch reached with bad input")
+    monkeypatch.setattr(dispatch, "select", boom)
+    q, k, v = qkv()
+    with pytest.raises(ValueError):
+        vidkern.hsda(q, k, v, (1, 3, 5))
+    with pytest.raises(ValueError):
+        vidkern.soft_merge(torch.randn(1, 4, 2), torch.tensor([[0]]), torch.randn(1, 4, 2), torch.randn(1, 4, 2), math.nan)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_empty_batches_return_empty_outputs(backend):
+    x = torch.randn(0, 6, 4, requires_grad=True)
+    assert vidkern.feature_summary(x, backend=backend).shape == (0, 4)
+    assert vidkern.team_gate(x, torch.randn(0, 4), backend=backend).shape == (0, 6, 4)
+    assert vidkern.select_meta_tokens(x, 3, backend=backend).shape == (0, 3)
+    a, p = vidkern.soft_merge(x, torch.zeros(0, 2, dtype=torch.long), x, torch.randn(1, 6, 4), backend=backend)
+    assert a.shape == p.shape == (0, 2, 4)
+    (a.sum() + p.sum()).backward()
+    assert x.grad.shape == x.shape
+    assert vidkern.group_mean(x, (1, 2, 3), backend=backend).shape == (0, 2, 4)
