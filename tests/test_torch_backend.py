@@ -16,10 +16,19 @@ def _qkv(b, h, n, d):
 
 
 # --------------------------------------------------------------------------- attention
+@pytest.fixture(params=[True, False], ids=["aten-flash", "row-chunked"])
+def attention_path(request, monkeypatch):
+    """Both per-group attention paths: ATen's fused CPU kernel, and the row-chunked exact softmax
+    that runs off-CPU (here with tiny chunks, so every call spans several)."""
+    be = dispatch.get("torch")
+    monkeypatch.setattr(be, "fused_cpu_attention", request.param)
+    monkeypatch.setattr(be, "chunk_elements", 2000)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("hg", [0, 2, 4])
-def test_hsda_matches_reference(dtype, grid, hg, poison):
+def test_hsda_matches_reference(dtype, grid, hg, poison, attention_path):
     n = grid[0] * grid[1] * grid[2]
     check_against_reference(
         f"hsda{grid} Hg={hg}",
@@ -29,7 +38,7 @@ def test_hsda_matches_reference(dtype, grid, hg, poison):
 
 
 @pytest.mark.parametrize("pattern", ["temporal", "global", "explicit"])
-def test_hsda_other_patterns(pattern, poison):
+def test_hsda_other_patterns(pattern, poison, attention_path):
     grid = (3, 5, 7)
     pat = torch.randint(0, 6, (105,)) if pattern == "explicit" else pattern
     check_against_reference(
@@ -48,7 +57,7 @@ def test_hsda_head_dims(d):
         _qkv(1, 2, 18, d), torch.float32)
 
 
-def test_hsda_noncontiguous_qkv_from_fused_projection_and_stride0_grad():
+def test_hsda_noncontiguous_qkv_from_fused_projection_and_stride0_grad(attention_path):
     b, n, heads, d = 2, 35, 4, 8
     grid = (1, 5, 7)
     qkv64 = torch.randn(b, n, 3, heads, d, dtype=torch.float64)
@@ -97,7 +106,7 @@ def test_chunked_attention_math_path(dtype):
         assert_close(f"chunked d{name}", got, w, lg)
 
 
-def test_hsda_gradcheck_through_custom_op():
+def test_hsda_gradcheck_through_custom_op(attention_path):
     q, k, v = [t.double().requires_grad_() for t in _qkv(1, 3, 12, 4)]
     assert torch.autograd.gradcheck(lambda a, b, c: vidkern.hsda(a, b, c, (1, 3, 4), 1, backend="torch"), (q, k, v))
 

@@ -106,6 +106,9 @@ class TorchBackend(Backend):
 
     #: Elements of the largest temporary score tile (``rows x keys`` or ``tokens x L'``).
     chunk_elements = 1 << 22
+    #: On CPU, per-group attention uses ATen's fused flash kernel; False selects the row-chunked
+    #: path that runs on other devices (the tests use it to exercise that path here).
+    fused_cpu_attention = True
 
     def not_supported_reasons(self, op, device, dtype):
         reasons = super().not_supported_reasons(op, device, dtype)
@@ -115,12 +118,12 @@ class TorchBackend(Backend):
 
     # ----------------------------------------------------------------------- attention
     def _attention_forward(self, q, k, v, scale):
-        if q.device.type == "cpu":
+        if q.device.type == "cpu" and self.fused_cpu_attention:
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         return chunked_attention_forward(q, k, v, scale, self.chunk_elements)
 
     def _attention_backward(self, grad_out, q, k, v, out, lse, scale):
-        if q.device.type == "cpu":
+        if q.device.type == "cpu" and self.fused_cpu_attention:
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_out, q, k, v, out, lse, 0.0, False, scale=scale)
         return chunked_attention_backward(grad_out, q, k, v, out, lse, scale, self.chunk_elements)
