@@ -191,3 +191,15 @@ def test_readme_example_runs():
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert math.isfinite(scope["loss"].item())
+
+
+def test_explicit_pattern_is_a_buffer_that_follows_the_module():
+    ids = torch.tensor([0, 1, 2, 0, 1, 2])
+    attn = HSDAttention(16, 2, grid=(1, 2, 3), num_global_heads=0, pattern=ids).double()
+    head = GroupAveragedClassifier(16, 3, grid=(1, 2, 3), pattern=ids)
+    assert "pattern" in dict(attn.named_buffers()) and "pattern" not in attn.state_dict()
+    assert head.head.in_features == 3 * 16
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    q, k, v = F.linear(x, attn.qkv.weight).reshape(2, 6, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    want = attn.proj(R.hsda(q, k, v, (1, 2, 3), 0, ids).transpose(1, 2).reshape(2, 6, 16))
+    torch.testing.assert_close(attn(x), want)

@@ -57,7 +57,10 @@ class HSDAttention(nn.Module):
         inner = self.num_heads * self.head_dim
         self.num_global_heads = num_heads // 2 if num_global_heads is None else checks.count(
             "num_global_heads", num_global_heads, 0, num_heads)
-        self.pattern = pattern
+        if isinstance(pattern, torch.Tensor):  # a buffer, so it follows the module across devices
+            self.register_buffer("pattern", pattern.long(), persistent=False)
+        else:
+            self.pattern = pattern
         self.grid = None if grid is None else checks.grid(grid)
         self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
         self.backend = backend

@@ -55,7 +55,11 @@ class GroupAveragedClassifier(nn.Module):
         if combine not in ("concat", "mean"):
             raise ValueError(f"combine must be 'concat' or 'mean', got {combine!r}")
         self.grid = None if grid is None else checks.grid(grid)
-        self.pattern, self.combine = pattern, combine
+        if isinstance(pattern, torch.Tensor):  # a buffer, so it follows the module across devices
+            self.register_buffer("pattern", pattern.long(), persistent=False)
+        else:
+            self.pattern = pattern
+        self.combine = combine
         if combine == "concat" and self.grid is None:
             raise ValueError("grid is required with combine='concat' (it fixes the number of groups G)")
         self.num_groups = patterns.num_groups(pattern, self.grid) if self.grid is not None else None
