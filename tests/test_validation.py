@@ -61,6 +61,7 @@ def test_selection_bad_inputs():
     raises(TypeError, "start must have an integer dtype", vidkern.orthogonal_select, x, 3, torch.tensor([0.0, 1.0]))
     raises(ValueError, "alpha must be a finite positive float", vidkern.select_meta_tokens, x, 3, torch.randn(2, 10), alpha=0.0)
     raises(ValueError, r"k must be in \[1, 10\], got 12", vidkern.orthogonal_select, x, 12, torch.tensor([0, 1]))
+    raises(TypeError, r"start must be an int tensor of shape \(B,\)", vidkern.orthogonal_select, x, 3, None)
 
 
 def test_merge_bad_inputs():

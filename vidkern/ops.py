@@ -235,6 +235,8 @@ def orthogonal_select(x: Tensor, k: int, start: Tensor, backend: Optional[str] =
     tokens is smallest (lowest index on ties). Cosines are computed in float32 (float64 inputs:
     float64).
     """
+    if start is None:
+        raise TypeError("start must be an int tensor of shape (B,) (select_meta_tokens picks a default start)")
     checks.selection(x, "k", k, start)
     be = dispatch.select("orthogonal_select", x.device, x.dtype, backend)
     x = x.detach()
