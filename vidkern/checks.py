@@ -15,6 +15,11 @@ from . import patterns
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def can_read_values(t: torch.Tensor) -> bool:
+    """Value checks (index ranges) need real data: not under torch.compile tracing, not on meta."""
+    return t.device.type != "meta" and not torch.compiler.is_compiling()
+
+
 def tensor(name: str, x, ndim: Optional[int] = None, shape_doc: str = "", floating: bool = True) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor{' of shape ' + shape_doc if shape_doc else ''}, got {type(x).__name__}")
@@ -57,7 +62,7 @@ def pattern(value, num_tokens: int, device: torch.device):
             raise ValueError(f"pattern tensor must have shape (N,) = ({num_tokens},), got {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"pattern tensor must be on the inputs' device {device}, got {value.device}")
-        if not torch.compiler.is_compiling() and num_tokens and int(value.min()) < 0:
+        if can_read_values(value) and num_tokens and int(value.min()) < 0:
             raise ValueError(f"pattern tensor must hold non-negative group ids, got min {int(value.min())}")
         return "explicit", value.long()
     if value not in patterns.PATTERN_NAMES:
@@ -131,7 +136,7 @@ def selection(x, k_name: str, k, start, scores=None):
             raise ValueError(f"start must have shape (B,) = ({b},), got {tuple(start.shape)}")
         if start.device != x.device:
             raise ValueError(f"start must be on x's device {x.device}, got {start.device}")
-        if not torch.compiler.is_compiling() and b and not bool(((start >= 0) & (start < length)).all()):
+        if can_read_values(start) and b and not bool(((start >= 0) & (start < length)).all()):
             raise ValueError(f"start must hold indices in [0, {length}), got {start.tolist()}")
     if scores is not None:
         scores = tensor("scores", scores, 2, "(B, L)")
@@ -161,6 +166,6 @@ def merge(u, idx, x, e, tau):
         raise ValueError(f"idx must be on x's device {x.device}, got {idx.device}")
     if not 1 <= idx.shape[1] <= max(length, 1):
         raise ValueError(f"idx must select L' tokens with 1 <= L' <= L={length}, got L'={idx.shape[1]}")
-    if not torch.compiler.is_compiling() and idx.numel() and not bool(((idx >= 0) & (idx < length)).all()):
+    if can_read_values(idx) and idx.numel() and not bool(((idx >= 0) & (idx < length)).all()):
         raise ValueError(f"idx must hold token indices in [0, {length}), got min {int(idx.min())}, max {int(idx.max())}")
     return finite("tau", tau, positive=True)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.library import custom_op
+from torch.utils.flop_counter import register_flop_formula
 
 from . import backends as _backends  # noqa: F401  (registers the backends)
 from . import checks, dispatch, patterns, reference
@@ -105,7 +106,7 @@ def group_mean(x: Tensor, grid, pattern="checkerboard", backend: Optional[str] =
     x = checks.tensor("x", x, 3, "(B, N, D)")
     grid = checks.grid(grid, x.shape[1])
     name, ids = checks.pattern(pattern, x.shape[1], x.device)
-    if ids is not None and not torch.compiler.is_compiling():
+    if ids is not None and checks.can_read_values(ids):
         present = torch.bincount(ids, minlength=1)
         if bool((present == 0).any()):
             raise ValueError(f"pattern tensor must use every group id in [0, {present.numel()}); "
@@ -333,3 +334,50 @@ def soft_merge(u: Tensor, idx: Tensor, x: Tensor, e: Tensor, tau: float = 1.0,
         return reference.soft_merge(u, idx, x, e, tau)
     a, p, _, _ = _soft_merge_op(u, idx, x, e, tau, be.name)
     return a, p
+
+
+# =========================================================================== FLOP formulas
+# torch.utils.flop_counter counts a multiply-add as 2 FLOPs; vidkern.flops reports MACs (SPEC §4).
+# Only matrix products count; the TEAM ops are elementwise and reductions, so they count nothing.
+def attended_pairs(q_shape, grid, pattern, group_ids, num_global_heads) -> int:
+    """Sum over heads and batch of the (query, key) pairs attended (SPEC §4: pairs actually attended)."""
+    b, h, n, _ = q_shape
+    if pattern == "explicit":
+        if group_ids.device.type == "meta":
+            raise ValueError("FLOPs of an explicit pattern need its group ids; count on real tensors, not meta")
+        sizes = torch.bincount(group_ids.cpu())
+    else:
+        sizes = torch.bincount(patterns.group_ids(pattern, grid))
+    sparse = int((sizes.long() ** 2).sum())
+    return b * (num_global_heads * n * n + (h - num_global_heads) * sparse)
+
+
+@register_flop_formula(torch.ops.vidkern.hsda, get_raw=True)
+def _hsda_flops(q, k, v, grid, pattern, group_ids, num_global_heads, scale, backend, *args, **kwargs) -> int:
+    return 4 * q.shape[-1] * attended_pairs(q.shape, grid, pattern, group_ids, num_global_heads)  # QK^T and PV
+
+
+@register_flop_formula(torch.ops.vidkern.hsda_backward, get_raw=True)
+def _hsda_backward_flops(grad_out, q, k, v, out, lse, grid, pattern, group_ids, num_global_heads, scale, backend,
+                         *args, **kwargs) -> int:
+    # Recompute QK^T, then dV, dP, dQ, dK: five products to the forward's two (FlashAttention's 2.5x).
+    return 10 * q.shape[-1] * attended_pairs(q.shape, grid, pattern, group_ids, num_global_heads)
+
+
+@register_flop_formula(torch.ops.vidkern.soft_merge, get_raw=True)
+def _soft_merge_flops(u, idx, x, e, tau, backend, *args, **kwargs) -> int:
+    b, length, du = u.shape
+    return 2 * b * length * idx.shape[1] * (du + x.shape[-1] + e.shape[-1])     # U V^T, C^T X, C^T E
+
+
+@register_flop_formula(torch.ops.vidkern.soft_merge_backward, get_raw=True)
+def _soft_merge_backward_flops(grad_a, grad_p, u, idx, x, e, *args, **kwargs) -> int:
+    b, length, du = u.shape
+    # U V^T again; C dA, C dP; X dA^T, E dP^T; dS V, dS^T U.
+    return 2 * b * length * idx.shape[1] * (3 * du + 2 * x.shape[-1] + 2 * e.shape[-1])
+
+
+@register_flop_formula(torch.ops.vidkern.orthogonal_select, get_raw=True)
+def _orthogonal_select_flops(x, k, start, backend, *args, **kwargs) -> int:
+    b, length, d = x.shape
+    return 2 * b * (k - 1) * length * d                                          # one cosine row per step

@@ -101,8 +101,8 @@ def _parts(layout, num_heads, num_global_heads):
 class TorchBackend(Backend):
     name = "torch"
     ops = frozenset(OPS)
-    devices = frozenset({"cpu", "cuda"})
-    dtypes = {"cpu": frozenset(FLOAT_DTYPES), "cuda": frozenset(FLOAT_DTYPES)}
+    devices = frozenset({"cpu", "cuda", "meta"})  # meta: shapes only (FLOP counting), via the fake impls
+    dtypes = {"cpu": frozenset(FLOAT_DTYPES), "cuda": frozenset(FLOAT_DTYPES), "meta": frozenset(FLOAT_DTYPES)}
 
     #: Elements of the largest temporary score tile (``rows x keys`` or ``tokens x L'``).
     chunk_elements = 1 << 22
@@ -265,5 +265,5 @@ class TorchBackend(Backend):
         ids = patterns.group_ids(pattern, grid, x.device)
         g = patterns.num_groups(pattern, grid)
         sums = x.new_zeros(x.shape[0], g, x.shape[-1]).index_add_(1, ids, x)
-        counts = torch.bincount(ids, minlength=g).to(x.dtype)
+        counts = x.new_zeros(g).index_add_(0, ids, x.new_ones(ids.shape))
         return sums / counts[:, None]

@@ -107,7 +107,10 @@ class HSDAttention(nn.Module):
             new.proj.load_state_dict(attn.proj.state_dict())
         return new.to(attn.qkv.weight.device, attn.qkv.weight.dtype)
 
-    def forward(self, x: torch.Tensor, grid=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid=None, return_cls_attention: bool = False):
+        """``x (B, N, D) -> (B, N, D)``; with ``return_cls_attention`` also ``(B, N - 1)``: the
+        attention of token 0 (a CLS token) to every other token, averaged over heads, without
+        gradient (STTM's attentiveness scores; all heads must be global)."""
         b, n, _ = x.shape
         bias = self.qkv.bias
         if self.q_bias is not None:
@@ -116,7 +119,15 @@ class HSDAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)     # strided (B, H, N, d) views: no copy
         o = hsda(q, k, v, grid if grid is not None else self.grid, self.num_global_heads, self.pattern,
                  self.scale, backend=self.backend)
-        return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, -1)))
+        out = self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, -1)))
+        if not return_cls_attention:
+            return out
+        if self.num_global_heads != self.num_heads:
+            raise ValueError("return_cls_attention needs every head global (the CLS token has no group), "
+                             f"got num_global_heads={self.num_global_heads} of {self.num_heads}")
+        with torch.no_grad():  # one query row: cheap next to the attention itself
+            row = torch.softmax(self.scale * q[:, :, :1] @ k.transpose(-1, -2), dim=-1)   # (B, H, 1, N)
+        return out, row.mean(dim=1)[:, 0, 1:]
 
     def extra_repr(self) -> str:
         pattern = "tensor" if isinstance(self.pattern, torch.Tensor) else self.pattern

@@ -70,12 +70,16 @@ class Block(nn.Module):
             self.norm3 = self.team = None
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, grid=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid=None, return_cls_attention: bool = False):
+        """With ``return_cls_attention`` also returns the head-averaged attention of token 0 to the
+        others, ``(B, N - 1)`` (see :meth:`HSDAttention.forward`)."""
         grid = grid if grid is not None else self.grid
         if self.tgi is not None:
             x = x + self.drop_path(self.tgi(x, grid))
-        x = x + self.drop_path(self.attn(self.norm1(x), grid))
+        attn = self.attn(self.norm1(x), grid, return_cls_attention)
+        attn, cls_attention = attn if return_cls_attention else (attn, None)
+        x = x + self.drop_path(attn)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if self.team is not None:
             x = x + self.drop_path(self.team(self.norm3(x)))
-        return x
+        return (x, cls_attention) if return_cls_attention else x

@@ -1,0 +1,268 @@
+"""Paper architectures, ready to build: ``vidkern.models.create(name, **overrides)``.
+
+Presets (SPEC §1-§3; clips ``(B, 3, T, H, W)`` -> logits ``(B, num_classes)``):
+
+- ``videomae_s`` / ``videomae_b``: the VideoMAE fine-tuning ViT — 2x16x16 tubelets, 16 frames,
+  fixed 1-D sin-cos position embedding over the flattened tokens, no CLS token, q/v biases,
+  mean pooling + ``fc_norm``.
+- ``far_s`` / ``far_b``: HSDA in every block, token-group interaction before every attention,
+  group-averaged classifier (FAR).
+- ``team_s`` / ``team_b``: TEAM after the MLP of blocks 5-12 with the SPEC §2 ratios.
+- ``sttm_vit_s`` / ``sttm_vit_b``: ImageNet-style video ViT — 1x16x16 patches, 8 frames, CLS
+  token, learnable spatial and temporal position embeddings — with STTM before blocks 6
+  (spatial, per frame) and 9 (spatio-temporal); the preceding block's CLS attention, averaged
+  over heads, feeds STTM's filter (SPEC §3.3).
+
+Overrides: any :class:`ViTConfig` field, notably ``attention`` (``"global"``,
+``"sparse_dense"``, ``"temporal"``, ``"hsda"``, ``"head_split_temporal"``),
+``token_group_interaction``, ``tgi_groups``, ``classifier`` (``"mean"``, ``"group_mean"``,
+``"cls"``), ``team``, ``sttm``, ``num_classes``, ``num_frames``, ``img_size``,
+``drop_path_rate``. After an STTM merge the tokens no longer form a grid, so the blocks after
+it attend globally and token-group interaction stops there *(choice)*.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .nn import STTM, TEAM_RATIOS, Block, GroupAveragedClassifier
+from .nn.attention import ATTENTION_KINDS
+
+CLASSIFIERS = ("mean", "group_mean", "cls")
+
+
+@dataclass
+class ViTConfig:
+    """Everything that defines a vidkern video ViT. ``create`` fills it from a preset and overrides."""
+
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 174
+    num_frames: int = 16
+    img_size: int = 224
+    patch_size: int = 16
+    tubelet_size: int = 2
+    cls_token: bool = False
+    pos_embed: str = "sincos"          # "sincos": VideoMAE's fixed table; "learned_st": spatial + temporal
+    qkv_bias: str = "qv"               # "qv": VideoMAE q/v biases; "qkv": timm's full bias; "none"
+    attention: str = "global"
+    token_group_interaction: bool = False
+    tgi_groups: Optional[int] = None   # default: num_heads
+    classifier: str = "mean"
+    classifier_combine: str = "concat"  # group_mean: "concat" (SPEC default) or "mean"
+    team: bool = False
+    team_blocks: tuple = (4, 5, 6, 7, 8, 9, 10, 11)     # 0-based: blocks 5-12
+    team_ratios: Optional[dict] = None  # {"early": (r1, r2, r3), "late": ...}; default SPEC §2 by width
+    sttm: bool = False
+    sttm_blocks: tuple = (5, 8)        # 0-based: merges run before blocks 6 and 9
+    sttm_ratios: tuple = (0.5, 0.5)    # spatial, spatio-temporal merge ratios rho
+    drop_path_rate: float = 0.1
+    head_drop_rate: float = 0.0
+    backend: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> tuple:
+        return (self.num_frames // self.tubelet_size, self.img_size // self.patch_size,
+                self.img_size // self.patch_size)
+
+
+_S = dict(embed_dim=384, depth=12, num_heads=6)
+_B = dict(embed_dim=768, depth=12, num_heads=12)
+_FAR = dict(attention="hsda", token_group_interaction=True, classifier="group_mean")
+_STTM_VIT = dict(patch_size=16, tubelet_size=1, num_frames=8, cls_token=True, pos_embed="learned_st",
+                 qkv_bias="qkv", classifier="cls", sttm=True)
+
+PRESETS = {
+    "videomae_s": dict(_S),
+    "videomae_b": dict(_B),
+    "far_s": dict(_S, **_FAR),
+    "far_b": dict(_B, **_FAR),
+    "team_s": dict(_S, team=True),
+    "team_b": dict(_B, team=True),
+    "sttm_vit_s": dict(_S, **_STTM_VIT),
+    "sttm_vit_b": dict(_B, **_STTM_VIT),
+}
+
+
+def config(name: str, **overrides) -> ViTConfig:
+    """The :class:`ViTConfig` of preset ``name`` with ``overrides`` applied (checked)."""
+    if name not in PRESETS:
+        raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
+    fields = {f.name for f in dataclasses.fields(ViTConfig)} - {"extra"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown override(s) {unknown}; valid: {sorted(fields)}")
+    cfg = ViTConfig(**{**PRESETS[name], **overrides})
+    if cfg.attention not in ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION_KINDS)}, got {cfg.attention!r}")
+    if cfg.classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {cfg.classifier!r}")
+    if cfg.classifier == "cls" and not cfg.cls_token:
+        raise ValueError("classifier='cls' needs cls_token=True")
+    if cfg.classifier == "group_mean" and cfg.sttm:
+        raise ValueError("classifier='group_mean' pools checkerboard groups of the token grid, "
+                         "which STTM merging removes; use classifier='mean' or 'cls' with sttm=True")
+    if cfg.cls_token and (cfg.attention != "global" or cfg.token_group_interaction):
+        raise ValueError("a CLS token belongs to no grid group: use attention='global' and no "
+                         f"token_group_interaction with cls_token=True (got attention={cfg.attention!r})")
+    if cfg.num_frames % cfg.tubelet_size or cfg.img_size % cfg.patch_size:
+        raise ValueError(f"num_frames={cfg.num_frames} and img_size={cfg.img_size} must be multiples of "
+                         f"tubelet_size={cfg.tubelet_size} and patch_size={cfg.patch_size}")
+    return cfg
+
+
+def create(name: str, **overrides) -> "VideoViT":
+    """Build preset ``name`` (see the module docstring) with ``overrides``."""
+    return VideoViT(config(name, **overrides))
+
+
+def sincos_table(num_positions: int, dim: int) -> torch.Tensor:
+    """VideoMAE's fixed 1-D sinusoid table ``(1, num_positions, dim)``: ``sin`` on even channels,
+    ``cos`` on odd, angle ``pos / 10000 ** (2 * (j // 2) / dim)``."""
+    pos = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    j = torch.arange(dim)
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor").double() / dim)
+    table = torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float()[None]
+
+
+class VideoViT(nn.Module):
+    """A video ViT assembled from vidkern modules, configured by :class:`ViTConfig`.
+
+    ``forward(clips (B, 3, T, H, W)) -> (B, num_classes)``.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, grid = cfg.embed_dim, cfg.grid
+        n = grid[0] * grid[1] * grid[2]
+        self.patch_embed = nn.Conv3d(3, d, (cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
+                                     stride=(cfg.tubelet_size, cfg.patch_size, cfg.patch_size))
+        if cfg.pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_table(n, d), persistent=False)
+        elif cfg.pos_embed == "learned_st":
+            self.pos_spatial = nn.Parameter(torch.zeros(1, grid[1] * grid[2], d))
+            self.pos_temporal = nn.Parameter(torch.zeros(1, grid[0], d))
+            nn.init.trunc_normal_(self.pos_spatial, std=0.02)
+            nn.init.trunc_normal_(self.pos_temporal, std=0.02)
+        else:
+            raise ValueError(f"pos_embed must be 'sincos' or 'learned_st', got {cfg.pos_embed!r}")
+        if cfg.cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+            self.cls_pos = nn.Parameter(torch.zeros(1, 1, d))
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            nn.init.trunc_normal_(self.cls_pos, std=0.02)
+        if cfg.qkv_bias not in ("qv", "qkv", "none"):
+            raise ValueError(f"qkv_bias must be 'qv', 'qkv' or 'none', got {cfg.qkv_bias!r}")
+
+        first_merge = cfg.sttm_blocks[0] if cfg.sttm else cfg.depth
+        ratios = cfg.team_ratios or TEAM_RATIOS.get(d)
+        if cfg.team and ratios is None:
+            raise ValueError(f"team_ratios are needed for embed_dim={d} (SPEC §2 gives them for 384 and 768)")
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear schedule
+        blocks = []
+        for i in range(cfg.depth):
+            gridded = i < first_merge and not cfg.cls_token   # a CLS token or a merge leaves no grid
+            team_ratios = None
+            if cfg.team and i in cfg.team_blocks:
+                team_ratios = ratios["early" if i < cfg.team_blocks[len(cfg.team_blocks) // 2] else "late"]
+            blocks.append(Block(
+                d, cfg.num_heads, grid if gridded else None, cfg.mlp_ratio,
+                attention=cfg.attention if gridded else "global",
+                qkv_bias=cfg.qkv_bias == "qkv", qv_bias=cfg.qkv_bias == "qv",
+                token_group_interaction=cfg.token_group_interaction and gridded, tgi_groups=cfg.tgi_groups,
+                team_ratios=team_ratios, drop_path=dpr[i], backend=cfg.backend))
+        self.blocks = nn.ModuleList(blocks)
+        if cfg.sttm:
+            self.sttm_spatial = STTM(d, merge_ratio=cfg.sttm_ratios[0], backend=cfg.backend)
+            self.sttm_temporal = STTM(d, merge_ratio=cfg.sttm_ratios[1], backend=cfg.backend)
+
+        if cfg.classifier == "group_mean":
+            self.classifier = GroupAveragedClassifier(d, cfg.num_classes, grid, combine=cfg.classifier_combine,
+                                                      head_dropout=cfg.head_drop_rate)
+        else:
+            self.norm = nn.LayerNorm(d, eps=1e-6) if cfg.classifier == "cls" else nn.Identity()
+            self.fc_norm = nn.LayerNorm(d, eps=1e-6) if cfg.classifier == "mean" else nn.Identity()
+            self.head_drop = nn.Dropout(cfg.head_drop_rate)
+            self.head = nn.Linear(d, cfg.num_classes)
+        self.apply(_init_weights)
+
+    def _tokens(self, clips):
+        x = self.patch_embed(clips).flatten(2).transpose(1, 2)        # (B, N, D), natural grid order
+        pos = self._positions()
+        return x + pos, pos
+
+    def _positions(self) -> torch.Tensor:
+        """Position feature of every grid token, ``(1, N, D)`` (STTM's first ``E``)."""
+        if self.cfg.pos_embed == "sincos":
+            return self.pos_embed
+        return (self.pos_spatial[:, None] + self.pos_temporal[:, :, None]).flatten(1, 2)
+
+    def forward_features(self, clips: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        b = clips.shape[0]
+        t = cfg.grid[0]
+        x, e = self._tokens(clips)
+        cls = None
+        if cfg.cls_token:
+            cls = (self.cls_token + self.cls_pos).expand(b, -1, -1)
+            x = torch.cat([cls, x], dim=1)
+        scores = None
+        for i, blk in enumerate(self.blocks):
+            if cfg.sttm and i in cfg.sttm_blocks:
+                if cls is not None:
+                    cls, x = x[:, :1], x[:, 1:]                        # the CLS token bypasses merging
+                if i == cfg.sttm_blocks[0]:                           # spatial: each frame on its own
+                    per_frame = x.shape[1] // t
+                    xf = x.reshape(b * t, per_frame, -1)
+                    ef = e.expand(b, -1, -1).reshape(b * t, per_frame, -1)
+                    sf = None if scores is None else scores.reshape(b * t, per_frame)
+                    x, e = self.sttm_spatial(xf, ef, sf)
+                    x, e = x.reshape(b, -1, x.shape[-1]), e.reshape(b, -1, e.shape[-1])
+                else:                                                  # spatio-temporal: all tokens
+                    x, e = self.sttm_temporal(x, e.expand(b, -1, -1), scores)
+                if cls is not None:
+                    x = torch.cat([cls, x], dim=1)
+            want_scores = cfg.sttm and cls is not None and i + 1 in cfg.sttm_blocks
+            x = blk(x, return_cls_attention=want_scores)
+            if want_scores:
+                x, scores = x
+        return x
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(clips)
+        if self.cfg.classifier == "group_mean":
+            return self.classifier(x)
+        pooled = self.norm(x)[:, 0] if self.cfg.classifier == "cls" else self.fc_norm(x.mean(1))
+        return self.head(self.head_drop(pooled))
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"grid={c.grid}, attention={c.attention}, tgi={c.token_group_interaction}, team={c.team}, "
+                f"sttm={c.sttm}, classifier={c.classifier}")
+
+
+def _init_weights(m: nn.Module) -> None:
+    """timm/VideoMAE initialisation: truncated normal (std 0.02) Linear weights, zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["ViTConfig", "PRESETS", "CLASSIFIERS", "config", "create", "VideoViT", "sincos_table", "num_params"]
