@@ -1,0 +1,145 @@
+"""Presets of vidkern.models build and train; the FLOP counter reproduces SPEC §4."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from vidkern import flops, models
+from vidkern.nn import STTM, TEAM, HSDAttention
+
+SMALL = dict(embed_dim=48, num_heads=4, img_size=32, num_frames=4,
+             team_ratios={"early": (0.25, 0.5, 0.75), "late": (0.125, 0.25, 0.5)})
+
+
+@pytest.mark.parametrize("name", sorted(models.PRESETS))
+def test_every_preset_trains_at_a_small_size(name):
+    model = models.create(name, **SMALL)
+    cfg = model.cfg
+    clips = torch.randn(2, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    logits = model(clips)
+    assert logits.shape == (2, 174)
+    F.cross_entropy(logits, torch.tensor([0, 5])).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_presets_have_the_papers_structure():
+    far = models.create("far_s")
+    assert all(b.tgi is not None and b.attn.num_global_heads == 3 and b.attn.pattern == "checkerboard"
+               for b in far.blocks)
+    assert far.classifier.head.in_features == 2 * 384
+    team = models.create("team_b")
+    with_team = [i for i, b in enumerate(team.blocks) if b.team is not None]
+    assert with_team == list(range(4, 12))
+    widths = [[m.out_features for m in b.team.mlp if isinstance(m, torch.nn.Linear)] for b in team.blocks[4:]]
+    assert widths[0] == [173, 346, 518, 768] and widths[-1] == [77, 154, 307, 768]   # SPEC §2 ViT-B
+    sttm = models.create("sttm_vit_s")
+    assert sttm.cfg.grid == (8, 14, 14) and sttm.cls_token.shape == (1, 1, 384)
+    assert sttm.pos_spatial.shape == (1, 196, 384) and sttm.pos_temporal.shape == (1, 8, 384)
+    vm = models.create("videomae_s")
+    assert not any(p is vm.pos_embed for p in vm.parameters())      # fixed, not learned
+    assert vm.blocks[0].attn.q_bias is not None and vm.blocks[0].attn.qkv.bias is None
+
+
+def test_sincos_table_is_videomaes():
+    def videomae(n, d):  # as published in VideoMAE's modeling_finetune.py
+        def angles(pos):
+            return [pos / np.power(10000, 2 * (j // 2) / d) for j in range(d)]
+        table = np.array([angles(p) for p in range(n)])
+        table[:, 0::2] = np.sin(table[:, 0::2])
+        table[:, 1::2] = np.cos(table[:, 1::2])
+        return torch.tensor(table, dtype=torch.float32)[None]
+    torch.testing.assert_close(models.sincos_table(50, 24), videomae(50, 24))
+
+
+def test_sttm_vit_feeds_cls_attention_to_both_merges(monkeypatch):
+    seen = []
+    real = STTM.forward
+
+    def spy(self, x, e, scores=None, return_indices=False):
+        seen.append((tuple(x.shape), None if scores is None else tuple(scores.shape)))
+        assert scores is not None and torch.allclose(scores.sum(-1) <= 1 + 1e-5, torch.tensor(True))
+        return real(self, x, e, scores, return_indices)
+    monkeypatch.setattr(STTM, "forward", spy)
+    model = models.create("sttm_vit_s", **SMALL).eval()
+    model(torch.randn(2, 3, 4, 32, 32))
+    # grid (4, 2, 2): spatial merge per frame 4 -> 2 tokens; then 8 -> 4 over all frames.
+    assert seen == [((8, 4, 48), (8, 4)), ((2, 8, 48), (2, 8))]
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="name must be one of"):
+        models.create("vit_h")
+    with pytest.raises(TypeError, match=r"unknown override\(s\) \['attn'\]"):
+        models.create("videomae_s", attn="hsda")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        models.create("videomae_s", attention="local")
+    with pytest.raises(ValueError, match="group_mean"):
+        models.create("far_s", sttm=True)
+    with pytest.raises(ValueError, match="CLS token belongs to no grid group"):
+        models.create("sttm_vit_s", attention="hsda")
+
+
+# --------------------------------------------------------------------------- FLOPs
+SPEC_TABLE = {"global": 56.88, "sparse_dense": 45.55, "temporal": 34.34, "head_split_temporal": 45.61, "hsda": 51.21}
+
+
+@pytest.mark.parametrize("attention,gmacs", sorted(SPEC_TABLE.items()))
+def test_flop_table_of_spec_section_4(attention, gmacs):
+    report = flops.count_preset("videomae_s", attention=attention)
+    assert f"{report.gmacs:.2f}" == f"{gmacs:.2f}"
+    assert report.params == 21_946_926   # patch 590,208 + 12 x 1,774,080 + fc_norm 768 + head 66,990
+
+
+def test_attention_flops_count_attended_pairs_only():
+    b, h, n, d = 2, 4, 30, 8
+    q = torch.randn(b, h, n, d)
+    for hg, pattern, pairs in ((4, "checkerboard", n * n), (0, "checkerboard", 16 * 16 + 14 * 14), (0, "temporal", 15 * 2 * 2),
+                               (2, "checkerboard", (n * n + 452) / 2)):
+        with FlopCounterMode(display=False) as counter:
+            import vidkern
+            vidkern.hsda(q, q, q, (2, 3, 5), hg, pattern)
+        assert counter.get_total_flops() == 4 * d * b * h * pairs
+
+
+def test_flop_counter_mode_agrees_with_count_forward_and_backward():
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = HSDAttention(32, 4, grid=(2, 3, 5), qv_bias=True)
+            self.team = TEAM(32, (0.25, 0.5, 0.75))
+            self.sttm = STTM(32, num_out=12)
+
+        def forward(self, x):
+            x = x + self.team(self.attn(x))
+            return self.sttm(x, x)[0]
+    model, x = Mixed().eval(), torch.randn(2, 30, 32)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    report = flops.count(model, x)
+    assert report.gmacs * 2e9 == counter.get_total_flops()
+    assert {"vidkern.hsda", "vidkern.soft_merge", "vidkern.orthogonal_select", "aten.addmm"} <= set(report.per_op)
+    hsda_fwd = counter.get_flop_counts()["Global"][torch.ops.vidkern.hsda]
+    x.requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    assert counter.get_flop_counts()["Global"][torch.ops.vidkern.hsda_backward] == 2.5 * hsda_fwd
+
+
+def test_flops_cli():
+    out = subprocess.run([sys.executable, "-m", "vidkern.flops", "videomae_s", "attention=hsda"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "51.21" in out and "21.95" in out and "vidkern.hsda" in out
+    bad = subprocess.run([sys.executable, "-m", "vidkern.flops", "videomae_s", "attention"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "key=value" in bad.stderr
+
+
+def test_every_preset_has_a_flop_count():
+    for name in models.PRESETS:
+        report = flops.count_preset(name)
+        assert 30 < report.gmacs < 200 and math.isfinite(report.gmacs), name
