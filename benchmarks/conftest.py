@@ -1,22 +1,45 @@
-"""Benchmark harness on pytest-benchmark: providers per op, latency, TFLOP/s, GB/s, peak memory,
-and a report in ``benchmarks/results/<device>-<date>.{json,md}`` written at the end of the run.
+"""Benchmark harness on pytest-benchmark.
 
-Each benchmark records ``extra_info`` with ``flops`` (multiply-add = 2 FLOPs, attended pairs
-only), ``bytes`` (minimum traffic: inputs read once, outputs written once), ``peak_mem`` and a
-``case`` key; the report divides by the median latency and compares providers of one case
-against the ``reference`` provider of the same case in the same run.
+Every benchmark is one (case, provider, mode) cell. ``measure`` times it and records FLOPs
+(2 per multiply-add, attended pairs only), bytes (minimum traffic: inputs read once, outputs
+written once), memory, and the case key. At the end of the session the harness writes
+``benchmarks/results/<device>-<date>.json``, a markdown report and PNG plots: latency with
+spread, TFLOP/s, GB/s, share of the device's roofline, memory, the ratio to the ``reference``
+provider of the same case in the same run, the FLOP/parameter table of every model preset,
+and every skipped provider with its reason.
+
+Environment: ``VIDKERN_BENCH_QUICK=1`` shrinks every shape and round count (the test suite's
+smoke run); ``VIDKERN_BENCH_RESULTS`` redirects the report; ``VIDKERN_BENCH_INTERPRET=1``
+allows interpreter-run Triton providers on CPU (none exist yet).
 """
+from __future__ import annotations
+
 import datetime
 import json
+import os
 import pathlib
 import platform
 import resource
 import time
 
+import sys
+
 import pytest
 import torch
 
-RESULTS = pathlib.Path(__file__).parent / "results"
+sys.path.insert(0, os.path.dirname(__file__))  # benchmarks/cases.py
+
+QUICK = os.environ.get("VIDKERN_BENCH_QUICK") == "1"
+RESULTS = pathlib.Path(os.environ.get("VIDKERN_BENCH_RESULTS", pathlib.Path(__file__).parent / "results"))
+MODES = ("fwd", "bwd", "fwd+bwd")
+SKIPPED: dict = {}  # provider -> reason, for the report
+
+# Dense peaks (TFLOP/s for the tensor-core dtype, fp32 without tensor cores; TB/s of HBM).
+GPU_PEAKS = {
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "tbps": 3.35},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "tbps": 4.8},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "tbps": 2.0},
+}
 
 
 def device_name() -> str:
@@ -25,13 +48,49 @@ def device_name() -> str:
     return f"cpu-{torch.get_num_threads()}threads"
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def skip_provider(provider: str, reason: str):
+    """Skip this benchmark, and list the provider and reason in the report."""
+    SKIPPED.setdefault(provider, reason)
+    pytest.skip(f"{provider}: {reason}")
+
+
+def _measure_cpu_peaks() -> dict:
+    """Measured here, since CPUs have no table: a large fp32 matmul and a large copy."""
+    n = 512 if QUICK else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    reps = 3
+    for _ in range(reps):
+        a @ b
+    tflops = 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+    src = torch.empty(2 ** (22 if QUICK else 26), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    tbps = 2 * src.numel() * reps / (time.perf_counter() - t) / 1e12
+    return {"fp32": tflops, "bf16": tflops, "fp16": tflops, "tbps": tbps, "source": f"measured ({n}^3 matmul, copy)"}
+
+
+_PEAKS: dict = {}
+
+
+def device_peaks() -> dict:
+    if not _PEAKS:
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            known = next((v for k, v in GPU_PEAKS.items() if k in name), None)
+            _PEAKS.update(dict(known, source="datasheet") if known else {"source": f"unknown GPU {name}"})
+        else:
+            _PEAKS.update(_measure_cpu_peaks())
+    return _PEAKS
 
 
 def saved_for_backward_mib(fn) -> float:
-    """Bytes of distinct tensors autograd saves for the backward during one call of ``fn``:
-    the activation memory a training step holds (on CPU the peak allocator figure is unavailable)."""
+    """Bytes of distinct tensors autograd saves for the backward during one call of ``fn``: the
+    activation memory a training step holds (on CPU the allocator's peak is not available)."""
     seen = {}
 
     def pack(t):
@@ -42,56 +101,185 @@ def saved_for_backward_mib(fn) -> float:
     return sum(seen.values()) / 2**20
 
 
+def _grad_inputs(inputs):
+    return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @pytest.fixture
 def measure(benchmark):
-    """``measure(fn, case=..., provider=..., flops=..., bytes=...)``: time ``fn`` and record its metadata."""
+    """``measure(forward, inputs, case=, provider=, mode=, flops=, nbytes=, dtype=)``.
 
-    def run(fn, *, case, provider, flops, nbytes, budget_s=1.0):
-        saved = saved_for_backward_mib(fn)  # also the warm-up call
+    ``forward(*inputs)`` returns a tensor or tuple; ``mode`` is ``fwd`` (no grad), ``bwd``
+    (backward of a forward run untimed in the setup) or ``fwd+bwd``. ``flops``/``nbytes`` are
+    dicts with ``fwd`` and ``bwd`` entries (the forward+backward figure is their sum).
+    """
+
+    def run(forward, inputs, *, case, provider, mode, flops, nbytes, dtype=torch.float32, budget_s=None):
+        budget_s = budget_s or (0.05 if QUICK else 1.0)
+        grads = None
+
+        def fwd():
+            with torch.no_grad():
+                forward(*inputs)
+
+        def fwd_bwd():
+            nonlocal grads
+            out = _as_tuple(forward(*inputs))
+            grads = grads or [torch.randn_like(o) for o in out]
+            torch.autograd.grad(out, _grad_inputs(inputs), grads)
+
+        def setup():
+            out = _as_tuple(forward(*inputs))
+            return (out,), {}
+
+        def bwd(out):
+            torch.autograd.grad(out, _grad_inputs(inputs), grads)
+
+        (fwd if mode == "fwd" else fwd_bwd)()  # warm-up (compilation, caches) and the output gradients
+        saved = 0.0 if mode == "fwd" else saved_for_backward_mib(lambda: forward(*inputs))
         start = time.perf_counter()
-        fn()
-        rounds = max(5, min(50, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+        (fwd if mode == "fwd" else fwd_bwd)()
+        _sync()
+        once = time.perf_counter() - start
+        rounds = 1 if QUICK else max(3, min(50, int(budget_s / max(once, 1e-6))))
+        total_flops = flops["fwd"] * (mode != "bwd") + flops["bwd"] * (mode != "fwd")
+        total_bytes = nbytes["fwd"] * (mode != "bwd") + nbytes["bwd"] * (mode != "fwd")
+        benchmark.group = case
+        benchmark.extra_info.update(case=case, provider=provider, mode=mode, flops=total_flops, bytes=total_bytes,
+                                    saved_mib=saved, dtype=str(dtype).replace("torch.", ""))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        benchmark.extra_info.update(case=case, provider=provider, flops=flops, bytes=nbytes, saved_mib=saved)
-        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+
+        def timed(fn):
+            def call(*args):
+                fn(*args)
+                _sync()
+            return call
+        if mode == "bwd":
+            benchmark.pedantic(timed(bwd), setup=setup, rounds=rounds, iterations=1)
+        else:
+            benchmark.pedantic(timed(fwd if mode == "fwd" else fwd_bwd), rounds=rounds, iterations=1)
         benchmark.extra_info["peak_mem_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-                                                else peak_rss_mib())
+                                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return run
 
 
-def _rows(session):
+# --------------------------------------------------------------------------- report
+def _rows(session) -> list:
     bs = getattr(session.config, "_benchmarksession", None)
+    peaks = device_peaks() if bs and bs.benchmarks else {}
     rows = []
     for b in (bs.benchmarks if bs else []):
         info, median = b.extra_info, b.stats.median
-        rows.append(dict(name=b.name, case=info.get("case"), provider=info.get("provider"),
-                         median_ms=median * 1e3, iqr_ms=b.stats.iqr * 1e3,
-                         tflops=info.get("flops", 0) / median / 1e12, gbps=info.get("bytes", 0) / median / 1e9,
-                         peak_mem_mib=info.get("peak_mem_mib"), saved_mib=info.get("saved_mib")))
+        dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(info.get("dtype"), "fp32")
+        roofline_s = max(info["flops"] / (peaks.get(dtype, 0) * 1e12 or float("inf")),
+                         info["bytes"] / (peaks.get("tbps", 0) * 1e12 or float("inf")))
+        rows.append(dict(case=info["case"], provider=info["provider"], mode=info["mode"], dtype=info.get("dtype"),
+                         median_ms=median * 1e3, iqr_ms=b.stats.iqr * 1e3, rounds=b.stats.rounds,
+                         tflops=info["flops"] / median / 1e12, gbps=info["bytes"] / median / 1e9,
+                         roofline_pct=100 * roofline_s / median, saved_mib=info["saved_mib"],
+                         peak_mem_mib=info["peak_mem_mib"]))
     for r in rows:
         ref = next((x for x in rows if x["case"] == r["case"] and x["provider"] == "reference"), None)
-        r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"] if ref else None
+        r["x_reference"] = ref["median_ms"] / r["median_ms"] if ref else None
     return rows
+
+
+def _flop_table() -> list:
+    from vidkern import flops, models
+    table = []
+    for name in models.PRESETS:
+        report = flops.count_preset(name)
+        table.append(dict(model=name, gmacs=report.gmacs, params_m=report.params / 1e6))
+    return table
+
+
+def _plots(rows, stem) -> list:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return [f"plots skipped: matplotlib not importable ({exc})"]
+    cases = sorted({r["case"] for r in rows})
+    providers = sorted({r["provider"] for r in rows})
+    written = []
+    for metric, label, suffix in (("x_reference", "speed-up over reference (x)", "speedup"),
+                                  ("saved_mib", "saved for backward (MiB)", "memory")):
+        fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.9), 4.5))
+        width = 0.8 / max(len(providers), 1)
+        for i, p in enumerate(providers):
+            vals = [next((r[metric] or 0 for r in rows if r["case"] == c and r["provider"] == p), 0) for c in cases]
+            ax.bar([j + i * width for j in range(len(cases))], vals, width, label=p)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+        if metric == "x_reference":
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="black", linewidth=0.5)
+        ax.legend(fontsize=7)
+        ax.set_title(f"vidkern — {device_name()}")
+        fig.tight_layout()
+        path = stem.parent / f"{stem.name}-{suffix}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+    return written
 
 
 def pytest_sessionfinish(session, exitstatus):
     rows = _rows(session)
     if not rows:
         return
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"{device_name()}-{datetime.date.today().isoformat()}"
-    meta = dict(device=device_name(), torch=torch.__version__, python=platform.python_version(),
-                threads=torch.get_num_threads(), cuda=torch.cuda.is_available())
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-    lines = [f"# vidkern benchmarks — {meta['device']}, torch {meta['torch']}, {datetime.date.today()}", "",
-             "CPU runs time the CPU paths only (peak memory is the process's max RSS, so it only grows; 'saved for bwd' is the activation memory autograd keeps from one forward). FLOPs count one "
-             "multiply-add as 2 over attended pairs only; GB/s counts inputs read once and outputs written once.", "",
-             "| case | provider | median ms | IQR ms | TFLOP/s | GB/s | peak MiB | saved for bwd MiB | x reference |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        sp = f"{r['speedup_vs_reference']:.2f}" if r["speedup_vs_reference"] else "-"
-        lines.append(f"| {r['case']} | {r['provider']} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | {r['tflops']:.4f} | "
-                     f"{r['gbps']:.2f} | {r['peak_mem_mib']:.0f} | {r['saved_mib']:.1f} | {sp} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    import vidkern
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    today = datetime.date.today().isoformat()
+    stem = RESULTS / f"{device_name()}-{today}{'-quick' if QUICK else ''}"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not importable"
+    meta = dict(device=device_name(), date=today, vidkern=vidkern.__version__, torch=torch.__version__,
+                triton=triton_version, python=platform.python_version(), threads=torch.get_num_threads(),
+                cuda=torch.version.cuda if torch.cuda.is_available() else None, peaks=device_peaks(),
+                quick=QUICK, skipped=dict(SKIPPED))
+    flop_table = _flop_table()
+    plots = _plots(rows, stem)
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows, flops=flop_table), indent=1))
+    peaks = meta["peaks"]
+    lines = [f"# vidkern benchmarks — {meta['device']}, {today}", "",
+             f"vidkern {meta['vidkern']}, torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}, "
+             f"{meta['threads']} threads{', CUDA ' + meta['cuda'] if meta['cuda'] else ''}.",
+             f"Roofline peaks ({peaks.get('source')}): {peaks.get('fp32', 0):.3f} TFLOP/s fp32, "
+             f"{peaks.get('bf16', 0):.3f} TFLOP/s bf16, {peaks.get('tbps', 0) * 1e3:.1f} GB/s.", "",
+             "FLOPs: 2 per multiply-add, attended pairs only (global head 4·N²·d forward, sparse-dense head "
+             "4·Σ|G|²·d; backward 2.5x forward for attention). GB/s: minimum traffic. Roofline %: the time the "
+             "roofline allows over the measured median. `saved MiB`: activation memory autograd keeps from one "
+             "forward. `peak MiB`: GPU allocator peak, or on CPU the process's max RSS (it only grows). "
+             "`x ref`: the reference provider's median over this one's, same case, same run."
+             + (" QUICK run: tiny shapes, one round — not a measurement." if QUICK else ""), ""]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        lines += [f"## {case}", "",
+                  "| provider | median ms | IQR ms | rounds | TFLOP/s | GB/s | roofline % | saved MiB | peak MiB | x ref |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["case"] == case):
+            ref = f"{r['x_reference']:.2f}" if r["x_reference"] else "-"
+            lines.append(f"| {r['provider']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {r['rounds']} | "
+                         f"{r['tflops']:.4f} | {r['gbps']:.2f} | {r['roofline_pct']:.1f} | {r['saved_mib']:.1f} | "
+                         f"{r['peak_mem_mib']:.0f} | {ref} |")
+        lines.append("")
+    lines += ["## Skipped providers", ""] + ([f"- `{p}`: {why}" for p, why in sorted(SKIPPED.items())] or ["none"])
+    lines += ["", "## Model presets (SPEC §4 convention, 1 clip)", "", "| model | GMACs | params (M) |", "|---|---|---|"]
+    lines += [f"| {t['model']} | {t['gmacs']:.2f} | {t['params_m']:.2f} |" for t in flop_table]
+    lines += ["", "Plots: " + ", ".join(plots), ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
     print(f"\nbenchmark report: {stem.with_suffix('.md')}")

@@ -76,6 +76,23 @@ def test_hsda_noncontiguous_qkv_from_fused_projection_and_stride0_grad(attention
     assert_close("hsda strided grad", outs["torch"][1], wide.grad, outs["ref"][1])
 
 
+@pytest.mark.parametrize("layout", ["head-dim-strided", "permuted"])
+def test_hsda_any_strides(layout, attention_path):
+    """Views whose head dim is not unit-stride (the private CPU kernel needs a copy) and fully
+    permuted storage."""
+    grid, shape = (2, 3, 3), (2, 4, 18, 8)
+    if layout == "head-dim-strided":
+        make = lambda: torch.randn(2, 4, 8, 18).transpose(-1, -2)  # noqa: E731
+    else:
+        make = lambda: torch.randn(8, 18, 2, 4).permute(2, 3, 1, 0)  # noqa: E731
+    q, k, v = make(), make(), make()
+    assert q.shape == shape and q.stride(-1) != 1
+    check_against_reference(f"hsda {layout}", lambda a, b, c: vidkern.hsda(a, b, c, grid, 2, backend="torch"),
+                            lambda a, b, c: R.hsda(a, b, c, grid, 2), [q, k, v], torch.float32)
+    out = vidkern.hsda(q, k, v, grid, 2, backend="torch")
+    torch.testing.assert_close(out, R.hsda(q, k, v, grid, 2), rtol=1e-5, atol=1e-6)
+
+
 def test_hsda_grid_optional_when_all_heads_global():
     q, k, v = _qkv(1, 2, 11, 8)
     torch.testing.assert_close(vidkern.hsda(q, k, v, None, num_global_heads=2),
@@ -216,14 +233,12 @@ def test_soft_merge_single_output_grad():
     torch.testing.assert_close(x.grad, x2.grad)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pattern", ["checkerboard", "temporal", "global"])
-def test_group_mean_matches_reference(pattern):
-    x = torch.randn(2, 105, 8, dtype=torch.float64, requires_grad=True)
-    got = vidkern.group_mean(x, (3, 5, 7), pattern, backend="torch")
-    want = R.group_mean(x, (3, 5, 7), pattern)
-    torch.testing.assert_close(got, want)
-    g = torch.randn_like(got)
-    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+def test_group_mean_matches_reference(pattern, dtype):
+    x = torch.randn(2, 8 * 14 * 14, 8) + 100      # large values over 1568 tokens: a float16 sum overflows
+    check_against_reference(f"group_mean {pattern}", lambda a: vidkern.group_mean(a, (8, 14, 14), pattern, backend="torch"),
+                            lambda a: R.group_mean(a, (8, 14, 14), pattern), [x], dtype)
 
 
 def test_custom_ops_pass_opcheck():
@@ -240,3 +255,11 @@ def test_custom_ops_pass_opcheck():
     idx = torch.tensor([[0, 2, 6], [1, 3, 5]])
     torch.library.opcheck(ops._soft_merge_op, (u, idx, x, x.detach().clone().requires_grad_(), 1.0, "torch"))
     torch.library.opcheck(ops._orthogonal_select_op, (x.detach(), 3, torch.tensor([0, 4]), "torch"))
+    # Non-contiguous inputs: the real outputs must have the (contiguous) strides the fakes promise.
+    xt = torch.randn(2, 5, 7, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    torch.library.opcheck(ops._feature_summary_op, (xt, "torch"))
+    torch.library.opcheck(ops._team_gate_op, (xt, h, "torch"))
+    qt, kt, vt = [torch.randn(1, 2, 4, 12, dtype=torch.float64).transpose(-1, -2).requires_grad_() for _ in range(3)]
+    torch.library.opcheck(ops._hsda_op, (qt, kt, vt, [1, 3, 4], "checkerboard", None, 1, 0.5, "torch"))
+    torch.library.opcheck(ops._soft_merge_op, (u.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(),
+                                               idx, xt, xt.detach().clone().requires_grad_(), 1.0, "torch"))

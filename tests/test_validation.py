@@ -39,6 +39,7 @@ def test_attention_bad_inputs():
            pattern=torch.zeros(12))
     raises(ValueError, "non-negative group ids", vidkern.hsda, q, k, v, (1, 3, 4), pattern=-torch.ones(12, dtype=torch.long))
     raises(ValueError, "scale must be a finite float, got nan", vidkern.hsda, q, k, v, (1, 3, 4), scale=math.nan)
+    raises(ValueError, "q must have at least one token", vidkern.hsda, *qkv(n=0), None, 2)
 
 
 def test_team_bad_inputs():
@@ -59,7 +60,8 @@ def test_selection_bad_inputs():
     raises(ValueError, r"start must hold indices in \[0, 10\)", vidkern.select_meta_tokens, x, 3, start=torch.tensor([0, 10]))
     raises(ValueError, r"start must have shape \(B,\) = \(2,\)", vidkern.orthogonal_select, x, 3, torch.tensor([0]))
     raises(TypeError, "start must have an integer dtype", vidkern.orthogonal_select, x, 3, torch.tensor([0.0, 1.0]))
-    raises(ValueError, "alpha must be a finite positive float", vidkern.select_meta_tokens, x, 3, torch.randn(2, 10), alpha=0.0)
+    raises(ValueError, "alpha must be >= 1", vidkern.select_meta_tokens, x, 3, torch.randn(2, 10), alpha=0.5)
+    raises(ValueError, "alpha must be a finite float", vidkern.select_meta_tokens, x, 3, torch.randn(2, 10), alpha=math.inf)
     raises(ValueError, r"k must be in \[1, 10\], got 12", vidkern.orthogonal_select, x, 12, torch.tensor([0, 1]))
     raises(TypeError, r"start must be an int tensor of shape \(B,\)", vidkern.orthogonal_select, x, 3, None)
 

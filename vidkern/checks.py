@@ -71,6 +71,8 @@ def pattern(value, num_tokens: int, device: torch.device):
 
 
 def finite(name: str, value, positive: bool = False) -> float:
+    if torch.compiler.is_compiling():
+        return value  # dynamo may trace Python floats symbolically; eager calls do the check
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
@@ -97,6 +99,8 @@ def attention(q, k, v, grid_, num_global_heads, pattern_, scale):
         if x.shape != q.shape:
             raise ValueError(f"{name} must have q's shape (B, H, N, d) = {tuple(q.shape)}, got {tuple(x.shape)}")
     _, num_heads, n, d = q.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"q must have at least one token and a non-empty head dim, got shape {tuple(q.shape)}")
     hg = num_heads // 2 if num_global_heads is None else count("num_global_heads", num_global_heads, 0, num_heads)
     if grid_ is None:
         if hg != num_heads:

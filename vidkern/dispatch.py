@@ -30,12 +30,15 @@ class Backend:
     devices: frozenset = frozenset({"cpu", "cuda"})
     dtypes: dict = {}  # device type -> frozenset of dtypes
     native_autograd: bool = False
+    max_head_dim: Optional[int] = None  # attention: largest head dim the kernels take (None: any)
 
     def unavailable_reason(self) -> Optional[str]:
         """Why the backend cannot run at all on this machine (missing package, no GPU), or None."""
         return None
 
-    def not_supported_reasons(self, op: str, device: torch.device, dtype: Optional[torch.dtype]) -> list:
+    def not_supported_reasons(self, op: str, device: torch.device, dtype: Optional[torch.dtype],
+                              head_dim: Optional[int] = None) -> list:
+        """Every reason this backend cannot run ``op`` on these inputs (empty: it can)."""
         reasons = []
         why = self.unavailable_reason()
         if why:
@@ -46,6 +49,8 @@ class Backend:
             reasons.append(f"device {device.type} not in {sorted(self.devices)}")
         elif dtype is not None and dtype not in self.dtypes.get(device.type, ()):
             reasons.append(f"dtype {dtype} not supported on {device.type}")
+        if head_dim is not None and self.max_head_dim is not None and head_dim > self.max_head_dim:
+            reasons.append(f"head dim {head_dim} > {self.max_head_dim}")
         return reasons
 
 
@@ -70,16 +75,18 @@ def names() -> list:
     return [name for _, name in _PRIORITY]
 
 
-def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend: Optional[str] = None) -> Backend:
+def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend: Optional[str] = None,
+           **shape) -> Backend:
     """Pick the backend for ``op`` on inputs of ``device``/``dtype``.
 
     ``backend`` (else ``$VIDKERN_BACKEND``) forces a choice: it must run or this raises
     ``NotImplementedError`` with its reasons. Otherwise the first backend without reasons runs.
+    ``shape`` carries the shape facts backends declare limits on (``head_dim`` for attention).
     """
     requested = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     if requested is not None:
         chosen = get(requested)
-        reasons = chosen.not_supported_reasons(op, device, dtype)
+        reasons = chosen.not_supported_reasons(op, device, dtype, **shape)
         if reasons:
             source = "backend=" if backend is not None else f"{ENV_VAR}="
             raise NotImplementedError(f"{source}{requested!r} cannot run {op} on {device.type}/{dtype}: "
@@ -87,7 +94,7 @@ def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend:
         return chosen
     report = []
     for name in names():
-        reasons = _BACKENDS[name].not_supported_reasons(op, device, dtype)
+        reasons = _BACKENDS[name].not_supported_reasons(op, device, dtype, **shape)
         if not reasons:
             return _BACKENDS[name]
         report.append(f"{name}: " + "; ".join(reasons))

@@ -221,12 +221,12 @@ class VideoViT(nn.Module):
                 if cls is not None:
                     cls, x = x[:, :1], x[:, 1:]                        # the CLS token bypasses merging
                 if i == cfg.sttm_blocks[0]:                           # spatial: each frame on its own
-                    per_frame = x.shape[1] // t
-                    xf = x.reshape(b * t, per_frame, -1)
-                    ef = e.expand(b, -1, -1).reshape(b * t, per_frame, -1)
+                    per_frame, d = x.shape[1] // t, x.shape[2]
+                    xf = x.reshape(b * t, per_frame, d)
+                    ef = e.expand(b, -1, -1).reshape(b * t, per_frame, d)
                     sf = None if scores is None else scores.reshape(b * t, per_frame)
                     x, e = self.sttm_spatial(xf, ef, sf)
-                    x, e = x.reshape(b, -1, x.shape[-1]), e.reshape(b, -1, e.shape[-1])
+                    x, e = x.reshape(b, t * x.shape[1], d), e.reshape(b, t * e.shape[1], d)
                 else:                                                  # spatio-temporal: all tokens
                     x, e = self.sttm_temporal(x, e.expand(b, -1, -1), scores)
                 if cls is not None:

@@ -85,7 +85,7 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
         ``O[b,h,n] = sum_{m in G_h(n)} softmax_m(scale q[b,h,n].k[b,h,m]) v[b,h,m]``.
     """
     grid, name, ids, hg, scale = checks.attention(q, k, v, grid, num_global_heads, pattern, scale)
-    be = dispatch.select("hsda", q.device, q.dtype, backend)
+    be = dispatch.select("hsda", q.device, q.dtype, backend, head_dim=q.shape[-1])
     if be.native_autograd or q.numel() == 0:  # empty inputs: the reference returns empty outputs and grads
         return reference.hsda(q, k, v, grid, hg, _pattern_arg(name, ids), scale)
     return _hsda_op(q, k, v, list(grid), name, ids, hg, scale, be.name)[0]
@@ -97,22 +97,26 @@ def sparse_dense_attention(q: Tensor, k: Tensor, v: Tensor, grid, pattern="check
     return hsda(q, k, v, grid, num_global_heads=0, pattern=pattern, scale=scale, backend=backend)
 
 
-def group_mean(x: Tensor, grid, pattern="checkerboard", backend: Optional[str] = None) -> Tensor:
+def group_mean(x: Tensor, grid, pattern="checkerboard", num_groups: Optional[int] = None,
+               backend: Optional[str] = None) -> Tensor:
     """Mean of each group's tokens (SPEC §1.4). ``x``: ``(B, N, D)`` -> ``(B, G, D)``.
 
     ``G`` is 2 for the checkerboard (1 on a 1x1 spatial grid), ``Hp*Wp`` for ``"temporal"``,
-    1 for ``"global"``, ``max id + 1`` for an explicit pattern (every id must occur).
+    1 for ``"global"``, ``max id + 1`` for an explicit pattern (every id must occur; pass
+    ``num_groups`` to skip reading the ids, e.g. under ``torch.compile``).
     """
     x = checks.tensor("x", x, 3, "(B, N, D)")
     grid = checks.grid(grid, x.shape[1])
     name, ids = checks.pattern(pattern, x.shape[1], x.device)
     if ids is not None and checks.can_read_values(ids):
-        present = torch.bincount(ids, minlength=1)
+        present = torch.bincount(ids, minlength=num_groups or 1)
         if bool((present == 0).any()):
             raise ValueError(f"pattern tensor must use every group id in [0, {present.numel()}); "
                              f"missing {torch.nonzero(present == 0).flatten().tolist()}")
+        if num_groups is not None and present.numel() != num_groups:
+            raise ValueError(f"num_groups={num_groups} must equal max id + 1 = {present.numel()} of the pattern")
     be = dispatch.select("group_mean", x.device, x.dtype, backend)
-    return be.group_mean(x, grid, _pattern_arg(name, ids))
+    return be.group_mean(x, grid, _pattern_arg(name, ids), num_groups)
 
 
 # =========================================================================== TEAM
@@ -234,7 +238,8 @@ def orthogonal_select(x: Tensor, k: int, start: Tensor, backend: Optional[str] =
     ``x``: ``(B, L, D)``; ``start``: int ``(B,)``. Returns int64 ``(B, k)`` in selection order:
     ``start[b]`` first, then each step the unchosen token whose largest ``|cos|`` to the chosen
     tokens is smallest (lowest index on ties). Cosines are computed in float32 (float64 inputs:
-    float64).
+    float64); "ties" are equal values in that precision — exact duplicate tokens have
+    ``|cos| = 1`` only to within an ulp, so which duplicate comes first can depend on rounding.
     """
     if start is None:
         raise TypeError("start must be an int tensor of shape (B,) (select_meta_tokens picks a default start)")
@@ -259,7 +264,9 @@ def select_meta_tokens(x: Tensor, num_out: int, scores: Optional[Tensor] = None,
     """
     x = checks.tensor("x", x, 3, "(B, L, D)")
     checks.selection(x, "num_out", num_out, start, scores)
-    alpha = checks.finite("alpha", alpha, positive=True)
+    alpha = checks.finite("alpha", alpha)
+    if alpha < 1:
+        raise ValueError(f"alpha must be >= 1 (K = ceil(alpha * num_out) candidates, at least num_out), got {alpha}")
     x = x.detach()
     start = reference.default_start(x) if start is None else start
     k = reference.candidate_count(x.shape[1], num_out, scores is not None, alpha)

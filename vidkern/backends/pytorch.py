@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import patterns
+from .. import patterns, reference
 from ..checks import FLOAT_DTYPES
 from ..dispatch import OPS, Backend
 from ..reference import NORM_EPS
@@ -89,6 +89,10 @@ def _scatter(dst, heads, bucket, val):
     view.index_copy_(2, bucket.index, val.reshape(b, hs, bucket.count * bucket.size, *rest))
 
 
+def _unit_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _parts(layout, num_heads, num_global_heads):
     """(head slice, bucket) pairs: global heads in one part, sparse heads once per size bucket."""
     if num_global_heads:
@@ -110,8 +114,8 @@ class TorchBackend(Backend):
     #: path that runs on other devices (the tests use it to exercise that path here).
     fused_cpu_attention = True
 
-    def not_supported_reasons(self, op, device, dtype):
-        reasons = super().not_supported_reasons(op, device, dtype)
+    def not_supported_reasons(self, op, device, dtype, **shape):
+        reasons = super().not_supported_reasons(op, device, dtype, **shape)
         if device.type == "cuda" and not torch.cuda.is_available():
             reasons.append("CUDA is not available")
         return reasons
@@ -119,11 +123,14 @@ class TorchBackend(Backend):
     # ----------------------------------------------------------------------- attention
     def _attention_forward(self, q, k, v, scale):
         if q.device.type == "cpu" and self.fused_cpu_attention:
+            # The private kernel (unlike public SDPA) assumes a unit-stride head dim.
+            q, k, v = (_unit_stride(t) for t in (q, k, v))
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         return chunked_attention_forward(q, k, v, scale, self.chunk_elements)
 
     def _attention_backward(self, grad_out, q, k, v, out, lse, scale):
         if q.device.type == "cpu" and self.fused_cpu_attention:
+            grad_out, q, k, v, out = (_unit_stride(t) for t in (grad_out, q, k, v, out))
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad_out, q, k, v, out, lse, 0.0, False, scale=scale)
         return chunked_attention_backward(grad_out, q, k, v, out, lse, scale, self.chunk_elements)
@@ -163,7 +170,8 @@ class TorchBackend(Backend):
         xa = x.to(acc_dtype(x.dtype))
         p = torch.softmax(xa, dim=1)
         fa = (p * xa).sum(dim=1, keepdim=True)  # f at full precision (the saved f is rounded to x's dtype)
-        return (xa - fa).add_(1).mul_(p).mul_(grad_f.to(xa.dtype)[:, None]).to(x.dtype)
+        dx = (xa - fa).add_(1).mul_(p).mul_(grad_f.to(xa.dtype)[:, None])
+        return dx.to(x.dtype).contiguous()  # the fake impl promises contiguous
 
     def team_gate_forward(self, x, h):
         """Returns ``(y, tok_lse, s)``: ``tok_lse[b,n] = logsumexp_c X'[b,n,:]``, ``s`` the token softmax."""
@@ -172,7 +180,7 @@ class TorchBackend(Backend):
         q = torch.softmax(xp, dim=-1)                                            # over channels
         s = torch.softmax((q * xp).sum(dim=-1), dim=-1)                          # over tokens, of s0
         tok_lse = xp.amax(dim=-1) - torch.log(q.amax(dim=-1))
-        return (xp.mul_(s[..., None])).to(x.dtype), tok_lse, s
+        return xp.mul_(s[..., None]).to(x.dtype).contiguous(), tok_lse, s
 
     def team_gate_backward(self, grad_y, x, h, tok_lse, s):
         acc = acc_dtype(x.dtype)
@@ -186,7 +194,8 @@ class TorchBackend(Backend):
         # dX' = s dY + ds0 * Q * (1 + X' - s0): the direct path and the path through s0.
         dxp = (xp - s0).add_(1).mul_(q).mul_(ds0[..., None]).addcmul_(s[..., None], dy)
         dg = (dxp * xa).sum(1)
-        return dxp.mul_(g[:, None, :]).to(x.dtype), (dg * g * (1 - g)).to(h.dtype)
+        dx = dxp.mul_(g[:, None, :]).to(x.dtype).contiguous()
+        return dx, (dg * g * (1 - g)).to(h.dtype).contiguous()
 
     # ----------------------------------------------------------------------- STTM
     def orthogonal_select(self, x, k, start):
@@ -261,9 +270,7 @@ class TorchBackend(Backend):
 
     # ----------------------------------------------------------------------- classifier pooling
     @staticmethod
-    def group_mean(x, grid, pattern="checkerboard"):
-        ids = patterns.group_ids(pattern, grid, x.device)
-        g = patterns.num_groups(pattern, grid)
-        sums = x.new_zeros(x.shape[0], g, x.shape[-1]).index_add_(1, ids, x)
-        counts = x.new_zeros(g).index_add_(0, ids, x.new_ones(ids.shape))
-        return sums / counts[:, None]
+    def group_mean(x, grid, pattern="checkerboard", num_groups=None):
+        """The reference's normalised one-hot product, accumulated in float32: a float16 sum of
+        ~800 tokens overflows, and a token-by-token ``index_add`` loses precision."""
+        return reference.group_mean(x.to(acc_dtype(x.dtype)), grid, pattern, num_groups).to(x.dtype)

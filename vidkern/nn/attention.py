@@ -119,7 +119,7 @@ class HSDAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)     # strided (B, H, N, d) views: no copy
         o = hsda(q, k, v, grid if grid is not None else self.grid, self.num_global_heads, self.pattern,
                  self.scale, backend=self.backend)
-        out = self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, -1)))
+        out = self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)))
         if not return_cls_attention:
             return out
         if self.num_global_heads != self.num_heads:

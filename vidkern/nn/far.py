@@ -36,7 +36,7 @@ class TokenGroupInteraction(nn.Module):
     def forward(self, x: torch.Tensor, grid=None) -> torch.Tensor:
         b, n, _ = x.shape
         t, hp, wp = checks.grid(grid if grid is not None else self.grid, n)
-        u = self.fc1(x).transpose(1, 2).reshape(b, -1, t, hp, wp)
+        u = self.fc1(x).transpose(1, 2).reshape(b, self.fc1.out_features, t, hp, wp)
         u = self.act(self.conv(u)).flatten(2).transpose(1, 2)
         return self.fc2(u)
 
@@ -68,7 +68,7 @@ class GroupAveragedClassifier(nn.Module):
         self.head = nn.Linear(dim * (self.num_groups if combine == "concat" else 1), num_classes)
 
     def forward(self, x: torch.Tensor, grid: Optional[tuple] = None) -> torch.Tensor:
-        pooled = self.fc_norm(group_mean(x, grid if grid is not None else self.grid, self.pattern))
+        pooled = self.fc_norm(group_mean(x, grid if grid is not None else self.grid, self.pattern, self.num_groups))
         pooled = pooled.flatten(1) if self.combine == "concat" else pooled.mean(1)
         return self.head(self.head_dropout(pooled))
 

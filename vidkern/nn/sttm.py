@@ -37,7 +37,9 @@ class STTM(nn.Module):
             raise ValueError(f"merge_ratio must be in [0, 1), got {merge_ratio}")
         self.num_out, self.merge_ratio = num_out, merge_ratio
         self.tau = checks.finite("tau", tau, positive=True)
-        self.alpha = checks.finite("alpha", alpha, positive=True)
+        self.alpha = checks.finite("alpha", alpha)
+        if self.alpha < 1:
+            raise ValueError(f"alpha must be >= 1 (candidates K = ceil(alpha * L') >= L'), got {alpha}")
         self.backend = backend
         self.phi = nn.Linear(dim, dim)
         self.proj = nn.Linear(2 * dim, dim)
