@@ -143,3 +143,20 @@ def test_every_preset_has_a_flop_count():
     for name in models.PRESETS:
         report = flops.count_preset(name)
         assert 30 < report.gmacs < 200 and math.isfinite(report.gmacs), name
+
+
+@pytest.mark.parametrize("name", ["videomae_s", "sttm_vit_s"])
+def test_position_embeddings_enter_the_first_block(name):
+    model = models.create(name, **SMALL).eval()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    clips = torch.randn(2, 3, 4, 32, 32)
+    model(clips)
+    tokens = model.patch_embed(clips).flatten(2).transpose(1, 2)
+    t, hp, wp = model.cfg.grid
+    if name == "videomae_s":
+        want = tokens + models.sincos_table(t * hp * wp, 48)
+    else:  # token (t, h, w) gets spatial[h * Wp + w] + temporal[t]; the CLS token comes first
+        pos = model.pos_spatial.repeat(1, t, 1) + model.pos_temporal.repeat_interleave(hp * wp, dim=1)
+        want = torch.cat([(model.cls_token + model.cls_pos).expand(2, -1, -1), tokens + pos], dim=1)
+    torch.testing.assert_close(seen[0], want)
