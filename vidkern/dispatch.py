@@ -37,8 +37,9 @@ class Backend:
         return None
 
     def not_supported_reasons(self, op: str, device: torch.device, dtype: Optional[torch.dtype],
-                              head_dim: Optional[int] = None) -> list:
-        """Every reason this backend cannot run ``op`` on these inputs (empty: it can)."""
+                              forced: bool = False, head_dim: Optional[int] = None) -> list:
+        """Every reason this backend cannot run ``op`` on these inputs (empty: it can);
+        ``forced``: the caller asked for this backend by name."""
         reasons = []
         why = self.unavailable_reason()
         if why:
@@ -86,7 +87,7 @@ def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend:
     requested = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     if requested is not None:
         chosen = get(requested)
-        reasons = chosen.not_supported_reasons(op, device, dtype, **shape)
+        reasons = chosen.not_supported_reasons(op, device, dtype, forced=True, **shape)
         if reasons:
             source = "backend=" if backend is not None else f"{ENV_VAR}="
             raise NotImplementedError(f"{source}{requested!r} cannot run {op} on {device.type}/{dtype}: "

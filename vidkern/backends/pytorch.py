@@ -114,8 +114,8 @@ class TorchBackend(Backend):
     #: path that runs on other devices (the tests use it to exercise that path here).
     fused_cpu_attention = True
 
-    def not_supported_reasons(self, op, device, dtype, **shape):
-        reasons = super().not_supported_reasons(op, device, dtype, **shape)
+    def not_supported_reasons(self, op, device, dtype, forced=False, **shape):
+        reasons = super().not_supported_reasons(op, device, dtype, forced, **shape)
         if device.type == "cuda" and not torch.cuda.is_available():
             reasons.append("CUDA is not available")
         return reasons

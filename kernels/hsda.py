@@ -1,0 +1,382 @@
+"""Triton kernels for head-split sparse-dense attention (FAR, SPEC §1.2), forward and backward.
+
+One launch runs every head: heads ``[0, Hg)`` attend globally, heads ``[Hg, H)`` only within
+their group. A program owns one *tile* of ``BLOCK_M`` rows of one group (for global heads the
+group is all ``N`` tokens) and loops over the key tiles of that same group only, so a
+sparse-dense program visits about half the key tiles of a global one and never a score between
+groups. FlashAttention-2 style: online softmax in fp32, the log-sum-exp saved for the backward,
+which recomputes probabilities (a preprocessing pass computes ``delta = rowsum(dO * O)``).
+
+Rows of a group are gathered straight from q/k/v/o in natural token order — no permuted copy is
+made. How the ``j``-th token of group ``g`` is found (``SPARSE_MODE``):
+
+- ``1`` checkerboard, by index arithmetic on the grid: ``c_g`` cells per frame have parity
+  ``g`` (``ceil(Hp*Wp/2)`` for ``g = 0``); two consecutive rows hold ``Wp`` of them, the first row
+  ``(Wp + 1 - g) // 2``. Works for odd ``Hp*Wp`` (unequal groups) and ``T = 1``.
+- ``2`` table: a group-major permutation ``PERM`` of the tokens with group offsets ``GOFF``
+  (temporal and explicit partitions; built once per pattern on the host, ``N`` int32s).
+
+Program order puts the global heads' (longer) programs first. Inputs may have any strides
+(a stride-0 ``dO`` is read in place). fp16/bf16 use tensor cores with fp32 accumulation; fp32
+uses IEEE products (no TF32), so results match the fp32 reference.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _group_rows(j, g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE: tl.constexpr):
+    """Natural token index of the ``j``-th member of group ``g`` (``j`` a vector, in range)."""
+    if SPARSE_MODE == 1:
+        hw = HP * WP
+        cells = (hw + 1 - g) // 2                   # cells of parity g per frame
+        t = j // cells
+        r = j % cells
+        first = (WP + 1 - g) // 2                   # of them in an even row
+        pair = r // WP
+        rem = r % WP
+        second = (rem >= first).to(tl.int32)
+        h = 2 * pair + second
+        w = 2 * (rem - second * first) + (g + h) % 2
+        sparse = t * hw + h * WP + w
+    else:
+        sparse = tl.load(PERM + tl.load(GOFF + g) + j, mask=j >= 0)
+    return tl.where(is_global, j, sparse)
+
+
+@triton.jit
+def _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK: tl.constexpr):
+    """Map a program id to (head, group, first row in group, group length, is_global).
+
+    Global heads come first: ``HG * TILES_GLOBAL`` programs, then ``TILES`` per sparse head."""
+    is_global = pid < HG * TILES_GLOBAL
+    rel = pid - HG * TILES_GLOBAL
+    num_tiles = tl.load(TILES + 0)
+    head = tl.where(is_global, pid // TILES_GLOBAL, HG + rel // tl.maximum(num_tiles, 1))
+    tile = tl.where(is_global, pid % TILES_GLOBAL, rel % tl.maximum(num_tiles, 1))
+    # TILES = [count, g_0, start_0, g_1, start_1, ...] for the sparse heads' tiles.
+    g = tl.where(is_global, 0, tl.load(TILES + 1 + 2 * tile, mask=~is_global, other=0))
+    start = tl.where(is_global, tile * BLOCK, tl.load(TILES + 2 + 2 * tile, mask=~is_global, other=0))
+    glen = tl.where(is_global, N, tl.load(GOFF + g + 1) - tl.load(GOFF + g))
+    return head, g, start, glen, is_global
+
+
+@triton.jit
+def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
+                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                     N, H, HG, TILES_GLOBAL, T, HP, WP, scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     SPARSE_MODE: tl.constexpr, PRECISION: tl.constexpr, DEBUG: tl.constexpr):
+    """O = softmax(scale Q K^T) V over the program's group; LSE (natural log) per row."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    head, g, start, glen, is_global = _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK_M)
+    head = head.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    offs_m = start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < glen
+    rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE).to(tl.int64)
+    q = tl.load(Q + b * sqb + head * sqh + rows_m[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    qk_scale = scale * 1.4426950408889634                     # exp2 domain
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    visits = 0
+    wrong = 0
+    for s in range(0, glen, BLOCK_N):
+        offs_n = s + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < glen
+        rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP,
+                             SPARSE_MODE).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + b * skb + head * skh + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + head * svh + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows past the group end see no key
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+        if DEBUG:
+            visits += 1
+            if SPARSE_MODE == 1:  # every gathered key must lie in the program's group
+                hw = HP * WP
+                cell = rows_n % hw
+                key_group = (cell // WP + cell % WP) % 2
+                wrong += tl.sum((mask_n & ~is_global & (key_group != g)).to(tl.int32), 0)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * sob + head * soh + rows_m[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
+    tl.store(LSE + (b * H + head) * N + rows_m, lse, mask=mask_m)
+    if DEBUG:
+        base = COUNT + (b * tl.num_programs(0) + pid) * 3
+        tl.store(base, visits)
+        tl.store(base + 1, wrong)
+        tl.store(base + 2, is_global.to(tl.int32))
+
+
+@triton.jit
+def _hsda_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, N, H,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, n] = sum_d dO * O (fp32): the softmax-backward row term."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, head = bh // H, bh % H
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m.to(tl.int64)
+    o = tl.load(O + b * sob + head * soh + rows[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + head * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    tl.store(DELTA + bh * N + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
+
+
+@triton.jit
+def _hsda_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GOFF, TILES,
+                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+                          N, H, HG, TILES_GLOBAL, T, HP, WP, scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SPARSE_MODE: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV of one key tile: loop over the query tiles of the same group (dK, dV contiguous)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    head, g, start, glen, is_global = _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK_N)
+    head = head.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    offs_n = start + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < glen
+    rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE).to(tl.int64)
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(K + b * skb + head * skh + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + head * svh + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    for s in range(0, glen, BLOCK_M):
+        offs_m = s + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < glen
+        rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP,
+                             SPARSE_MODE).to(tl.int64)
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + b * sqb + head * sqh + rows_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+        do = tl.load(DO + b * sdb + head * sdh + rows_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+        lse = tl.load(LSE + (b * H + head) * N + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + (b * H + head) * N + rows_m, mask=mask_m, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    out = (b * H + head) * N * HEAD_DIM + rows_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _hsda_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GOFF, TILES,
+                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+                        N, H, HG, TILES_GLOBAL, T, HP, WP, scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        SPARSE_MODE: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of one query tile: loop over the key tiles of the same group (dQ contiguous)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    head, g, start, glen, is_global = _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK_M)
+    head = head.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    offs_m = start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < glen
+    rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE).to(tl.int64)
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + b * sqb + head * sqh + rows_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdb + head * sdh + rows_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + (b * H + head) * N + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + (b * H + head) * N + rows_m, mask=mask_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    for s in range(0, glen, BLOCK_N):
+        offs_n = s + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < glen
+        rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP,
+                             SPARSE_MODE).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + b * skb + head * skh + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + head * svh + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    out = (b * H + head) * N * HEAD_DIM + rows_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# =========================================================================== launchers
+import functools  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes and launch parameters of one kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two >= 16 (tl.dot needs K >= 16); padding is masked."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def pick_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> Config:
+    """Launch heuristics per kernel, padded head dim, dtype and arch (checked by ``vidkern.aot``
+    to compile without spills for sm_80 and sm_90)."""
+    bd = block_d(head_dim)
+    wide = dtype == torch.float32  # fp32 tiles hold twice the bytes
+    if kind == "fwd":
+        if bd <= 64 and not wide:
+            return Config(128, 64, num_warps=4, num_stages=3 if arch >= 80 else 2)
+        return Config(64, 64 if bd <= 64 else 32, num_warps=4, num_stages=2)
+    # backward kernels keep q, do, k, v and two fp32 accumulators live
+    if bd <= 64 and not wide:
+        return Config(64, 64, num_warps=4, num_stages=2)
+    return Config(64 if bd <= 64 else 32, 32, num_warps=4, num_stages=2)
+
+
+def configs_for(head_dim: int, dtype: torch.dtype, arch: int) -> dict:
+    return {kind: pick_config(kind, head_dim, dtype, arch) for kind in ("fwd", "bwd")}
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Group layout of the sparse heads: ``perm``/``goff`` (mode 2) and the tile list."""
+
+    mode: int                 # 1 checkerboard arithmetic, 2 table
+    count: int                # number of sparse tiles (kept on the host: no device sync per launch)
+    perm: torch.Tensor        # int32 (N,) group-major token order (mode 2; a placeholder for mode 1)
+    goff: torch.Tensor        # int32 (G + 1,) group offsets
+    tiles: torch.Tensor       # int32 [count, g_0, start_0, ...]
+
+
+def _tiles(sizes, block: int, device) -> torch.Tensor:
+    flat = [(g, s) for g, size in enumerate(sizes) for s in range(0, size, block)]
+    data = [len(flat)] + [v for pair in flat for v in pair]
+    return torch.tensor(data, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _checkerboard_tables(grid: tuple, block: int, device: torch.device) -> Tables:
+    t, hp, wp = grid
+    sizes = [t * ((hp * wp + 1) // 2), t * (hp * wp // 2)]
+    goff = torch.tensor([0, sizes[0], sizes[0] + sizes[1]], dtype=torch.int32, device=device)
+    tiles = _tiles(sizes, block, device)
+    return Tables(1, (len(tiles) - 1) // 2, torch.zeros(1, dtype=torch.int32, device=device), goff, tiles)
+
+
+def _table_tables(ids: torch.Tensor, block: int) -> Tables:
+    ids_cpu = ids.detach().cpu().long()
+    order = torch.argsort(ids_cpu, stable=True)
+    _, counts = torch.unique_consecutive(ids_cpu[order], return_counts=True)   # present groups only
+    sizes = counts.tolist()
+    goff = torch.zeros(len(sizes) + 1, dtype=torch.int32)
+    goff[1:] = torch.cumsum(counts, 0)
+    dev = ids.device
+    tiles = _tiles(sizes, block, dev)
+    return Tables(2, (len(tiles) - 1) // 2, order.to(torch.int32).to(dev), goff.to(dev), tiles)
+
+
+def tables(pattern, grid, block: int, device) -> Tables:
+    """Sparse-head tables for ``pattern`` (``"checkerboard"``: arithmetic; anything else: a table)."""
+    device = torch.device(device)
+    if isinstance(pattern, str) and pattern == "checkerboard":
+        return _checkerboard_tables(tuple(grid), block, device)
+    if isinstance(pattern, str):
+        return _named_table_tables(pattern, tuple(grid), block, device)
+    return _table_tables(pattern, block)
+
+
+@functools.lru_cache(maxsize=256)
+def _named_table_tables(pattern: str, grid: tuple, block: int, device: torch.device) -> Tables:
+    from vidkern import patterns
+    return _table_tables(patterns.group_ids(pattern, grid, device), block)
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _arch(device) -> int:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 80  # the interpreter: any config works
+
+
+def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config = None, debug: bool = False):
+    """Launch the forward. ``q, k, v``: ``(B, H, N, d)`` any strides. Returns ``(out, lse)``
+    (and the per-program ``(visits, wrong-group keys, is_global)`` counters with ``debug``)."""
+    b, h, n, d = q.shape
+    cfg = config or pick_config("fwd", d, q.dtype, _arch(q.device))
+    tab = tables(pattern, grid, cfg.block_m, q.device)
+    out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    tiles_global = triton.cdiv(n, cfg.block_m)
+    sparse_tiles = tab.count if num_global_heads < h else 0
+    programs = num_global_heads * tiles_global + (h - num_global_heads) * sparse_tiles
+    count = torch.zeros((b, programs, 3) if debug else (1,), dtype=torch.int32, device=q.device)
+    if b and programs:
+        _hsda_fwd_kernel[(programs, b)](
+            q, k, v, out, lse, tab.perm, tab.goff, tab.tiles, count,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            n, h, num_global_heads, tiles_global, grid[0], grid[1], grid[2], scale,
+            HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_MODE=tab.mode,
+            PRECISION=_precision(q.dtype), DEBUG=debug, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (out, lse, count) if debug else (out, lse)
+
+
+def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, scale, config: Config = None):
+    """Launch the backward: preprocess (delta), dK/dV per key tile, dQ per query tile."""
+    b, h, n, d = q.shape
+    cfg = config or pick_config("bwd", d, q.dtype, _arch(q.device))
+    bd = block_d(d)
+    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    dq, dk, dv = (torch.empty((b, h, n, d), dtype=t.dtype, device=q.device) for t in (q, k, v))
+    if b == 0:
+        return dq, dk, dv
+    pre_block = 64
+    _hsda_bwd_preprocess_kernel[(triton.cdiv(n, pre_block), b * h)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), n, h,
+        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_block)
+    common = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                  PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    for kernel, block, outs in ((_hsda_bwd_dkdv_kernel, cfg.block_n, (dk, dv)), (_hsda_bwd_dq_kernel, cfg.block_m, (dq,))):
+        tab = tables(pattern, grid, block, q.device)
+        tiles_global = triton.cdiv(n, block)
+        sparse_tiles = tab.count if num_global_heads < h else 0
+        programs = num_global_heads * tiles_global + (h - num_global_heads) * sparse_tiles
+        kernel[(programs, b)](q, k, v, grad_out, lse, delta, *outs, tab.perm, tab.goff, tab.tiles, *strides,
+                              n, h, num_global_heads, tiles_global, grid[0], grid[1], grid[2], scale,
+                              SPARSE_MODE=tab.mode, **common)
+    return dq, dk, dv

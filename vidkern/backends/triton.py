@@ -1,0 +1,61 @@
+"""The ``triton`` backend: fused Triton kernels (``vidkern.kernels``), CUDA devices.
+
+On a machine without CUDA the same kernels run in Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before triton was imported — only when asked for by name
+(``backend="triton"``), never by automatic dispatch, since the interpreter is slow.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from ..dispatch import Backend
+
+_KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+@functools.lru_cache(maxsize=1)
+def _import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        from ..kernels import hsda  # noqa: F401
+    except Exception as exc:  # a broken triton must leave the other backends usable
+        return f"triton not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    ops = frozenset({"hsda"})
+    devices = frozenset({"cuda", "cpu"})
+    dtypes = {"cuda": _KERNEL_DTYPES, "cpu": _KERNEL_DTYPES}
+    max_head_dim = 256
+
+    def unavailable_reason(self):
+        return _import_error()
+
+    def not_supported_reasons(self, op, device, dtype, forced=False, **shape):
+        reasons = super().not_supported_reasons(op, device, dtype, **shape)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            reasons.append("CUDA is not available")
+        if device.type == "cpu":
+            if not interpreting():
+                reasons.append("needs a CUDA device (on CPU only Triton's interpreter runs: TRITON_INTERPRET=1)")
+            elif not forced:
+                reasons.append("the interpreter runs only when backend='triton' is asked for")
+        return reasons
+
+    def hsda_forward(self, q, k, v, grid, pattern, num_global_heads, scale):
+        from ..kernels import hsda
+        return hsda.hsda_forward(q, k, v, grid, pattern, num_global_heads, scale)
+
+    def hsda_backward(self, grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, scale):
+        from ..kernels import hsda
+        return hsda.hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, scale)
