@@ -13,7 +13,25 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 def test_automatic_choice_prefers_torch_on_cpu():
     assert dispatch.select("hsda", CPU, torch.float32).name == "torch"
-    assert dispatch.names().index("torch") < dispatch.names().index("reference")
+    assert dispatch.names() == ["triton", "torch", "reference"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only rules of the triton backend")
+def test_triton_interpreter_runs_only_when_asked_for(monkeypatch):
+    triton_backend = dispatch.get("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.select("hsda", CPU, torch.float32, backend="triton") is triton_backend
+    assert "only when backend='triton' is asked for" in " ".join(
+        triton_backend.not_supported_reasons("hsda", CPU, torch.float32))
+    with pytest.raises(NotImplementedError, match="does not implement soft_merge"):
+        dispatch.select("soft_merge", CPU, torch.float32, backend="triton")
+    with pytest.raises(NotImplementedError, match="dtype torch.float64 not supported"):
+        dispatch.select("hsda", CPU, torch.float64, backend="triton")
+    with pytest.raises(NotImplementedError, match="head dim 512 > 256"):
+        dispatch.select("hsda", CPU, torch.float32, backend="triton", head_dim=512)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(NotImplementedError, match="needs a CUDA device"):
+        dispatch.select("hsda", CPU, torch.float32, backend="triton")
 
 
 def test_forced_backend_and_env_var(monkeypatch):
@@ -24,7 +42,7 @@ def test_forced_backend_and_env_var(monkeypatch):
 
 
 def test_forced_backend_that_cannot_run_raises_with_reasons(monkeypatch):
-    with pytest.raises(ValueError, match=r"backend must be one of \['torch', 'reference'\], got 'flash'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['triton', 'torch', 'reference'\], got 'flash'"):
         dispatch.select("hsda", CPU, torch.float32, backend="flash")
     if not torch.cuda.is_available():
         with pytest.raises(NotImplementedError, match="backend='torch' cannot run hsda on cuda.*CUDA is not available"):
@@ -36,7 +54,7 @@ def test_forced_backend_that_cannot_run_raises_with_reasons(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="lists reasons only when no backend can run")
 def test_no_capable_backend_lists_every_reason():
-    with pytest.raises(NotImplementedError, match=r"no vidkern backend can run hsda on cuda.*\n  torch: .*\n  reference: "):
+    with pytest.raises(NotImplementedError, match=r"no vidkern backend can run hsda on cuda.*\n  triton: .*\n  torch: .*\n  reference: "):
         dispatch.select("hsda", CUDA, torch.float32)
 
 
@@ -61,7 +79,7 @@ def test_info_reports_versions_and_backends():
     out = subprocess.run([sys.executable, "-m", "vidkern.info"], capture_output=True, text=True, check=True).stdout
     assert f"vidkern {vidkern.__version__}" in out and f"torch {torch.__version__}" in out
     assert "torch      available" in out and "reference  available" in out
-    assert "triton" in out and "cuda" in out
+    assert "triton     available" in out and "cuda" in out
 
 
 def test_kernels_package_lives_under_vidkern():

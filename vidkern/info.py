@@ -36,7 +36,10 @@ def report() -> str:
         for dev in devices:
             dtypes = sorted(str(d).replace("torch.", "") for d in be.dtypes.get(dev.type, ()))
             lines.append(f"    {dev.type}: {', '.join(dtypes) or 'not supported'}; ops: {', '.join(sorted(be.ops))}")
-    lines.append("  triton     not in this release (Triton kernels arrive per op)")
+            if not why:
+                extra = be.not_supported_reasons(next(iter(be.ops)), dev, None, forced=True)
+                if extra:
+                    lines.append(f"      on {dev.type}: {'; '.join(extra)}")
     lines.append("  cuda       not in this release (the vidkern._C extension is not built yet)")
     return "\n".join(lines)
 
