@@ -10,7 +10,7 @@ and every skipped provider with its reason.
 
 Environment: ``VIDKERN_BENCH_QUICK=1`` shrinks every shape and round count (the test suite's
 smoke run); ``VIDKERN_BENCH_RESULTS`` redirects the report; ``VIDKERN_BENCH_INTERPRET=1``
-allows interpreter-run Triton providers on CPU (none exist yet).
+runs the ``triton`` provider on CPU in Triton's interpreter (slow; the report says so).
 """
 from __future__ import annotations
 
@@ -30,22 +30,36 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # benchmarks/cases.py
 
 QUICK = os.environ.get("VIDKERN_BENCH_QUICK") == "1"
+INTERPRET = os.environ.get("VIDKERN_BENCH_INTERPRET") == "1"
+if INTERPRET and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
 RESULTS = pathlib.Path(os.environ.get("VIDKERN_BENCH_RESULTS", pathlib.Path(__file__).parent / "results"))
 MODES = ("fwd", "bwd", "fwd+bwd")
 SKIPPED: dict = {}  # provider -> reason, for the report
 
 # Dense peaks (TFLOP/s for the tensor-core dtype, fp32 without tensor cores; TB/s of HBM).
-GPU_PEAKS = {
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "tbps": 3.35},
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "tbps": 4.8},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "tbps": 2.0},
-}
+# Matched in order against the device name (PCIe/NVL variants before the SXM default).
+GPU_PEAKS = [
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0, "tbps": 2.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0, "tbps": 3.9}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "tbps": 3.35}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0, "tbps": 4.8}),
+    ("A100-PCIE-40GB", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "tbps": 1.555}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5, "tbps": 2.0}),
+]
 
 
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name().replace(" ", "-")
     return f"cpu-{torch.get_num_threads()}threads"
+
+
+NOTES: dict = {}  # provider -> what it computes, when that differs from the case's op
+
+
+def note_provider(provider: str, note: str) -> None:
+    NOTES.setdefault(provider, note)
 
 
 def skip_provider(provider: str, reason: str):
@@ -81,7 +95,7 @@ def device_peaks() -> dict:
     if not _PEAKS:
         if torch.cuda.is_available():
             name = torch.cuda.get_device_name()
-            known = next((v for k, v in GPU_PEAKS.items() if k in name), None)
+            known = next((v for k, v in GPU_PEAKS if k in name), None)
             _PEAKS.update(dict(known, source="datasheet") if known else {"source": f"unknown GPU {name}"})
         else:
             _PEAKS.update(_measure_cpu_peaks())
@@ -139,6 +153,7 @@ def measure(benchmark):
 
         def setup():
             out = _as_tuple(forward(*inputs))
+            _sync()  # the timer starts when setup returns: queued forward work must not count as backward
             return (out,), {}
 
         def bwd(out):
@@ -192,6 +207,24 @@ def _rows(session) -> list:
         ref = next((x for x in rows if x["case"] == r["case"] and x["provider"] == "reference"), None)
         r["x_reference"] = ref["median_ms"] / r["median_ms"] if ref else None
     return rows
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _baseline_versions() -> dict:
+    versions = {}
+    for name in ("flash_attn", "xformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception as exc:
+            versions[name] = f"not importable ({type(exc).__name__})"
+    return versions
 
 
 def _flop_table() -> list:
@@ -250,15 +283,21 @@ def pytest_sessionfinish(session, exitstatus):
         triton_version = "not importable"
     meta = dict(device=device_name(), date=today, vidkern=vidkern.__version__, torch=torch.__version__,
                 triton=triton_version, python=platform.python_version(), threads=torch.get_num_threads(),
-                cuda=torch.version.cuda if torch.cuda.is_available() else None, peaks=device_peaks(),
-                quick=QUICK, skipped=dict(SKIPPED))
-    flop_table = _flop_table()
+                cpu=_cpu_model(), cuda=torch.version.cuda if torch.cuda.is_available() else None,
+                baselines=_baseline_versions(), peaks=device_peaks(), quick=QUICK, skipped=dict(SKIPPED),
+                provider_notes=dict(NOTES))
+    try:
+        flop_table = _flop_table()
+    except Exception as exc:  # the timings must be written even if the FLOP table cannot be built
+        flop_table = []
+        meta["flop_table_error"] = f"{type(exc).__name__}: {exc}"
     plots = _plots(rows, stem)
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows, flops=flop_table), indent=1))
     peaks = meta["peaks"]
     lines = [f"# vidkern benchmarks — {meta['device']}, {today}", "",
              f"vidkern {meta['vidkern']}, torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}, "
-             f"{meta['threads']} threads{', CUDA ' + meta['cuda'] if meta['cuda'] else ''}.",
+             f"{meta['threads']} threads{', CUDA ' + meta['cuda'] if meta['cuda'] else ''}; CPU: {meta['cpu']}; "
+             + ", ".join(f"{k} {v}" for k, v in meta["baselines"].items()) + ".",
              f"Roofline peaks ({peaks.get('source')}): {peaks.get('fp32', 0):.3f} TFLOP/s fp32, "
              f"{peaks.get('bf16', 0):.3f} TFLOP/s bf16, {peaks.get('tbps', 0) * 1e3:.1f} GB/s.", "",
              "FLOPs: 2 per multiply-add, attended pairs only (global head 4·N²·d forward, sparse-dense head "
@@ -277,8 +316,14 @@ def pytest_sessionfinish(session, exitstatus):
                          f"{r['tflops']:.4f} | {r['gbps']:.2f} | {r['roofline_pct']:.1f} | {r['saved_mib']:.1f} | "
                          f"{r['peak_mem_mib']:.0f} | {ref} |")
         lines.append("")
-    lines += ["## Skipped providers", ""] + ([f"- `{p}`: {why}" for p, why in sorted(SKIPPED.items())] or ["none"])
-    lines += ["", "## Model presets (SPEC §4 convention, 1 clip)", "", "| model | GMACs | params (M) |", "|---|---|---|"]
+    lines += ["## Providers that compute something else", "",
+              "They answer what the case would cost done another way; their 'x ref' compares latency only.", ""]
+    lines += [f"- `{p}`: {what}" for p, what in sorted(NOTES.items())] or ["none"]
+    lines += ["", "## Skipped providers", ""] + ([f"- `{p}`: {why}" for p, why in sorted(SKIPPED.items())] or ["none"])
+    lines += ["", "## Model presets (SPEC §4 convention, 1 clip)", ""]
+    if "flop_table_error" in meta:
+        lines += [f"FLOP table failed: {meta['flop_table_error']}", ""]
+    lines += ["| model | GMACs | params (M) |", "|---|---|---|"]
     lines += [f"| {t['model']} | {t['gmacs']:.2f} | {t['params_m']:.2f} |" for t in flop_table]
     lines += ["", "Plots: " + ", ".join(plots), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))

@@ -1,6 +1,7 @@
 """Head-split sparse-dense attention (SPEC §1.2): vidkern against the ways people write it today.
 
-Providers: ``reference`` (dense masked, eager), ``torch`` (vidkern's per-group path),
+Providers: ``reference`` (dense masked, eager), ``triton`` (vidkern's fused kernels),
+``torch`` (vidkern's per-group path),
 ``compile`` (torch.compile of the reference), ``masked_sdpa`` (SDPA with a boolean mask — the
 naive way), ``global_sdpa`` (plain attention on every head: the cost of not being sparse),
 ``flex`` (FlexAttention, compiled, with the same groups as a mask_mod), ``flash_attn`` and
@@ -15,9 +16,10 @@ import torch.nn.functional as F
 import vidkern
 from vidkern import patterns, reference as R
 from cases import BATCH, DEVICE, DTYPE, GRID, N, SIZES
-from conftest import MODES, skip_provider
+from conftest import INTERPRET, MODES, note_provider, skip_provider
 
 SPLITS = {"hsda": lambda h: h // 2, "sparse_dense": lambda h: 0}
+GLOBAL_ONLY = ("global_sdpa", "flash_attn", "xformers")
 
 
 def pairs(hg, heads):
@@ -56,11 +58,19 @@ def provider_fn(provider, hg, heads, mode):
         return lambda q, k, v: vidkern.hsda(q, k, v, GRID, hg, backend="reference")
     if provider == "torch":
         return lambda q, k, v: vidkern.hsda(q, k, v, GRID, hg, backend="torch")
+    if provider == "triton":
+        if DEVICE == "cpu" and not INTERPRET:
+            skip_provider("triton", "needs a CUDA device (VIDKERN_BENCH_INTERPRET=1 times Triton's interpreter on CPU)")
+        if DEVICE == "cpu":
+            note_provider("triton", "Triton's interpreter on CPU (numpy per tile): a correctness run, not a GPU timing")
+        return lambda q, k, v: vidkern.hsda(q, k, v, GRID, hg, backend="triton")
     if provider == "compile":
         return lambda q, k, v: _compiled_reference()(q, k, v, GRID, hg)
     if provider == "masked_sdpa":
         mask = _mask(hg, heads)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if provider in GLOBAL_ONLY:
+        note_provider(provider, "plain global attention on every head (the cost of not being sparse)")
     if provider == "global_sdpa":
         return F.scaled_dot_product_attention
     if provider == "flex":
@@ -81,14 +91,11 @@ def provider_fn(provider, hg, heads, mode):
     raise ValueError(provider)
 
 
-GLOBAL_ONLY = ("global_sdpa", "flash_attn", "xformers")
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("provider", ["reference", "torch", "compile", "masked_sdpa", "global_sdpa", "flex",
-                                      "flash_attn", "xformers"])
+@pytest.mark.parametrize("provider", ["reference", "triton", "torch", "compile", "masked_sdpa", "global_sdpa",
+                                      "flex", "flash_attn", "xformers"])
 def test_attention(measure, provider, size, split, mode):
     heads, d = SIZES[size]["heads"], SIZES[size]["dim"] // SIZES[size]["heads"]
     hg = SPLITS[split](heads)

@@ -2,7 +2,7 @@
 
 ``reference`` runs every vidkern op on the reference backend (dense masked attention,
 materialised merge matrices); ``torch`` on the torch backend. FLOPs: the SPEC §4 forward
-count x 3 for forward + backward.
+count x 3 (backward = 2x forward, the usual whole-network training estimate).
 """
 import functools
 

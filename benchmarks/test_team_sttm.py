@@ -54,9 +54,11 @@ def test_soft_merge(measure, provider, size, mode):
     idx = vidkern.select_meta_tokens(x, lp)
     macs = BATCH * length * lp * 3 * d
     elt = x.numel() * x.element_size()
+    # bytes: forward reads u, x, e, writes a and p (L'/L = 1/2 of one input each); backward reads
+    # u, x, e and dA, dP, writes du, dx, de.
     measure(lambda a, b, c: merge(a, b, c, idx, provider), (u, x, e),
             case=f"soft_merge ViT-{size} B={BATCH} {length}->{lp} {mode}", provider=provider, mode=mode,
-            flops={"fwd": 2 * macs, "bwd": 2 * macs * 7 / 3}, nbytes={"fwd": 3 * elt + elt, "bwd": 5 * elt},
+            flops={"fwd": 2 * macs, "bwd": 2 * macs * 7 / 3}, nbytes={"fwd": 3 * elt + elt, "bwd": 7 * elt},
             dtype=DTYPE)
 
 

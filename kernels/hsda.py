@@ -18,7 +18,7 @@ made. How the ``j``-th token of group ``g`` is found (``SPARSE_MODE``):
 
 Program order puts the global heads' (longer) programs first. Inputs may have any strides
 (a stride-0 ``dO`` is read in place). fp16/bf16 use tensor cores with fp32 accumulation; fp32
-uses IEEE products (no TF32), so results match the fp32 reference.
+uses three TF32 products per product (``tf32x3``), whose error is at float32 level, not TF32's.
 """
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ def _group_rows(j, g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE: tl.constexp
 
 
 @triton.jit
+def _rows_ptr(base, rows, s_row, s_col, offs_d):
+    """Pointers to ``rows`` x ``offs_d`` of one (batch, head) slice: int32 offsets on an int64 base,
+    so gathered tiles cost one register per element, not two."""
+    return base + (rows[:, None] * s_row + offs_d[None, :] * s_col)
+
+
+@triton.jit
 def _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK: tl.constexpr):
     """Map a program id to (head, group, first row in group, group length, is_global).
 
@@ -76,12 +83,14 @@ def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
     b = tl.program_id(1).to(tl.int64)
     head, g, start, glen, is_global = _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK_M)
     head = head.to(tl.int64)
+    k_base = K + b * skb + head * skh
+    v_base = V + b * svb + head * svh
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     offs_m = start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < glen
-    rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE).to(tl.int64)
-    q = tl.load(Q + b * sqb + head * sqh + rows_m[:, None] * sqn + offs_d[None, :] * sqd,
+    rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
+    q = tl.load(_rows_ptr(Q + b * sqb + head * sqh, rows_m, sqn, sqd, offs_d),
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     qk_scale = scale * 1.4426950408889634                     # exp2 domain
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -92,11 +101,10 @@ def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
     for s in range(0, glen, BLOCK_N):
         offs_n = s + tl.arange(0, BLOCK_N)
         mask_n = offs_n < glen
-        rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP,
-                             SPARSE_MODE).to(tl.int64)
+        rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + b * skb + head * skh + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + head * svh + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k = tl.load(_rows_ptr(k_base, rows_n, skn, skd, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_rows_ptr(v_base, rows_n, svn, svd, offs_d), mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -115,7 +123,7 @@ def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
                 wrong += tl.sum((mask_n & ~is_global & (key_group != g)).to(tl.int32), 0)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(O + b * sob + head * soh + rows_m[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
+    tl.store(_rows_ptr(O + b * sob + head * soh, rows_m, son, sod, offs_d), out.to(O.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
     lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
     tl.store(LSE + (b * H + head) * N + rows_m, lse, mask=mask_m)
@@ -136,10 +144,9 @@ def _hsda_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn,
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows = offs_m.to(tl.int64)
-    o = tl.load(O + b * sob + head * soh + rows[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
-    do = tl.load(DO + b * sdb + head * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
-    tl.store(DELTA + bh * N + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
+    o = tl.load(_rows_ptr(O + b * sob + head * soh, offs_m, son, sod, offs_d), mask=mask, other=0.0)
+    do = tl.load(_rows_ptr(DO + b * sdb + head * sdh, offs_m, sdn, sdd, offs_d), mask=mask, other=0.0)
+    tl.store(DELTA + bh * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
 
 
 @triton.jit
@@ -153,27 +160,29 @@ def _hsda_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GOFF, TILES,
     b = tl.program_id(1).to(tl.int64)
     head, g, start, glen, is_global = _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK_N)
     head = head.to(tl.int64)
+    q_base = Q + b * sqb + head * sqh
+    do_base = DO + b * sdb + head * sdh
+    row_stats = (b * H + head) * N
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     offs_n = start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < glen
-    rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE).to(tl.int64)
+    rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + b * skb + head * skh + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + head * svh + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    k = tl.load(_rows_ptr(K + b * skb + head * skh, rows_n, skn, skd, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_rows_ptr(V + b * svb + head * svh, rows_n, svn, svd, offs_d), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale = scale * 1.4426950408889634
     for s in range(0, glen, BLOCK_M):
         offs_m = s + tl.arange(0, BLOCK_M)
         mask_m = offs_m < glen
-        rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP,
-                             SPARSE_MODE).to(tl.int64)
+        rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + b * sqb + head * sqh + rows_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-        do = tl.load(DO + b * sdb + head * sdh + rows_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
-        lse = tl.load(LSE + (b * H + head) * N + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + (b * H + head) * N + rows_m, mask=mask_m, other=0.0)
+        q = tl.load(_rows_ptr(q_base, rows_m, sqn, sqd, offs_d), mask=q_mask, other=0.0)
+        do = tl.load(_rows_ptr(do_base, rows_m, sdn, sdd, offs_d), mask=q_mask, other=0.0)
+        lse = tl.load(LSE + row_stats + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row_stats + rows_m, mask=mask_m, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
@@ -181,9 +190,9 @@ def _hsda_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GOFF, TILES,
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    out = (b * H + head) * N * HEAD_DIM + rows_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    out = rows_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + row_stats * HEAD_DIM + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + row_stats * HEAD_DIM + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -197,34 +206,36 @@ def _hsda_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GOFF, TILES,
     b = tl.program_id(1).to(tl.int64)
     head, g, start, glen, is_global = _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK_M)
     head = head.to(tl.int64)
+    k_base = K + b * skb + head * skh
+    v_base = V + b * svb + head * svh
+    row_stats = (b * H + head) * N
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     offs_m = start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < glen
-    rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE).to(tl.int64)
+    rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
     q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + b * sqb + head * sqh + rows_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdb + head * sdh + rows_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + (b * H + head) * N + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + (b * H + head) * N + rows_m, mask=mask_m, other=0.0)
+    q = tl.load(_rows_ptr(Q + b * sqb + head * sqh, rows_m, sqn, sqd, offs_d), mask=q_mask, other=0.0)
+    do = tl.load(_rows_ptr(DO + b * sdb + head * sdh, rows_m, sdn, sdd, offs_d), mask=q_mask, other=0.0)
+    lse = tl.load(LSE + row_stats + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_stats + rows_m, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = scale * 1.4426950408889634
     for s in range(0, glen, BLOCK_N):
         offs_n = s + tl.arange(0, BLOCK_N)
         mask_n = offs_n < glen
-        rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP,
-                             SPARSE_MODE).to(tl.int64)
+        rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + b * skb + head * skh + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + head * svh + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k = tl.load(_rows_ptr(k_base, rows_n, skn, skd, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_rows_ptr(v_base, rows_n, svn, svd, offs_d), mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    out = (b * H + head) * N * HEAD_DIM + rows_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + row_stats * HEAD_DIM + rows_m[:, None] * HEAD_DIM + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # =========================================================================== launchers
@@ -323,7 +334,9 @@ def _named_table_tables(pattern: str, grid: tuple, block: int, device: torch.dev
 
 
 def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """float32: three TF32 products per product ("tf32x3": tensor cores, float32-level error; plain
+    IEEE products run on FMA units and spill); float16/bfloat16: native tensor-core products."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _arch(device) -> int:

@@ -7,7 +7,8 @@ STTM's similarity and merge products. A convolution's bias counts one MAC per ou
 *(choice: with it the left column of SPEC §4 comes out exactly — e.g. 34.3355 rather than
 34.3349 for temporal attention; Linear biases are not counted, as in fvcore)*. Counting uses PyTorch's ``FlopCounterMode``: vidkern's
 custom ops register their formulas with ``torch.utils.flop_counter`` (see :mod:`vidkern.ops`),
-so PyTorch's own counter counts them the same way.
+so PyTorch's own counter counts them the same way (``count`` adds the conv-bias term below and
+leaves out STTM's selection, as the papers do).
 
 ``python -m vidkern.flops NAME [key=value ...]`` prints the table of a preset of
 :mod:`vidkern.models` (built on the meta device: no memory, no compute).
@@ -52,12 +53,23 @@ def _conv_with_bias_flop(x_shape, w_shape, bias, stride, padding, dilation, tran
     return flops + (2 * out_elements if bias is not None else 0)
 
 
-#: Formulas that differ from PyTorch's defaults (see the module docstring).
-CUSTOM_FORMULAS = {aten.convolution: _conv_with_bias_flop, aten._convolution: _conv_with_bias_flop}
+def _not_counted(*args, **kwargs) -> int:
+    return 0
+
+
+#: Formulas that differ from PyTorch's defaults (see the module docstring). STTM's greedy
+#: selection registers its cosine products with torch's counter, but the papers' tables leave
+#: selection out, so ``count`` does too.
+CUSTOM_FORMULAS = {aten.convolution: _conv_with_bias_flop, aten._convolution: _conv_with_bias_flop,
+                   torch.ops.vidkern.orthogonal_select: _not_counted}
 
 
 def count(model: torch.nn.Module, inputs) -> FlopReport:
-    """Count one forward of ``model(*inputs)`` (no gradient). ``inputs`` may live on the meta device."""
+    """Count one forward of ``model(*inputs)`` (no gradient). ``inputs`` may live on the meta device.
+
+    It counts what runs: vidkern's custom ops by their formulas (attended pairs), so a model on
+    the ``reference`` backend (dense masked attention) counts dense products.
+    """
     inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
     with FlopCounterMode(display=False, custom_mapping=CUSTOM_FORMULAS) as counter, torch.no_grad():
         model(*inputs)
@@ -67,8 +79,10 @@ def count(model: torch.nn.Module, inputs) -> FlopReport:
 
 
 def count_preset(name: str, batch: int = 1, **overrides) -> FlopReport:
-    """GMACs and parameters of a :mod:`vidkern.models` preset, counted on the meta device."""
+    """GMACs and parameters of a :mod:`vidkern.models` preset, counted on the meta device with the
+    ``torch`` backend's custom ops (attended pairs only, whatever ``$VIDKERN_BACKEND`` says)."""
     from . import models
+    overrides.setdefault("backend", "torch")
     with torch.device("meta"):
         model = models.create(name, **overrides).eval()
     cfg = model.cfg

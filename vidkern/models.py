@@ -64,6 +64,7 @@ class ViTConfig:
     sttm_ratios: tuple = (0.5, 0.5)    # spatial, spatio-temporal merge ratios rho
     drop_path_rate: float = 0.1
     head_drop_rate: float = 0.0
+    head_init_scale: float = 0.001      # VideoMAE fine-tuning scales the head's initial weights
     backend: Optional[str] = None
     extra: dict = field(default_factory=dict)
 
@@ -77,7 +78,7 @@ _S = dict(embed_dim=384, depth=12, num_heads=6)
 _B = dict(embed_dim=768, depth=12, num_heads=12)
 _FAR = dict(attention="hsda", token_group_interaction=True, classifier="group_mean")
 _STTM_VIT = dict(patch_size=16, tubelet_size=1, num_frames=8, cls_token=True, pos_embed="learned_st",
-                 qkv_bias="qkv", classifier="cls", sttm=True)
+                 qkv_bias="qkv", classifier="cls", sttm=True, head_init_scale=1.0)
 
 PRESETS = {
     "videomae_s": dict(_S),
@@ -106,6 +107,9 @@ def config(name: str, **overrides) -> ViTConfig:
         raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {cfg.classifier!r}")
     if cfg.classifier == "cls" and not cfg.cls_token:
         raise ValueError("classifier='cls' needs cls_token=True")
+    if cfg.classifier == "group_mean" and cfg.cls_token:
+        raise ValueError("classifier='group_mean' pools the grid tokens by group; a CLS token belongs to no "
+                         "group: use classifier='cls' or 'mean' with cls_token=True")
     if cfg.classifier == "group_mean" and cfg.sttm:
         raise ValueError("classifier='group_mean' pools checkerboard groups of the token grid, "
                          "which STTM merging removes; use classifier='mean' or 'cls' with sttm=True")
@@ -194,6 +198,10 @@ class VideoViT(nn.Module):
             self.head_drop = nn.Dropout(cfg.head_drop_rate)
             self.head = nn.Linear(d, cfg.num_classes)
         self.apply(_init_weights)
+        with torch.no_grad():
+            head = self.classifier.head if cfg.classifier == "group_mean" else self.head
+            head.weight.mul_(cfg.head_init_scale)
+            head.bias.mul_(cfg.head_init_scale)
 
     def _tokens(self, clips):
         x = self.patch_embed(clips).flatten(2).transpose(1, 2)        # (B, N, D), natural grid order
@@ -241,7 +249,10 @@ class VideoViT(nn.Module):
         x = self.forward_features(clips)
         if self.cfg.classifier == "group_mean":
             return self.classifier(x)
-        pooled = self.norm(x)[:, 0] if self.cfg.classifier == "cls" else self.fc_norm(x.mean(1))
+        if self.cfg.classifier == "cls":
+            pooled = self.norm(x)[:, 0]
+        else:  # mean of the patch tokens (a CLS token, if any, is left out, as in timm)
+            pooled = self.fc_norm((x[:, 1:] if self.cfg.cls_token else x).mean(1))
         return self.head(self.head_drop(pooled))
 
     def extra_repr(self) -> str:

@@ -1,0 +1,155 @@
+"""``python -m vidkern.aot``: compile every Triton kernel configuration the launchers can pick,
+for sm_80 and sm_90, without a GPU, and report registers, shared memory and spills.
+
+For each kernel x dtype x head dim x sparse mode x arch it compiles exactly the configuration
+``vidkern.kernels.hsda.pick_config`` chooses, specialised the way Triton's JIT specialises a
+call with a contiguous head dim (stride 1), and reads the cubin's resource usage with the
+``cuobjdump`` shipped in the triton wheel. It exits non-zero on a compile error, a spill
+(``STACK``/``LOCAL`` > 0), shared memory over the architecture's limit, or a kernel whose code
+lacks the instructions it must hold (tensor-core ``mma`` for the attention kernels; a kernel the
+compiler proved dead compiles to a handful of registers and "no spills").
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+ARCHS = (80, 90)
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}   # opt-in dynamic shared memory per block (A100, H100)
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+HEAD_DIMS = (32, 64, 128)
+MODES = (1, 2)   # checkerboard arithmetic, table
+
+
+@dataclass
+class Result:
+    kernel: str
+    config: str
+    arch: int
+    regs: int = 0
+    shared: int = 0
+    spill: int = 0
+    mma: bool = False
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return (not self.error and self.spill == 0 and self.shared <= SHARED_LIMIT[self.arch]
+                and (self.mma or "preprocess" in self.kernel))
+
+
+def _cuobjdump() -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _signature(fn, dtype_name: str, constexprs: dict) -> dict:
+    pointer = {"LSE": "*fp32", "DELTA": "*fp32", "PERM": "*i32", "GOFF": "*i32", "TILES": "*i32", "COUNT": "*i32"}
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointer:
+            sig[name] = pointer[name]
+        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            sig[name] = f"*{dtype_name}"
+        elif name == "scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(kernel: str, dtype: torch.dtype, head_dim: int, mode: int, arch: int) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .kernels import hsda as K
+    fn = {"fwd": K._hsda_fwd_kernel, "bwd_preprocess": K._hsda_bwd_preprocess_kernel,
+          "bwd_dkdv": K._hsda_bwd_dkdv_kernel, "bwd_dq": K._hsda_bwd_dq_kernel}[kernel]
+    cfg = K.pick_config("fwd" if kernel == "fwd" else "bwd", head_dim, dtype, arch)
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=K.block_d(head_dim))
+    if kernel == "bwd_preprocess":
+        consts.update(BLOCK_M=64, sod=1, sdd=1)
+        label = f"{DTYPES[dtype]} d={head_dim} M=64"
+        options = {}
+    else:
+        consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_MODE=mode, PRECISION=K._precision(dtype),
+                      sqd=1, skd=1, svd=1)
+        consts.update({"sod": 1, "DEBUG": False} if kernel == "fwd" else {"sdd": 1})
+        label = (f"{DTYPES[dtype]} d={head_dim} mode={mode} M={cfg.block_m} N={cfg.block_n} "
+                 f"w={cfg.num_warps} s={cfg.num_stages}")
+        options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    res = Result(kernel, label, arch)
+    sig = _signature(fn, DTYPES[dtype], consts)
+    # What Triton's JIT assumes of a contiguous (or fused-qkv) call: 16-aligned pointers and
+    # 16-divisible batch/head/row strides; the head-dim stride is 1 (a constexpr above).
+    names = list(inspect.signature(fn.fn).parameters)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+             if sig[name].startswith("*") or (sig[name] == "i32" and name[0] == "s" and name[-1] in "bhn")}
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as exc:  # report every failing configuration, not just the first
+        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return res
+    res.shared = compiled.metadata.shared
+    res.mma = bool(re.search(r"\b(wgmma|mma)\.", compiled.asm["ptx"]))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    line = next((ln for ln in usage.splitlines() if "REG:" in ln), "")
+    fields = dict(re.findall(r"(\w+):(\d+)", line))
+    res.regs = int(fields.get("REG", 0))
+    res.spill = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
+    return res
+
+
+def all_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=HEAD_DIMS):
+    for arch, dtype, d in itertools.product(archs, dtypes, head_dims):
+        yield "bwd_preprocess", dtype, d, 0, arch
+        for kernel, mode in itertools.product(("fwd", "bwd_dkdv", "bwd_dq"), MODES):
+            yield kernel, dtype, d, mode, arch
+
+
+def table(results) -> str:
+    lines = ["| kernel | config | arch | regs | smem KiB | spills | mma | status |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        status = "ok" if r.ok else (r.error or ("spills" if r.spill else "smem over limit" if r.shared >
+                                               SHARED_LIMIT[r.arch] else "no mma"))
+        lines.append(f"| {r.kernel} | {r.config} | sm_{r.arch} | {r.regs} | {r.shared / 1024:.1f} | {r.spill} | "
+                     f"{'yes' if r.mma else 'no'} | {status} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
+    parser.add_argument("--head-dim", type=int, action="append", help="32, 64, 128 (default all)")
+    parser.add_argument("--out", help="also write the markdown table to this file")
+    args = parser.parse_args(argv)
+    results = [compile_one(*c) for c in all_configurations(tuple(args.arch or ARCHS), tuple(DTYPES),
+                                                             tuple(args.head_dim or HEAD_DIMS))]
+    text = table(results)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    bad = [r for r in results if not r.ok]
+    print(f"\n{len(results) - len(bad)} of {len(results)} configurations compile cleanly", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
