@@ -227,6 +227,16 @@ def _baseline_versions() -> dict:
     return versions
 
 
+def _aot_table() -> str:
+    """Registers, shared memory and spills of every Triton kernel configuration, sm_80 and sm_90."""
+    try:
+        from vidkern import aot
+        run = aot.run_in_subprocess()
+        return run.stdout.strip() + "\n\n" + run.stderr.strip().splitlines()[-1]
+    except Exception as exc:  # no toolchain: say so instead of losing the report
+        return f"not available: {type(exc).__name__}: {exc}"
+
+
 def _flop_table() -> list:
     from vidkern import flops, models
     table = []
@@ -325,6 +335,8 @@ def pytest_sessionfinish(session, exitstatus):
         lines += [f"FLOP table failed: {meta['flop_table_error']}", ""]
     lines += ["| model | GMACs | params (M) |", "|---|---|---|"]
     lines += [f"| {t['model']} | {t['gmacs']:.2f} | {t['params_m']:.2f} |" for t in flop_table]
+    lines += ["", "## Triton kernels compiled ahead of time (python -m vidkern.aot)", ""]
+    lines += [_aot_table() if not QUICK else "skipped in a QUICK run", ""]
     lines += ["", "Plots: " + ", ".join(plots), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print(f"\nbenchmark report: {stem.with_suffix('.md')}")

@@ -260,23 +260,35 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+#: (kind, half or fp32, padded head dim) -> config. Found by compiling candidates in order for
+#: sm_80 and sm_90, both sparse modes, and keeping the first without spills (``vidkern.aot``
+#: re-checks every entry). Gathered rows cost registers, hence smaller tiles than FlashAttention's;
+#: float32 (tf32x3 products) needs smaller tiles still, and has no spill-free backward at d = 128.
+CONFIGS = {
+    ("fwd", "half", 32): Config(128, 64, 8, 3), ("fwd", "half", 64): Config(128, 64, 8, 3),
+    ("fwd", "half", 128): Config(128, 64, 8, 3),
+    ("bwd", "half", 32): Config(64, 64, 8, 2), ("bwd", "half", 64): Config(64, 32, 4, 2),
+    ("bwd", "half", 128): Config(32, 32, 4, 2),
+    ("fwd", "fp32", 32): Config(64, 64, 8, 2), ("fwd", "fp32", 64): Config(32, 32, 4, 2),
+    ("fwd", "fp32", 128): Config(16, 16, 2, 1),
+    ("bwd", "fp32", 32): Config(16, 32, 2, 2), ("bwd", "fp32", 64): Config(16, 16, 2, 1),
+}
+MAX_HEAD_DIM = {"half": 128, "fp32": 64}   # largest head dim with a verified forward and backward
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
 def pick_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> Config:
-    """Launch heuristics per kernel, padded head dim, dtype and arch (checked by ``vidkern.aot``
-    to compile without spills for sm_80 and sm_90)."""
-    bd = block_d(head_dim)
-    wide = dtype == torch.float32  # fp32 tiles hold twice the bytes
-    if kind == "fwd":
-        if bd <= 64 and not wide:
-            return Config(128, 64, num_warps=4, num_stages=3 if arch >= 80 else 2)
-        return Config(64, 64 if bd <= 64 else 32, num_warps=4, num_stages=2)
-    # backward kernels keep q, do, k, v and two fp32 accumulators live
-    if bd <= 64 and not wide:
-        return Config(64, 64, num_warps=4, num_stages=2)
-    return Config(64 if bd <= 64 else 32, 32, num_warps=4, num_stages=2)
-
-
-def configs_for(head_dim: int, dtype: torch.dtype, arch: int) -> dict:
-    return {kind: pick_config(kind, head_dim, dtype, arch) for kind in ("fwd", "bwd")}
+    """Launch heuristics per kernel, padded head dim and dtype (the same for sm_80 and sm_90).
+    Head dims pad up to 32, 64 or 128; unsupported combinations never reach here (the backend
+    declares them, so dispatch falls back with the reason)."""
+    bd = max(32, block_d(head_dim))
+    key = (kind, dtype_class(dtype), bd)
+    if key not in CONFIGS:
+        raise ValueError(f"no Triton HSDA config for {kind} with head dim {head_dim} in {dtype}")
+    return CONFIGS[key]
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,10 @@ def test_triton_interpreter_runs_only_when_asked_for(monkeypatch):
         dispatch.select("soft_merge", CPU, torch.float32, backend="triton")
     with pytest.raises(NotImplementedError, match="dtype torch.float64 not supported"):
         dispatch.select("hsda", CPU, torch.float64, backend="triton")
-    with pytest.raises(NotImplementedError, match="head dim 512 > 256"):
-        dispatch.select("hsda", CPU, torch.float32, backend="triton", head_dim=512)
+    with pytest.raises(NotImplementedError, match="head dim 256 > 128"):
+        dispatch.select("hsda", CPU, torch.float16, backend="triton", head_dim=256)
+    with pytest.raises(NotImplementedError, match="float32 with head dim 128 > 64"):
+        dispatch.select("hsda", CPU, torch.float32, backend="triton", head_dim=128)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(NotImplementedError, match="needs a CUDA device"):
         dispatch.select("hsda", CPU, torch.float32, backend="triton")

@@ -117,7 +117,11 @@ def compile_one(kernel: str, dtype: torch.dtype, head_dim: int, mode: int, arch:
 
 
 def all_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=HEAD_DIMS):
+    """Every (kernel, dtype, head dim, sparse mode, arch) the backend can launch."""
+    from .kernels import hsda as K
     for arch, dtype, d in itertools.product(archs, dtypes, head_dims):
+        if d > K.MAX_HEAD_DIM[K.dtype_class(dtype)]:
+            continue   # declared unsupported: dispatch falls back to the torch backend
         yield "bwd_preprocess", dtype, d, 0, arch
         for kernel, mode in itertools.product(("fwd", "bwd_dkdv", "bwd_dq"), MODES):
             yield kernel, dtype, d, mode, arch
@@ -133,7 +137,22 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+def clean_env() -> dict:
+    """The environment without ``TRITON_INTERPRET``: interpreted kernels cannot be compiled."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def run_in_subprocess(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
+    """``python -m vidkern.aot ARGS`` in a fresh interpreter (callable from a process that has
+    already imported triton in interpreter mode, such as the test suite)."""
+    return subprocess.run([sys.executable, "-m", "vidkern.aot", *args], capture_output=True, text=True,
+                          timeout=timeout, env=clean_env())
+
+
 def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":   # set before triton was imported: start over without it
+        return subprocess.run([sys.executable, "-m", "vidkern.aot", *(sys.argv[1:] if argv is None else argv)],
+                              env=clean_env()).returncode
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
     parser.add_argument("--head-dim", type=int, action="append", help="32, 64, 128 (default all)")

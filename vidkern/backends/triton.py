@@ -36,7 +36,7 @@ class TritonBackend(Backend):
     ops = frozenset({"hsda"})
     devices = frozenset({"cuda", "cpu"})
     dtypes = {"cuda": _KERNEL_DTYPES, "cpu": _KERNEL_DTYPES}
-    max_head_dim = 256
+    max_head_dim = 128
 
     def unavailable_reason(self):
         return _import_error()
@@ -45,6 +45,9 @@ class TritonBackend(Backend):
         reasons = super().not_supported_reasons(op, device, dtype, **shape)
         if device.type == "cuda" and not torch.cuda.is_available():
             reasons.append("CUDA is not available")
+        head_dim = shape.get("head_dim")
+        if dtype == torch.float32 and head_dim is not None and 64 < head_dim:
+            reasons.append(f"float32 with head dim {head_dim} > 64: its backward spills registers (use bf16/fp16)")
         if device.type == "cpu":
             if not interpreting():
                 reasons.append("needs a CUDA device (on CPU only Triton's interpreter runs: TRITON_INTERPRET=1)")
