@@ -5,7 +5,9 @@ Providers: ``reference`` (dense masked, eager), ``triton`` (vidkern's fused kern
 ``compile`` (torch.compile of the reference), ``masked_sdpa`` (SDPA with a boolean mask — the
 naive way), ``global_sdpa`` (plain attention on every head: the cost of not being sparse),
 ``flex`` (FlexAttention, compiled, with the same groups as a mask_mod), ``flash_attn`` and
-``xformers`` (global attention on every head, when importable).
+``xformers`` (global attention on every head, when importable), ``flash_varlen`` and
+``xformers_blockdiag`` (the same function via group-major order and per-group varlen / block-
+diagonal attention, when importable).
 """
 import functools
 
@@ -48,6 +50,46 @@ def _flex(hg, heads):
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
 
+def _grouped(hg, heads, sparse_fn, global_fn):
+    """Baselines that need group-major token order: the sparse heads' tokens are gathered into
+    group order (the gather is timed too), attended per group by ``sparse_fn(q, k, v, seqlens)``
+    on (B, N, Hs, d), and scattered back; global heads go to ``global_fn`` on (B, N, Hg, d)."""
+    ids = patterns.group_ids("checkerboard", GRID, DEVICE)
+    perm = torch.argsort(ids, stable=True)
+    inverse = torch.argsort(perm)
+    seqlens = torch.bincount(ids).tolist()
+
+    def run(q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                     # (B, N, H, d)
+        parts = []
+        if hg:
+            parts.append(global_fn(q[:, :, :hg], k[:, :, :hg], v[:, :, :hg]))
+        if hg < heads:
+            qs, ks, vs = (t[:, perm, hg:] for t in (q, k, v))
+            parts.append(sparse_fn(qs, ks, vs, seqlens)[:, inverse])
+        return torch.cat(parts, dim=2).transpose(1, 2)
+    return run
+
+
+def _flash_varlen(q, k, v, seqlens):
+    from flash_attn import flash_attn_varlen_func
+    b, n, h, d = q.shape
+    lens = torch.tensor([0] + seqlens * b, device=q.device).cumsum(0).to(torch.int32)
+    out = flash_attn_varlen_func(q.reshape(b * n, h, d), k.reshape(b * n, h, d), v.reshape(b * n, h, d),
+                                 lens, lens, max(seqlens), max(seqlens))
+    return out.reshape(b, n, h, d)
+
+
+def _xformers_blockdiag(q, k, v, seqlens):
+    import xformers.ops as xops
+    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+    b, n, h, d = q.shape
+    bias = BlockDiagonalMask.from_seqlens(seqlens * b)
+    out = xops.memory_efficient_attention(q.reshape(1, b * n, h, d), k.reshape(1, b * n, h, d),
+                                          v.reshape(1, b * n, h, d), attn_bias=bias)
+    return out.reshape(b, n, h, d)
+
+
 def _bshd(fn):
     """flash-attn and xformers take (B, N, H, d)."""
     return lambda q, k, v: fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
@@ -77,15 +119,23 @@ def provider_fn(provider, hg, heads, mode):
         if DEVICE == "cpu" and mode != "fwd":
             skip_provider("flex", f"FlexAttention has no CPU backward in torch {torch.__version__} (forward only here)")
         return _flex(hg, heads)
-    if provider in ("flash_attn", "xformers"):
+    if provider in ("flash_attn", "xformers", "flash_varlen", "xformers_blockdiag"):
         if DEVICE != "cuda" or DTYPE not in (torch.float16, torch.bfloat16):
             skip_provider(provider, "needs a CUDA device and fp16/bf16")
         try:
-            if provider == "flash_attn":
+            if provider.startswith("flash"):
                 from flash_attn import flash_attn_func
-                return _bshd(flash_attn_func)
+                if provider == "flash_attn":
+                    return _bshd(flash_attn_func)
+                note_provider(provider, "flash-attn varlen per group on group-major order (gather and scatter "
+                                        "timed), flash-attn on the global heads")
+                return _grouped(hg, heads, _flash_varlen, flash_attn_func)
             import xformers.ops as xops
-            return _bshd(xops.memory_efficient_attention)
+            if provider == "xformers":
+                return _bshd(xops.memory_efficient_attention)
+            note_provider(provider, "xformers BlockDiagonalMask per group on group-major order (gather and "
+                                    "scatter timed), xformers on the global heads")
+            return _grouped(hg, heads, _xformers_blockdiag, xops.memory_efficient_attention)
         except ImportError as exc:
             skip_provider(provider, f"not importable ({exc})")
     raise ValueError(provider)
@@ -95,7 +145,7 @@ def provider_fn(provider, hg, heads, mode):
 @pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("provider", ["reference", "triton", "torch", "compile", "masked_sdpa", "global_sdpa",
-                                      "flex", "flash_attn", "xformers"])
+                                      "flex", "flash_attn", "flash_varlen", "xformers", "xformers_blockdiag"])
 def test_attention(measure, provider, size, split, mode):
     heads, d = SIZES[size]["heads"], SIZES[size]["dim"] // SIZES[size]["heads"]
     hg = SPLITS[split](heads)

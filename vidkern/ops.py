@@ -76,7 +76,9 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
         grid: ``(T, Hp, Wp)`` with ``N == T * Hp * Wp``; may be ``None`` when every head is global.
         num_global_heads: heads ``[0, Hg)`` attend globally; default ``H // 2`` (the paper's 1:1).
         pattern: group rule of the other heads: ``"checkerboard"`` (default), ``"temporal"``,
-            ``"global"`` or an int tensor ``(N,)`` of group ids.
+            ``"global"`` or an int tensor ``(N,)`` of group ids. Tokens already in grouped order
+            (all of group 0 first) are an explicit pattern such as ``(torch.arange(N) >= N0).long()``;
+            the sparse heads are then plain block-diagonal attention.
         scale: softmax scale, default ``d ** -0.5``.
         backend: force a backend (else ``$VIDKERN_BACKEND``, else automatic).
 
