@@ -20,7 +20,9 @@ from vidkern import patterns, reference as R
 from cases import BATCH, DEVICE, DTYPE, GRID, N, SIZES
 from conftest import INTERPRET, MODES, note_provider, skip_provider
 
-SPLITS = {"hsda": lambda h: h // 2, "sparse_dense": lambda h: 0}
+# "global": every head global — the triton kernel's own global-head TFLOP/s, against which its
+# sparse-dense heads are judged (issue goal: >= 85%).
+SPLITS = {"hsda": lambda h: h // 2, "sparse_dense": lambda h: 0, "global": lambda h: h}
 GLOBAL_ONLY = ("global_sdpa", "flash_attn", "xformers")
 
 
@@ -114,6 +116,13 @@ def provider_fn(provider, hg, heads, mode):
     if provider in GLOBAL_ONLY:
         note_provider(provider, "plain global attention on every head (the cost of not being sparse)")
     if provider == "global_sdpa":
+        if DEVICE == "cuda":   # pin FlashAttention-2 (SDPA may otherwise pick cuDNN on H100)
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def flash_sdpa(q, k, v):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v)
+            return flash_sdpa
         return F.scaled_dot_product_attention
     if provider == "flex":
         if DEVICE == "cpu" and mode != "fwd":
@@ -147,6 +156,8 @@ def provider_fn(provider, hg, heads, mode):
 @pytest.mark.parametrize("provider", ["reference", "triton", "torch", "compile", "masked_sdpa", "global_sdpa",
                                       "flex", "flash_attn", "flash_varlen", "xformers", "xformers_blockdiag"])
 def test_attention(measure, provider, size, split, mode):
+    if split == "global" and provider not in ("reference", "triton", "torch"):
+        pytest.skip("the all-global split only calibrates vidkern's own kernels")
     heads, d = SIZES[size]["heads"], SIZES[size]["dim"] // SIZES[size]["heads"]
     hg = SPLITS[split](heads)
     fn = provider_fn(provider, hg, heads, mode)

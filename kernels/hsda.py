@@ -44,7 +44,7 @@ def _group_rows(j, g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE: tl.constexp
         w = 2 * (rem - second * first) + (g + h) % 2
         sparse = t * hw + h * WP + w
     else:
-        sparse = tl.load(PERM + tl.load(GOFF + g) + j, mask=j >= 0)
+        sparse = tl.load(PERM + tl.load(GOFF + g) + j)
     return tl.where(is_global, j, sparse)
 
 
@@ -72,7 +72,7 @@ def _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK: tl.constexpr):
     return head, g, start, glen, is_global
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "HG", "TILES_GLOBAL", "T", "HP", "WP"])
 def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                      N, H, HG, TILES_GLOBAL, T, HP, WP, scale,
@@ -134,14 +134,15 @@ def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
         tl.store(base + 2, is_global.to(tl.int32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H"])
 def _hsda_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn, sdd, N, H,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[b, h, n] = sum_d dO * O (fp32): the softmax-backward row term."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    tiles = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)                   # one flat axis: B * H * tiles may exceed 65535
+    bh = (pid // tiles).to(tl.int64)
     b, head = bh // H, bh % H
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(_rows_ptr(O + b * sob + head * soh, offs_m, son, sod, offs_d), mask=mask, other=0.0)
@@ -149,7 +150,7 @@ def _hsda_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn,
     tl.store(DELTA + bh * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "HG", "TILES_GLOBAL", "T", "HP", "WP"])
 def _hsda_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GOFF, TILES,
                           sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
                           N, H, HG, TILES_GLOBAL, T, HP, WP, scale,
@@ -195,7 +196,7 @@ def _hsda_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GOFF, TILES,
     tl.store(DV + row_stats * HEAD_DIM + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "HG", "TILES_GLOBAL", "T", "HP", "WP"])
 def _hsda_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GOFF, TILES,
                         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
                         N, H, HG, TILES_GLOBAL, T, HP, WP, scale,
@@ -240,6 +241,7 @@ def _hsda_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GOFF, TILES,
 
 # =========================================================================== launchers
 import functools  # noqa: E402
+import weakref  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
@@ -255,9 +257,12 @@ class Config:
     num_stages: int = 2
 
 
+HEAD_DIMS = (32, 64, 128)   # compiled per head dim (a constexpr) and each checked by vidkern.aot
+
+
 def block_d(head_dim: int) -> int:
-    """Head dim padded to a power of two >= 16 (tl.dot needs K >= 16); padding is masked."""
-    return max(16, triton.next_power_of_2(head_dim))
+    """Head dim padded to a power of two >= 32 (tl.dot needs K >= 16); the padding is masked."""
+    return max(32, triton.next_power_of_2(head_dim))
 
 
 #: (kind, half or fp32, padded head dim) -> config. Found by compiling candidates in order for
@@ -269,7 +274,7 @@ CONFIGS = {
     ("fwd", "half", 128): Config(128, 64, 8, 3),
     ("bwd", "half", 32): Config(64, 64, 8, 2), ("bwd", "half", 64): Config(64, 32, 4, 2),
     ("bwd", "half", 128): Config(32, 32, 4, 2),
-    ("fwd", "fp32", 32): Config(64, 64, 8, 2), ("fwd", "fp32", 64): Config(32, 32, 4, 2),
+    ("fwd", "fp32", 32): Config(32, 32, 8, 2), ("fwd", "fp32", 64): Config(32, 32, 4, 2),
     ("fwd", "fp32", 128): Config(16, 16, 2, 1),
     ("bwd", "fp32", 32): Config(16, 32, 2, 2), ("bwd", "fp32", 64): Config(16, 16, 2, 1),
 }
@@ -284,8 +289,7 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> Conf
     """Launch heuristics per kernel, padded head dim and dtype (the same for sm_80 and sm_90).
     Head dims pad up to 32, 64 or 128; unsupported combinations never reach here (the backend
     declares them, so dispatch falls back with the reason)."""
-    bd = max(32, block_d(head_dim))
-    key = (kind, dtype_class(dtype), bd)
+    key = (kind, dtype_class(dtype), block_d(head_dim))
     if key not in CONFIGS:
         raise ValueError(f"no Triton HSDA config for {kind} with head dim {head_dim} in {dtype}")
     return CONFIGS[key]
@@ -329,14 +333,28 @@ def _table_tables(ids: torch.Tensor, block: int) -> Tables:
     return Tables(2, (len(tiles) - 1) // 2, order.to(torch.int32).to(dev), goff.to(dev), tiles)
 
 
+_EXPLICIT_TABLES: dict = {}   # (id(pattern), block, device) -> (weakref to pattern, version, Tables)
+
+
 def tables(pattern, grid, block: int, device) -> Tables:
-    """Sparse-head tables for ``pattern`` (``"checkerboard"``: arithmetic; anything else: a table)."""
+    """Sparse-head tables for ``pattern`` (``"checkerboard"``: arithmetic; anything else: a table).
+    Named patterns are cached per grid; an explicit pattern tensor per tensor object and version
+    (typically a module buffer), so the host copy of its ids is made once, not every step."""
     device = torch.device(device)
     if isinstance(pattern, str) and pattern == "checkerboard":
         return _checkerboard_tables(tuple(grid), block, device)
     if isinstance(pattern, str):
         return _named_table_tables(pattern, tuple(grid), block, device)
-    return _table_tables(pattern, block)
+    key = (id(pattern), block, device)
+    hit = _EXPLICIT_TABLES.get(key)
+    if hit is not None and hit[0]() is pattern and hit[1] == pattern._version:   # same object, unmodified
+        return hit[2]
+    if len(_EXPLICIT_TABLES) > 256:
+        _EXPLICIT_TABLES.clear()
+    made = _table_tables(pattern, block)
+    _EXPLICIT_TABLES[key] = (weakref.ref(pattern, lambda _, key=key: _EXPLICIT_TABLES.pop(key, None)),
+                             pattern._version, made)
+    return made
 
 
 @functools.lru_cache(maxsize=256)
@@ -358,21 +376,49 @@ def _arch(device) -> int:
     return 80  # the interpreter: any config works
 
 
+_INT32_MAX = 2**31 - 1
+_MAX_GRID_Y = 65535
+
+
+def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take batch/head/row strides as given — views of a fused qkv projection are
+    read in place — provided the layout is the one every launched variant is compiled and checked
+    for (``vidkern.aot``): unit head-dim stride, 16-element-divisible other strides, a 16-byte
+    aligned pointer, and int32 row offsets. Anything else (a stride-0 gradient from
+    ``out.sum().backward()``, a transposed head dim, an odd offset) is copied once to a contiguous
+    tensor. The head dim is 32, 64 or 128 (the backend declares it), so the copy qualifies."""
+    n, d = t.shape[-2], t.shape[-1]
+    ok = (t.stride(-1) == 1 and all(st % 16 == 0 and st != 0 for st in t.stride()[:-1])
+          and t.data_ptr() % 16 == 0 and abs(t.stride(-2)) * max(n - 1, 0) + d <= _INT32_MAX)
+    return t if ok else t.contiguous()
+
+
+def _batches(b: int):
+    """Batch slices that fit the grid's second axis."""
+    return [slice(s, min(b, s + _MAX_GRID_Y)) for s in range(0, b, _MAX_GRID_Y)]
+
+
+def _programs(tab, n, h, num_global_heads, block):
+    tiles_global = triton.cdiv(n, block)
+    sparse_tiles = tab.count if num_global_heads < h else 0
+    return tiles_global, num_global_heads * tiles_global + (h - num_global_heads) * sparse_tiles
+
+
 def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config = None, debug: bool = False):
     """Launch the forward. ``q, k, v``: ``(B, H, N, d)`` any strides. Returns ``(out, lse)``
     (and the per-program ``(visits, wrong-group keys, is_global)`` counters with ``debug``)."""
     b, h, n, d = q.shape
+    q, k, v = (_kernel_ready(t) for t in (q, k, v))
     cfg = config or pick_config("fwd", d, q.dtype, _arch(q.device))
-    tab = tables(pattern, grid, cfg.block_m, q.device)
+    tab = tables(pattern if num_global_heads < h else "checkerboard", grid, cfg.block_m, q.device)
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    tiles_global = triton.cdiv(n, cfg.block_m)
-    sparse_tiles = tab.count if num_global_heads < h else 0
-    programs = num_global_heads * tiles_global + (h - num_global_heads) * sparse_tiles
-    count = torch.zeros((b, programs, 3) if debug else (1,), dtype=torch.int32, device=q.device)
-    if b and programs:
-        _hsda_fwd_kernel[(programs, b)](
-            q, k, v, out, lse, tab.perm, tab.goff, tab.tiles, count,
+    tiles_global, programs = _programs(tab, n, h, num_global_heads, cfg.block_m)
+    count = (torch.zeros((b, programs, 3), dtype=torch.int32, device=q.device) if debug
+             else torch.empty(1, dtype=torch.int32, device=q.device))
+    for bs in (_batches(b) if programs else []):
+        _hsda_fwd_kernel[(programs, bs.stop - bs.start)](
+            q[bs], k[bs], v[bs], out[bs], lse[bs], tab.perm, tab.goff, tab.tiles, count[bs] if debug else count,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             n, h, num_global_heads, tiles_global, grid[0], grid[1], grid[2], scale,
             HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_MODE=tab.mode,
@@ -383,6 +429,7 @@ def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config
 def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, scale, config: Config = None):
     """Launch the backward: preprocess (delta), dK/dV per key tile, dQ per query tile."""
     b, h, n, d = q.shape
+    grad_out, q, k, v, out = (_kernel_ready(t) for t in (grad_out, q, k, v, out))
     cfg = config or pick_config("bwd", d, q.dtype, _arch(q.device))
     bd = block_d(d)
     delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
@@ -390,18 +437,18 @@ def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, 
     if b == 0:
         return dq, dk, dv
     pre_block = 64
-    _hsda_bwd_preprocess_kernel[(triton.cdiv(n, pre_block), b * h)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), n, h,
-        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_block)
-    common = dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+    _hsda_bwd_preprocess_kernel[(b * h * triton.cdiv(n, pre_block),)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), n, h, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_block)
+    common = dict(BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                   PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     for kernel, block, outs in ((_hsda_bwd_dkdv_kernel, cfg.block_n, (dk, dv)), (_hsda_bwd_dq_kernel, cfg.block_m, (dq,))):
-        tab = tables(pattern, grid, block, q.device)
-        tiles_global = triton.cdiv(n, block)
-        sparse_tiles = tab.count if num_global_heads < h else 0
-        programs = num_global_heads * tiles_global + (h - num_global_heads) * sparse_tiles
-        kernel[(programs, b)](q, k, v, grad_out, lse, delta, *outs, tab.perm, tab.goff, tab.tiles, *strides,
-                              n, h, num_global_heads, tiles_global, grid[0], grid[1], grid[2], scale,
-                              SPARSE_MODE=tab.mode, **common)
+        tab = tables(pattern if num_global_heads < h else "checkerboard", grid, block, q.device)
+        tiles_global, programs = _programs(tab, n, h, num_global_heads, block)
+        for bs in _batches(b):
+            kernel[(programs, bs.stop - bs.start)](
+                q[bs], k[bs], v[bs], grad_out[bs], lse[bs], delta[bs], *(t[bs] for t in outs),
+                tab.perm, tab.goff, tab.tiles, *strides,
+                n, h, num_global_heads, tiles_global, grid[0], grid[1], grid[2], scale,
+                HEAD_DIM=d, SPARSE_MODE=tab.mode, **common)
     return dq, dk, dv

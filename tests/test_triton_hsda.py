@@ -40,20 +40,22 @@ def test_public_op_matches_reference(grid, hg, poison):
                             _qkv(2, 4, n, 32), torch.float32)
 
 
+@pytest.mark.parametrize("config", [TINY, K.Config(32, 16)], ids=["16x16", "32x16"])
 @pytest.mark.parametrize("pattern", ["checkerboard", "temporal", "explicit", "global"])
 @pytest.mark.parametrize("grid", [(3, 5, 7), (1, 1, 3), (2, 4, 4)])
-def test_launcher_many_tiles(pattern, grid):
-    """Tiles of 16 rows: every group spans several tiles with a ragged last one."""
+def test_launcher_many_tiles(pattern, grid, config, poison):
+    """Small tiles: every group spans several tiles with a ragged last one; query and key tiles
+    of different sizes (the backward's dK/dV tiles are BLOCK_N rows, dQ tiles BLOCK_M)."""
     n = grid[0] * grid[1] * grid[2]
     pat = torch.randint(0, 5, (n,)).to(DEVICE) if pattern == "explicit" else pattern
-    q, k, v = _qkv(1, 3, n, 16)
-    out, lse = K.hsda_forward(q, k, v, grid, pat, 1, 0.3, config=TINY)
+    q, k, v = _qkv(1, 3, n, 32)
+    out, lse = K.hsda_forward(q, k, v, grid, pat, 1, 0.3, config=config)
     wide = [t.double().requires_grad_() for t in (q, k, v)]
     truth = R.hsda(*wide, grid, 1, pat, 0.3)
     low = R.hsda(q, k, v, grid, 1, pat, 0.3)
     assert_close("out", out, truth, low)
     g = torch.randn_like(out)
-    grads = K.hsda_backward(g, q, k, v, out, lse, grid, pat, 1, 0.3, config=TINY)
+    grads = K.hsda_backward(g, q, k, v, out, lse, grid, pat, 1, 0.3, config=config)
     want = torch.autograd.grad(truth, wide, g.double())
     lw = [t.clone().requires_grad_() for t in (q, k, v)]
     low_g = torch.autograd.grad(R.hsda(*lw, grid, 1, pat, 0.3), lw, g)
@@ -78,7 +80,7 @@ def test_against_flex_attention():
 
 
 def test_strided_qkv_and_stride0_grad():
-    b, n, heads, d, grid = 2, 35, 4, 16, (1, 5, 7)
+    b, n, heads, d, grid = 2, 35, 4, 32, (1, 5, 7)
     base = torch.randn(b, n, 3, heads, d).to(DEVICE).requires_grad_()
     q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)
     assert not q.is_contiguous()
@@ -91,8 +93,25 @@ def test_strided_qkv_and_stride0_grad():
     torch.testing.assert_close(base.grad.double(), ref_base.grad, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_default_half_configs(d, poison):
+    """The launch configs a GPU run would pick for float16 (FlashAttention-sized tiles)."""
+    grid = (2, 7, 7)
+    check_against_reference(f"triton hsda fp16 d={d}", _triton(grid, 2), lambda q, k, v: R.hsda(q, k, v, grid, 2),
+                            _qkv(1, 4, 98, d), torch.float16)
+
+
+def test_explicit_pattern_tables_are_cached_per_tensor():
+    ids = torch.tensor([0, 1, 2] * 5).to(DEVICE)
+    first = K.tables(ids, (1, 3, 5), 16, DEVICE)
+    assert K.tables(ids, (1, 3, 5), 16, DEVICE) is first
+    ids[0] = 2                                       # an in-place change bumps the version: rebuilt
+    rebuilt = K.tables(ids, (1, 3, 5), 16, DEVICE)
+    assert rebuilt is not first and rebuilt.goff.tolist() == [0, 4, 9, 15]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(dtype):
+def test_half_precision(dtype, poison):
     if dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("Triton 3.8's interpreter computes tl.dot on bfloat16 wrongly (a 16x16 bf16 dot is off by ~1e10, "
                     "float16 exact); bfloat16 runs on a GPU and is compiled by python -m vidkern.aot")
@@ -101,11 +120,13 @@ def test_half_precision(dtype):
                             _qkv(1, 4, 30, 32), dtype)
 
 
-@pytest.mark.parametrize("d", [8, 59])
-def test_padded_head_dims(d):
-    grid = (1, 3, 5)
-    check_against_reference(f"triton hsda d={d}", _triton(grid, 1, scale=0.2),
-                            lambda q, k, v: R.hsda(q, k, v, grid, 1, scale=0.2), _qkv(1, 2, 15, d), torch.float32)
+@pytest.mark.parametrize("d", [8, 48, 59, 256])
+def test_other_head_dims_fall_back_with_a_reason(d):
+    q, k, v = _qkv(1, 2, 15, d)
+    with pytest.raises(NotImplementedError, match=f"head dim {d}"):
+        vidkern.hsda(q, k, v, (1, 3, 5), backend="triton")
+    chosen = dispatch.select("hsda", torch.device(DEVICE), torch.float16, head_dim=d)
+    assert chosen.name == "torch"          # automatic dispatch falls back
 
 
 @pytest.mark.parametrize("grid", [(3, 5, 7), (2, 4, 4), (1, 1, 1), (2, 14, 14)])
@@ -114,7 +135,7 @@ def test_work_check(grid):
     global program — and never a key of the other group."""
     n = grid[0] * grid[1] * grid[2]
     heads, hg = 4, 2
-    q, k, v = _qkv(1, heads, n, 16)
+    q, k, v = _qkv(1, heads, n, 32)
     _, _, count = K.hsda_forward(q, k, v, grid, "checkerboard", hg, 0.25, config=TINY, debug=True)
     visits, wrong, is_global = count[0].cpu().unbind(-1)
     assert int(wrong.sum()) == 0
@@ -141,7 +162,7 @@ def _shifted_rows(j, g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE: tl.conste
 def test_work_counter_catches_wrong_group_keys(monkeypatch):
     """The wrong-group counter can fail: break the checkerboard arithmetic (every row shifted by one)."""
     monkeypatch.setattr(K, "_group_rows", _shifted_rows)
-    q, k, v = _qkv(1, 2, 30, 16)
+    q, k, v = _qkv(1, 2, 30, 32)
     _, _, count = K.hsda_forward(q, k, v, (2, 3, 5), "checkerboard", 0, 0.25, config=TINY, debug=True)
     assert int(count[..., 1].sum()) > 0
 
@@ -153,7 +174,7 @@ def test_compiles_as_one_custom_op():
         seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         return gm.forward
     torch._dynamo.reset()
-    q, k, v = [t.requires_grad_() for t in _qkv(1, 2, 12, 16)]
+    q, k, v = [t.requires_grad_() for t in _qkv(1, 2, 12, 32)]
     fn = torch.compile(lambda a, b, c: vidkern.hsda(a, b, c, (1, 3, 4), backend="triton"), fullgraph=True,
                        backend=capture)
     out = fn(q, k, v)

@@ -46,6 +46,9 @@ class TritonBackend(Backend):
         if device.type == "cuda" and not torch.cuda.is_available():
             reasons.append("CUDA is not available")
         head_dim = shape.get("head_dim")
+        if head_dim is not None and head_dim not in (32, 64, 128):
+            reasons.append(f"head dim {head_dim} is not 32, 64 or 128 (the head dims compiled and checked "
+                           "by python -m vidkern.aot)")
         if dtype == torch.float32 and head_dim is not None and 64 < head_dim:
             reasons.append(f"float32 with head dim {head_dim} > 64: its backward spills registers (use bf16/fp16)")
         if device.type == "cpu":
