@@ -56,6 +56,19 @@ def _rows_ptr(base, rows, s_row, s_col, offs_d):
 
 
 @triton.jit
+def _span(first, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK: tl.constexpr, SPARSE_MODE: tl.constexpr):
+    """Positions ``first .. first + BLOCK`` of a group: (in-group mask, natural token rows)."""
+    offs = first + tl.arange(0, BLOCK)
+    mask = offs < glen
+    return mask, _group_rows(tl.where(mask, offs, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
+
+
+@triton.jit
+def _load_rows(base, rows, mask, s_row, s_col, offs_d, mask_d):
+    return tl.load(_rows_ptr(base, rows, s_row, s_col, offs_d), mask=mask[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
 def _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK: tl.constexpr):
     """Map a program id to (head, group, first row in group, group length, is_global).
 
@@ -87,11 +100,8 @@ def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
     v_base = V + b * svb + head * svh
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < glen
-    rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
-    q = tl.load(_rows_ptr(Q + b * sqb + head * sqh, rows_m, sqn, sqd, offs_d),
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    mask_m, rows_m = _span(start, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_M, SPARSE_MODE)
+    q = _load_rows(Q + b * sqb + head * sqh, rows_m, mask_m, sqn, sqd, offs_d, mask_d)
     qk_scale = scale * 1.4426950408889634                     # exp2 domain
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -99,12 +109,9 @@ def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
     visits = 0
     wrong = 0
     for s in range(0, glen, BLOCK_N):
-        offs_n = s + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < glen
-        rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(_rows_ptr(k_base, rows_n, skn, skd, offs_d), mask=kv_mask, other=0.0)
-        v = tl.load(_rows_ptr(v_base, rows_n, svn, svd, offs_d), mask=kv_mask, other=0.0)
+        mask_n, rows_n = _span(s, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_N, SPARSE_MODE)
+        k = _load_rows(k_base, rows_n, mask_n, skn, skd, offs_d, mask_d)
+        v = _load_rows(v_base, rows_n, mask_n, svn, svd, offs_d, mask_d)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -166,22 +173,17 @@ def _hsda_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GOFF, TILES,
     row_stats = (b * H + head) * N
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    offs_n = start + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < glen
-    rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
+    mask_n, rows_n = _span(start, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_N, SPARSE_MODE)
+    k = _load_rows(K + b * skb + head * skh, rows_n, mask_n, skn, skd, offs_d, mask_d)
+    v = _load_rows(V + b * svb + head * svh, rows_n, mask_n, svn, svd, offs_d, mask_d)
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(_rows_ptr(K + b * skb + head * skh, rows_n, skn, skd, offs_d), mask=kv_mask, other=0.0)
-    v = tl.load(_rows_ptr(V + b * svb + head * svh, rows_n, svn, svd, offs_d), mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale = scale * 1.4426950408889634
     for s in range(0, glen, BLOCK_M):
-        offs_m = s + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < glen
-        rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
-        q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(_rows_ptr(q_base, rows_m, sqn, sqd, offs_d), mask=q_mask, other=0.0)
-        do = tl.load(_rows_ptr(do_base, rows_m, sdn, sdd, offs_d), mask=q_mask, other=0.0)
+        mask_m, rows_m = _span(s, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_M, SPARSE_MODE)
+        q = _load_rows(q_base, rows_m, mask_m, sqn, sqd, offs_d, mask_d)
+        do = _load_rows(do_base, rows_m, mask_m, sdn, sdd, offs_d, mask_d)
         lse = tl.load(LSE + row_stats + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + row_stats + rows_m, mask=mask_m, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -212,23 +214,18 @@ def _hsda_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GOFF, TILES,
     row_stats = (b * H + head) * N
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < glen
-    rows_m = _group_rows(tl.where(mask_m, offs_m, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
+    mask_m, rows_m = _span(start, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_M, SPARSE_MODE)
+    q = _load_rows(Q + b * sqb + head * sqh, rows_m, mask_m, sqn, sqd, offs_d, mask_d)
+    do = _load_rows(DO + b * sdb + head * sdh, rows_m, mask_m, sdn, sdd, offs_d, mask_d)
     q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(_rows_ptr(Q + b * sqb + head * sqh, rows_m, sqn, sqd, offs_d), mask=q_mask, other=0.0)
-    do = tl.load(_rows_ptr(DO + b * sdb + head * sdh, rows_m, sdn, sdd, offs_d), mask=q_mask, other=0.0)
     lse = tl.load(LSE + row_stats + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row_stats + rows_m, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = scale * 1.4426950408889634
     for s in range(0, glen, BLOCK_N):
-        offs_n = s + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < glen
-        rows_n = _group_rows(tl.where(mask_n, offs_n, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(_rows_ptr(k_base, rows_n, skn, skd, offs_d), mask=kv_mask, other=0.0)
-        v = tl.load(_rows_ptr(v_base, rows_n, svn, svd, offs_d), mask=kv_mask, other=0.0)
+        mask_n, rows_n = _span(s, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_N, SPARSE_MODE)
+        k = _load_rows(k_base, rows_n, mask_n, skn, skd, offs_d, mask_d)
+        v = _load_rows(v_base, rows_n, mask_n, svn, svd, offs_d, mask_d)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
