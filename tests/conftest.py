@@ -1,6 +1,11 @@
 import os
 import sys
+import tempfile
 import zlib
+
+# A fresh Inductor cache per run: its keys do not cover a custom op's fake implementation, so a
+# cache left by an older checkout could replay graphs built for other output shapes.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vidkern-inductor-"))
 
 # The Triton interpreter must be chosen before triton is first imported (VERIFY.md §1).
 try:

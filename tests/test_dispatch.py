@@ -64,8 +64,8 @@ def test_env_var_reaches_the_ops(monkeypatch):
     calls = []
     real = dispatch.select
 
-    def spy(op, device, dtype, backend=None):
-        chosen = real(op, device, dtype, backend)
+    def spy(op, device, dtype, backend=None, **shape):
+        chosen = real(op, device, dtype, backend, **shape)
         calls.append(chosen.name)
         return chosen
     monkeypatch.setattr(dispatch, "select", spy)

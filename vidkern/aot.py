@@ -1,5 +1,6 @@
-"""``python -m vidkern.aot``: compile every Triton kernel configuration the launchers can pick,
-for sm_80 and sm_90, without a GPU, and report registers, shared memory and spills.
+"""``python -m vidkern.aot``: compile every Triton kernel configuration the launchers can pick
+(HSDA attention and TEAM), for sm_80 and sm_90, without a GPU, and report registers, shared
+memory and spills.
 
 For each kernel x dtype x head dim (32, 64, 128) x sparse mode x arch it compiles exactly the configuration
 ``vidkern.kernels.hsda.pick_config`` chooses, specialised the way Triton's JIT specialises a
@@ -47,11 +48,15 @@ class Result:
         return self.config.endswith("debug")
 
     @property
+    def needs_mma(self) -> bool:
+        return self.kernel in ("fwd", "bwd_dkdv", "bwd_dq")   # the attention products
+
+    @property
     def ok(self) -> bool:
         """Clean: compiled, no spills (the work-counting debug variant, launched only by tests, may
         spill a little), shared memory within the limit, tensor-core code where there must be."""
         return (not self.error and (self.spill == 0 or self.debug) and self.shared <= SHARED_LIMIT[self.arch]
-                and (self.mma or "preprocess" in self.kernel))
+                and (self.mma or not self.needs_mma))
 
 
 def _cuobjdump() -> str:
@@ -74,6 +79,55 @@ def _signature(fn, dtype_name: str, constexprs: dict) -> dict:
         else:
             sig[name] = "i32"
     return sig
+
+
+TEAM_KERNELS = ("summary_fwd", "summary_bwd", "gate_rows", "gate_apply", "gate_bwd_rows", "gate_bwd")
+
+
+def compile_team(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> Result:
+    """Compile one TEAM kernel as launched (``block_d``: padded channels of a row kernel)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .kernels import team as K
+    fn = getattr(K, f"_{kernel}_kernel")
+    if kernel.startswith("summary"):
+        block_n, block_d = K.SUMMARY_BLOCKS
+        warps = 4
+    else:
+        block_n, bd, warps = K.rows_config(block_d)
+        assert bd == block_d
+    consts = dict(BLOCK_N=block_n, BLOCK_D=block_d)
+    pointer = {"STATS": "*fp32", "S0": "*fp32", "LSE": "*fp32", "S": "*fp32", "DS": "*fp32", "DS0": "*fp32",
+               "DG": "*fp32"}
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {name: "constexpr" if name in consts else pointer.get(name, f"*{DTYPES[dtype]}" if name.isupper()
+                                                                 and name not in ("N", "D") else "i32")
+           for name in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if sig[name].startswith("*")}
+    res = Result(f"team {kernel}", f"{DTYPES[dtype]} BLOCK_N={block_n} BLOCK_D={block_d} w={warps}", arch)
+    try:
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+    except Exception as exc:
+        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return res
+    return _resources(res, compiled)
+
+
+def _resources(res: Result, compiled) -> Result:
+    res.shared = compiled.metadata.shared
+    res.mma = bool(re.search(r"\b(wgmma|mma)\.", compiled.asm["ptx"]))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    line = next((ln for ln in usage.splitlines() if "REG:" in ln), "")
+    fields = dict(re.findall(r"(\w+):(\d+)", line))
+    res.regs = int(fields.get("REG", 0))
+    res.spill = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
+    return res
 
 
 def compile_one(kernel: str, dtype: torch.dtype, head_dim: int, mode: int, arch: int, aligned: bool = True,
@@ -114,17 +168,7 @@ def compile_one(kernel: str, dtype: torch.dtype, head_dim: int, mode: int, arch:
     except Exception as exc:  # report every failing configuration, not just the first
         res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return res
-    res.shared = compiled.metadata.shared
-    res.mma = bool(re.search(r"\b(wgmma|mma)\.", compiled.asm["ptx"]))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    line = next((ln for ln in usage.splitlines() if "REG:" in ln), "")
-    fields = dict(re.findall(r"(\w+):(\d+)", line))
-    res.regs = int(fields.get("REG", 0))
-    res.spill = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
-    return res
+    return _resources(res, compiled)
 
 
 def all_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=HEAD_DIMS):
@@ -139,6 +183,15 @@ def all_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=HEAD_DIMS):
         for kernel, mode in itertools.product(("fwd", "bwd_dkdv", "bwd_dq"), MODES):
             yield kernel, dtype, d, mode, arch, True, False
         yield "fwd", dtype, d, 1, arch, True, True     # the work-counting variant the tests launch
+
+
+def team_configurations(archs=ARCHS, dtypes=tuple(DTYPES)):
+    """Every TEAM kernel x dtype x padded channel block (row kernels) x arch."""
+    from .kernels import team as K
+    for arch, dtype in itertools.product(archs, dtypes):
+        for kernel in TEAM_KERNELS:
+            for block_d in ((K.SUMMARY_BLOCKS[1],) if kernel.startswith("summary") else K.ROW_BLOCK_DS):
+                yield kernel, dtype, block_d, arch
 
 
 def table(results) -> str:
@@ -173,8 +226,9 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, action="append", help="32, 64, 128 (default all)")
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
-    results = [compile_one(*c) for c in all_configurations(tuple(args.arch or ARCHS), tuple(DTYPES),
-                                                             tuple(args.head_dim or HEAD_DIMS))]
+    archs = tuple(args.arch or ARCHS)
+    results = [compile_one(*c) for c in all_configurations(archs, tuple(DTYPES), tuple(args.head_dim or HEAD_DIMS))]
+    results += [compile_team(*c) for c in team_configurations(archs)]
     text = table(results)
     print(text)
     if args.out:

@@ -31,13 +31,15 @@ class Backend:
     dtypes: dict = {}  # device type -> frozenset of dtypes
     native_autograd: bool = False
     max_head_dim: Optional[int] = None  # attention: largest head dim the kernels take (None: any)
+    max_channels: Optional[int] = None  # TEAM: largest D (a whole row of channels per token)
 
     def unavailable_reason(self) -> Optional[str]:
         """Why the backend cannot run at all on this machine (missing package, no GPU), or None."""
         return None
 
     def not_supported_reasons(self, op: str, device: torch.device, dtype: Optional[torch.dtype],
-                              forced: bool = False, head_dim: Optional[int] = None) -> list:
+                              forced: bool = False, head_dim: Optional[int] = None,
+                              channels: Optional[int] = None) -> list:
         """Every reason this backend cannot run ``op`` on these inputs (empty: it can);
         ``forced``: the caller asked for this backend by name."""
         reasons = []
@@ -52,6 +54,8 @@ class Backend:
             reasons.append(f"dtype {dtype} not supported on {device.type}")
         if head_dim is not None and self.max_head_dim is not None and head_dim > self.max_head_dim:
             reasons.append(f"head dim {head_dim} > {self.max_head_dim}")
+        if channels is not None and self.max_channels is not None and channels > self.max_channels:
+            reasons.append(f"{channels} channels > {self.max_channels}")
         return reasons
 
 

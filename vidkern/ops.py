@@ -130,16 +130,16 @@ def _feature_summary_op(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
 @_feature_summary_op.register_fake
 def _(x, backend):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty(x.shape[0], x.shape[2]), x.new_empty(x.shape[0], x.shape[2], dtype=acc)
+    return x.new_empty(x.shape[0], x.shape[2]), x.new_empty(x.shape[0], 3, x.shape[2], dtype=acc)
 
 
 @custom_op("vidkern::feature_summary_backward", mutates_args=())
-def _feature_summary_backward_op(grad_f: Tensor, x: Tensor, f: Tensor, lse: Tensor, backend: str) -> Tensor:
-    return dispatch.get(backend).feature_summary_backward(grad_f, x, f, lse)
+def _feature_summary_backward_op(grad_f: Tensor, x: Tensor, f: Tensor, stats: Tensor, backend: str) -> Tensor:
+    return dispatch.get(backend).feature_summary_backward(grad_f, x, f, stats)
 
 
 @_feature_summary_backward_op.register_fake
-def _(grad_f, x, f, lse, backend):
+def _(grad_f, x, f, stats, backend):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -148,11 +148,11 @@ def _feature_summary_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], *output)
 
 
-def _feature_summary_backward(ctx, grad_f, _grad_lse):
-    x, f, lse = ctx.saved_tensors
+def _feature_summary_backward(ctx, grad_f, _grad_stats):
+    x, f, stats = ctx.saved_tensors
     if grad_f is None:
         return None, None
-    return _feature_summary_backward_op(grad_f, x, f, lse, ctx.backend), None
+    return _feature_summary_backward_op(grad_f, x, f, stats, ctx.backend), None
 
 
 _feature_summary_op.register_autograd(_feature_summary_backward, setup_context=_feature_summary_setup)
@@ -164,7 +164,7 @@ def feature_summary(x: Tensor, backend: Optional[str] = None) -> Tensor:
     ``x``: ``(B, N, D)`` float -> ``(B, D)`` in ``x``'s dtype (float32 accumulation).
     """
     checks.team_input(x)
-    be = dispatch.select("feature_summary", x.device, x.dtype, backend)
+    be = dispatch.select("feature_summary", x.device, x.dtype, backend, channels=x.shape[-1])
     if be.native_autograd or x.numel() == 0:
         return reference.feature_summary(x)
     return _feature_summary_op(x, be.name)[0]
@@ -217,7 +217,7 @@ def team_gate(x: Tensor, h: Tensor, backend: Optional[str] = None) -> Tensor:
     ``s0[n] = sum_c softmax_c(X'[n])[c] X'[n,c]``, ``X' = sigmoid(h) * X``; shape of ``x``.
     """
     checks.team_input(x, h)
-    be = dispatch.select("team_gate", x.device, x.dtype, backend)
+    be = dispatch.select("team_gate", x.device, x.dtype, backend, channels=x.shape[-1])
     if be.native_autograd or x.numel() == 0:
         return reference.team_gate(x, h)
     return _team_gate_op(x, h, be.name)[0]

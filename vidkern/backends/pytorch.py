@@ -156,21 +156,23 @@ class TorchBackend(Backend):
         return tuple(grads)
 
     # ----------------------------------------------------------------------- TEAM
-    # P is always recomputed with ATen's fused softmax: in float32, exp(X - lse) loses about |lse|
-    # ulps. The saved log-sum-exp statistics (cheap here: max - log(max P)) serve kernel backends.
+    # The saved statistics are the column max and sum-exp (and f at full precision), so P is
+    # exp(X - max) / sum: in float32, exp(X - lse) would lose about |lse| ulps.
     def feature_summary_forward(self, x):
-        """Returns ``(f (B, D), lse (B, D))`` with ``lse[b,c] = logsumexp_n X[b,n,c]``."""
+        """Returns ``(f (B, D), stats (B, 3, D))``: column max, sum-exp and ``f`` in acc dtype."""
         xa = x.to(acc_dtype(x.dtype))
-        p = torch.softmax(xa, dim=1)
-        f = (p * xa).sum(dim=1)
-        return f.to(x.dtype), xa.amax(dim=1) - torch.log(p.amax(dim=1))
+        m = xa.amax(dim=1)
+        e = torch.exp(xa - m[:, None])
+        z = e.sum(dim=1)
+        f = (e * xa).sum(dim=1) / z
+        return f.to(x.dtype), torch.stack([m, z, f], dim=1)
 
-    def feature_summary_backward(self, grad_f, x, f, lse):
-        """``dX = P * (1 + X - f) * df`` with ``P = softmax_n(X)``."""
+    def feature_summary_backward(self, grad_f, x, f, stats):
+        """``dX = P * (1 + X - f) * df`` with ``P = exp(X - max) / sum``."""
         xa = x.to(acc_dtype(x.dtype))
-        p = torch.softmax(xa, dim=1)
-        fa = (p * xa).sum(dim=1, keepdim=True)  # f at full precision (the saved f is rounded to x's dtype)
-        dx = (xa - fa).add_(1).mul_(p).mul_(grad_f.to(xa.dtype)[:, None])
+        m, z, fa = stats.unbind(1)
+        p = torch.exp(xa - m[:, None]).div_(z[:, None])
+        dx = (xa - fa[:, None]).add_(1).mul_(p).mul_(grad_f.to(xa.dtype)[:, None])
         return dx.to(x.dtype).contiguous()  # the fake impl promises contiguous
 
     def team_gate_forward(self, x, h):

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: fused Triton kernels (``vidkern.kernels``), CUDA devices.
+"""The ``triton`` backend: fused Triton kernels (``vidkern.kernels``: ``hsda``, ``team``), CUDA devices.
 
 On a machine without CUDA the same kernels run in Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was imported — only when asked for by name
@@ -33,10 +33,11 @@ def interpreting() -> bool:
 
 class TritonBackend(Backend):
     name = "triton"
-    ops = frozenset({"hsda"})
+    ops = frozenset({"hsda", "feature_summary", "team_gate"})
     devices = frozenset({"cuda", "cpu"})
     dtypes = {"cuda": _KERNEL_DTYPES, "cpu": _KERNEL_DTYPES}
     max_head_dim = 128
+    max_channels = 1024   # TEAM's row kernels hold a whole row of channels (ViT-L's 1024 at most)
 
     def unavailable_reason(self):
         return _import_error()
@@ -65,3 +66,19 @@ class TritonBackend(Backend):
     def hsda_backward(self, grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, scale):
         from ..kernels import hsda
         return hsda.hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, scale)
+
+    def feature_summary_forward(self, x):
+        from ..kernels import team
+        return team.feature_summary_forward(x)
+
+    def feature_summary_backward(self, grad_f, x, f, stats):
+        from ..kernels import team
+        return team.feature_summary_backward(grad_f, x, f, stats)
+
+    def team_gate_forward(self, x, h):
+        from ..kernels import team
+        return team.team_gate_forward(x, h)
+
+    def team_gate_backward(self, grad_y, x, h, tok_lse, s):
+        from ..kernels import team
+        return team.team_gate_backward(grad_y, x, h, tok_lse, s)

@@ -1,0 +1,228 @@
+"""Triton kernels for TEAM's fused ops (SPEC §2): ``feature_summary`` and ``team_gate``,
+forward and backward, fp32 accumulation for every input dtype.
+
+``feature_summary``: one pass over X per (batch, channel block) with an online
+(max, sum-exp, weighted-sum) per channel; the per-channel max and sum are saved, so the backward
+``dX = P * (1 + X - f) * df`` with ``P = exp(X - max) / sum`` is one more pass (no log-sum-exp
+round trip, whose float32 rounding costs about ``|lse|`` ulps).
+
+``team_gate``: per-token work needs a whole row of channels, per-batch work a whole column of
+tokens, so each direction is two row passes around a tiny (B, N) step done with torch:
+forward — rows: ``X' = sigmoid(h) X``, channel softmax summary ``s0`` and its log-sum-exp; torch:
+``s = softmax_n(s0)``; rows: ``Y = s X'``. Backward — rows: ``ds = dY . X'``; torch: ``ds0``;
+rows: ``dX`` and per-block partial ``dg`` column sums, reduced in a fixed order (no atomics, so
+results are bitwise reproducible).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+import torch
+
+
+@triton.jit
+def _summary_fwd_kernel(X, F, STATS, sxb, sxn, sxd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """f[b, c] = sum_n softmax_n(X[b, :, c]) X[b, n, c]; STATS[b, :, c] = (max, sum-exp, f in fp32)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    m = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_D], tl.float32)
+    w = tl.zeros([BLOCK_D], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask = (offs_n < N)[:, None] & mask_d[None, :]
+        x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        e = tl.where(mask, tl.exp(x - m_safe[None, :]), 0.0)
+        alpha = tl.exp(m - m_safe)
+        s = s * alpha + tl.sum(e, 0)
+        w = w * alpha + tl.sum(e * tl.where(mask, x, 0.0), 0)
+        m = m_new
+    f = w / s
+    tl.store(F + b * D + offs_d, f.to(F.dtype.element_ty), mask=mask_d)
+    tl.store(STATS + b * 3 * D + offs_d, m, mask=mask_d)
+    tl.store(STATS + b * 3 * D + D + offs_d, s, mask=mask_d)
+    tl.store(STATS + b * 3 * D + 2 * D + offs_d, f, mask=mask_d)
+
+
+@triton.jit
+def _summary_bwd_kernel(X, STATS, DF, DX, sxb, sxn, sxd, sdfb, sdfd, N, D,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dX = P (1 + X - f) df, P = exp(X - max) / sum (DX contiguous; df any strides)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    m = tl.load(STATS + b * 3 * D + offs_d, mask=mask_d, other=0.0)
+    s = tl.load(STATS + b * 3 * D + D + offs_d, mask=mask_d, other=1.0)
+    f = tl.load(STATS + b * 3 * D + 2 * D + offs_d, mask=mask_d, other=0.0)
+    df = tl.load(DF + b * sdfb + offs_d * sdfd, mask=mask_d, other=0.0).to(tl.float32)
+    for start in range(0, N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask = (offs_n < N)[:, None] & mask_d[None, :]
+        x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - m[None, :]) / s[None, :]
+        dx = p * (1.0 + x - f[None, :]) * df[None, :]
+        tl.store(DX + b * N * D + offs_n[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_rows_kernel(X, H, S0, LSE, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per token: X' = sigmoid(h) X; s0 = sum_c softmax_c(X') X'; LSE = logsumexp_c X' (fp32)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = (offs_n < N)[:, None] & mask_d[None, :]
+    g = tl.sigmoid(tl.load(H + b * shb + offs_d * shd, mask=mask_d, other=0.0).to(tl.float32))
+    x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.where(mask, g[None, :] * x, float("-inf"))
+    m = tl.max(xp, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp(xp - m[:, None])
+    z = tl.sum(e, 1)
+    z = tl.where(z == 0.0, 1.0, z)                 # rows past N (masked out of the stores)
+    s0 = tl.sum(e * tl.where(mask, xp, 0.0), 1) / z
+    tl.store(S0 + b * N + offs_n, s0, mask=offs_n < N)
+    tl.store(LSE + b * N + offs_n, m + tl.log(z), mask=offs_n < N)
+
+
+@triton.jit
+def _gate_apply_kernel(X, H, S, Y, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Y = s[n] sigmoid(h) X (Y contiguous)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = (offs_n < N)[:, None] & mask_d[None, :]
+    g = tl.sigmoid(tl.load(H + b * shb + offs_d * shd, mask=mask_d, other=0.0).to(tl.float32))
+    s = tl.load(S + b * N + offs_n, mask=offs_n < N, other=0.0)
+    x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    y = s[:, None] * g[None, :] * x
+    tl.store(Y + b * N * D + offs_n[:, None] * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_bwd_rows_kernel(X, H, DY, DS, sxb, sxn, sxd, shb, shd, syb, syn, syd, N, D,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per token: ds = sum_c dY X' (the gradient reaching the token softmax)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = (offs_n < N)[:, None] & mask_d[None, :]
+    g = tl.sigmoid(tl.load(H + b * shb + offs_d * shd, mask=mask_d, other=0.0).to(tl.float32))
+    x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + b * syb + offs_n[:, None] * syn + offs_d[None, :] * syd, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DS + b * N + offs_n, tl.sum(dy * g[None, :] * x, 1), mask=offs_n < N)
+
+
+@triton.jit
+def _gate_bwd_kernel(X, H, DY, S, DS0, DX, DG, sxb, sxn, sxd, shb, shd, syb, syn, syd, N, D,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dX' = s dY + ds0 Q (1 + X' - s0) (Q, s0 recomputed from the row); dX = g dX';
+    DG[b, block, c] = this block's sum_n dX' X (reduced over blocks afterwards, in order)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & mask_d[None, :]
+    g = tl.sigmoid(tl.load(H + b * shb + offs_d * shd, mask=mask_d, other=0.0).to(tl.float32))
+    x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + b * syb + offs_n[:, None] * syn + offs_d[None, :] * syd, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(S + b * N + offs_n, mask=mask_n, other=0.0)
+    ds0 = tl.load(DS0 + b * N + offs_n, mask=mask_n, other=0.0)
+    xp = g[None, :] * x
+    xm = tl.where(mask, xp, float("-inf"))
+    m = tl.max(xm, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.where(mask, tl.exp(xm - m[:, None]), 0.0)
+    z = tl.sum(e, 1)
+    q = e / tl.where(z == 0.0, 1.0, z)[:, None]
+    s0 = tl.sum(q * xp, 1)
+    dxp = s[:, None] * dy + ds0[:, None] * q * (1.0 + xp - s0[:, None])
+    dxp = tl.where(mask, dxp, 0.0)
+    tl.store(DX + b * N * D + offs_n[:, None] * D + offs_d[None, :], (g[None, :] * dxp).to(DX.dtype.element_ty),
+             mask=mask)
+    tl.store(DG + (b * tl.num_programs(0) + pid) * D + offs_d, tl.sum(dxp * x, 0), mask=mask_d)
+
+
+# =========================================================================== launchers
+ROW_BLOCK_DS = (64, 128, 256, 512, 1024)   # padded channel counts of the row kernels (vidkern.aot checks each)
+
+
+def rows_config(d: int) -> tuple:
+    """(BLOCK_N, BLOCK_D, num_warps) of the row kernels: a whole row of channels per token,
+    2048 elements per tile (the backward keeps about six such tiles live)."""
+    bd = max(64, triton.next_power_of_2(d))
+    return max(1, 2048 // bd), bd, 4 if bd <= 256 else 8
+
+
+SUMMARY_BLOCKS = (64, 64)   # (BLOCK_N, BLOCK_D) of the column kernels
+
+
+def _summary_blocks(d: int) -> tuple:
+    return SUMMARY_BLOCKS
+
+
+def feature_summary_forward(x):
+    """``x (B, N, D)`` any strides -> ``(f (B, D) in x's dtype, stats (B, 3, D) fp32)``."""
+    b, n, d = x.shape
+    f = torch.empty((b, d), dtype=x.dtype, device=x.device)
+    stats = torch.empty((b, 3, d), dtype=torch.float32, device=x.device)
+    block_n, block_d = _summary_blocks(d)
+    if b:
+        _summary_fwd_kernel[(triton.cdiv(d, block_d), b)](x, f, stats, *x.stride(), n, d,
+                                                          BLOCK_N=block_n, BLOCK_D=block_d)
+    return f, stats
+
+
+def feature_summary_backward(grad_f, x, f, stats):
+    b, n, d = x.shape
+    dx = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
+    block_n, block_d = _summary_blocks(d)
+    if b:
+        _summary_bwd_kernel[(triton.cdiv(d, block_d), b)](x, stats, grad_f, dx, *x.stride(), *grad_f.stride(), n, d,
+                                                          BLOCK_N=block_n, BLOCK_D=block_d)
+    return dx
+
+
+def team_gate_forward(x, h):
+    """``x (B, N, D)``, ``h (B, D)`` -> ``(y, tok_lse (B, N) fp32, s (B, N) fp32)``."""
+    b, n, d = x.shape
+    block_n, block_d, warps = rows_config(d)
+    s0 = torch.empty((b, n), dtype=torch.float32, device=x.device)
+    tok_lse = torch.empty_like(s0)
+    y = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
+    if b == 0:
+        return y, tok_lse, s0
+    grid = (triton.cdiv(n, block_n), b)
+    _gate_rows_kernel[grid](x, h, s0, tok_lse, *x.stride(), *h.stride(), n, d,
+                            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    s = torch.softmax(s0, dim=-1)   # (B, N): tiny next to the two passes over X
+    _gate_apply_kernel[grid](x, h, s, y, *x.stride(), *h.stride(), n, d,
+                             BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    return y, tok_lse, s
+
+
+def team_gate_backward(grad_y, x, h, tok_lse, s):
+    b, n, d = x.shape
+    block_n, block_d, warps = rows_config(d)
+    dx = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
+    if b == 0:
+        return dx, torch.zeros_like(h)
+    grid = (triton.cdiv(n, block_n), b)
+    ds = torch.empty((b, n), dtype=torch.float32, device=x.device)
+    _gate_bwd_rows_kernel[grid](x, h, grad_y, ds, *x.stride(), *h.stride(), *grad_y.stride(), n, d,
+                                BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    ds0 = s * (ds - (s * ds).sum(-1, keepdim=True))      # through the token softmax: (B, N)
+    dg_parts = torch.empty((b, grid[0], d), dtype=torch.float32, device=x.device)
+    _gate_bwd_kernel[grid](x, h, grad_y, s, ds0, dx, dg_parts, *x.stride(), *h.stride(), *grad_y.stride(), n, d,
+                           BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    g = torch.sigmoid(h.float())
+    dh = (dg_parts.sum(1) * g * (1 - g)).to(h.dtype)     # a fixed-order reduction: reproducible
+    return dx, dh
