@@ -1,7 +1,8 @@
 """TEAM's fused ops (SPEC §2) and STTM's selection and soft merge (SPEC §3).
 
 Providers: ``reference`` (eager; for selection a Python loop over problems and picks, as in
-Motionformer's code), ``torch`` (vidkern's backend), ``compile`` (torch.compile of the reference).
+Motionformer's code), ``triton`` (TEAM's fused kernels), ``torch`` (vidkern's backend),
+``compile`` (torch.compile of the reference).
 """
 import functools
 
@@ -11,7 +12,7 @@ import torch
 import vidkern
 from vidkern import reference as R
 from cases import BATCH, DEVICE, DTYPE, N, SIZES
-from conftest import MODES
+from conftest import INTERPRET, MODES, note_provider, skip_provider
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,8 +28,12 @@ def team(x, backend):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("provider", ["reference", "torch", "compile"])
+@pytest.mark.parametrize("provider", ["reference", "triton", "torch", "compile"])
 def test_team(measure, provider, size, mode):
+    if provider == "triton" and DEVICE == "cpu":
+        if not INTERPRET:
+            skip_provider("triton", "needs a CUDA device (VIDKERN_BENCH_INTERPRET=1 times Triton's interpreter on CPU)")
+        note_provider("triton", "Triton's interpreter on CPU (numpy per tile): a correctness run, not a GPU timing")
     x = torch.randn(BATCH, N, SIZES[size]["dim"], device=DEVICE, dtype=DTYPE, requires_grad=mode != "fwd")
     elt = x.numel() * x.element_size()
     measure(lambda a: team(a, provider), (x,), case=f"team ViT-{size} B={BATCH} {mode}", provider=provider, mode=mode,
