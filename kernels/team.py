@@ -69,8 +69,9 @@ def _summary_bwd_kernel(X, STATS, DF, DX, sxb, sxn, sxd, sdfb, sdfd, N, D,
 
 
 @triton.jit
-def _gate_rows_kernel(X, H, S0, LSE, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per token: X' = sigmoid(h) X; s0 = sum_c softmax_c(X') X'; LSE = logsumexp_c X' (fp32)."""
+def _gated_rows(X, H, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The program's token rows: (batch, token offsets, row-by-channel mask, gate sigmoid(h) (D,),
+    X tile in fp32)."""
     b = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -78,6 +79,13 @@ def _gate_rows_kernel(X, H, S0, LSE, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.
     mask = (offs_n < N)[:, None] & mask_d[None, :]
     g = tl.sigmoid(tl.load(H + b * shb + offs_d * shd, mask=mask_d, other=0.0).to(tl.float32))
     x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    return b, offs_n, offs_d, mask, g, x
+
+
+@triton.jit
+def _gate_rows_kernel(X, H, S0, LSE, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per token: X' = sigmoid(h) X; s0 = sum_c softmax_c(X') X'; LSE = logsumexp_c X' (fp32)."""
+    b, offs_n, offs_d, mask, g, x = _gated_rows(X, H, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N, BLOCK_D)
     xp = tl.where(mask, g[None, :] * x, float("-inf"))
     m = tl.max(xp, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -92,14 +100,8 @@ def _gate_rows_kernel(X, H, S0, LSE, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.
 @triton.jit
 def _gate_apply_kernel(X, H, S, Y, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Y = s[n] sigmoid(h) X (Y contiguous)."""
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    mask = (offs_n < N)[:, None] & mask_d[None, :]
-    g = tl.sigmoid(tl.load(H + b * shb + offs_d * shd, mask=mask_d, other=0.0).to(tl.float32))
+    b, offs_n, offs_d, mask, g, x = _gated_rows(X, H, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N, BLOCK_D)
     s = tl.load(S + b * N + offs_n, mask=offs_n < N, other=0.0)
-    x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
     y = s[:, None] * g[None, :] * x
     tl.store(Y + b * N * D + offs_n[:, None] * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
@@ -108,13 +110,7 @@ def _gate_apply_kernel(X, H, S, Y, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.co
 def _gate_bwd_rows_kernel(X, H, DY, DS, sxb, sxn, sxd, shb, shd, syb, syn, syd, N, D,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per token: ds = sum_c dY X' (the gradient reaching the token softmax)."""
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    mask = (offs_n < N)[:, None] & mask_d[None, :]
-    g = tl.sigmoid(tl.load(H + b * shb + offs_d * shd, mask=mask_d, other=0.0).to(tl.float32))
-    x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    b, offs_n, offs_d, mask, g, x = _gated_rows(X, H, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N, BLOCK_D)
     dy = tl.load(DY + b * syb + offs_n[:, None] * syn + offs_d[None, :] * syd, mask=mask, other=0.0).to(tl.float32)
     tl.store(DS + b * N + offs_n, tl.sum(dy * g[None, :] * x, 1), mask=offs_n < N)
 
@@ -125,14 +121,9 @@ def _gate_bwd_kernel(X, H, DY, S, DS0, DX, DG, sxb, sxn, sxd, shb, shd, syb, syn
     """dX' = s dY + ds0 Q (1 + X' - s0) (Q, s0 recomputed from the row); dX = g dX';
     DG[b, block, c] = this block's sum_n dX' X (reduced over blocks afterwards, in order)."""
     pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    b, offs_n, offs_d, mask, g, x = _gated_rows(X, H, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N, BLOCK_D)
     mask_n = offs_n < N
-    mask = mask_n[:, None] & mask_d[None, :]
-    g = tl.sigmoid(tl.load(H + b * shb + offs_d * shd, mask=mask_d, other=0.0).to(tl.float32))
-    x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    mask_d = offs_d < D
     dy = tl.load(DY + b * syb + offs_n[:, None] * syn + offs_d[None, :] * syd, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(S + b * N + offs_n, mask=mask_n, other=0.0)
     ds0 = tl.load(DS0 + b * N + offs_n, mask=mask_n, other=0.0)
