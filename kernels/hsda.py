@@ -25,9 +25,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
 @triton.jit
 def _group_rows(j, g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE: tl.constexpr):
     """Natural token index of the ``j``-th member of group ``g`` (``j`` a vector, in range)."""

@@ -181,3 +181,8 @@ def test_compiles_as_one_custom_op():
     out.sum().backward()
     assert seen.count("vidkern.hsda.default") == 1
     torch.testing.assert_close(out, R.hsda(q, k, v, (1, 3, 4)), rtol=1e-5, atol=1e-6)
+
+
+def test_backend_declares_the_compiled_head_dims():
+    from vidkern.backends import triton as triton_backend
+    assert triton_backend._HEAD_DIMS == K.HEAD_DIMS

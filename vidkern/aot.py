@@ -28,7 +28,6 @@ import torch
 ARCHS = (80, 90)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}   # opt-in dynamic shared memory per block (A100, H100)
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-HEAD_DIMS = (32, 64, 128)
 MODES = (1, 2)   # checkerboard arithmetic, table
 
 
@@ -171,10 +170,10 @@ def compile_one(kernel: str, dtype: torch.dtype, head_dim: int, mode: int, arch:
     return _resources(res, compiled)
 
 
-def all_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=HEAD_DIMS):
+def all_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=None):
     """Every (kernel, dtype, padded head dim, sparse mode, arch, aligned, debug) the backend can launch."""
     from .kernels import hsda as K
-    for arch, dtype, d in itertools.product(archs, dtypes, head_dims):
+    for arch, dtype, d in itertools.product(archs, dtypes, head_dims or K.HEAD_DIMS):
         if d > K.MAX_HEAD_DIM[K.dtype_class(dtype)]:
             continue   # declared unsupported: dispatch falls back to the torch backend
         # The launcher copies anything not 16-aligned (see kernels.hsda._kernel_ready), so only the
@@ -227,7 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     archs = tuple(args.arch or ARCHS)
-    results = [compile_one(*c) for c in all_configurations(archs, tuple(DTYPES), tuple(args.head_dim or HEAD_DIMS))]
+    results = [compile_one(*c) for c in all_configurations(archs, tuple(DTYPES), tuple(args.head_dim or ()))]
     results += [compile_team(*c) for c in team_configurations(archs)]
     text = table(results)
     print(text)

@@ -8,7 +8,6 @@ Inputs are assumed valid; the public functions in :mod:`vidkern.ops` check them 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -15,6 +15,7 @@ import torch
 from ..dispatch import Backend
 
 _KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+_HEAD_DIMS = (32, 64, 128)   # kernels.hsda.HEAD_DIMS (kept here too: this module must import without triton)
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,7 +48,7 @@ class TritonBackend(Backend):
         if device.type == "cuda" and not torch.cuda.is_available():
             reasons.append("CUDA is not available")
         head_dim = shape.get("head_dim")
-        if head_dim is not None and head_dim not in (32, 64, 128):
+        if head_dim is not None and head_dim not in _HEAD_DIMS:
             reasons.append(f"head dim {head_dim} is not 32, 64 or 128 (the head dims compiled and checked "
                            "by python -m vidkern.aot)")
         if dtype == torch.float32 and head_dim is not None and 64 < head_dim:
