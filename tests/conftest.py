@@ -44,3 +44,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cuda_kernel_device():
+    """Where the ``cuda`` backend's kernels run in this session: the GPU when there is one (and
+    vidkern._C is built), else the CPU through the emulated twin built from ``csrc/`` (VERIFY.md §3).
+    A build failure fails the tests that use it; only an install without ``csrc/`` skips them."""
+    from vidkern.backends import cuda
+    if torch.cuda.is_available():
+        if cuda.extension_error():
+            pytest.fail(cuda.extension_error())
+        return torch.device("cuda")
+    if not os.path.isdir(os.path.join(cuda.CSRC, "emulated")):
+        pytest.skip(f"no CUDA sources at {cuda.CSRC} (not a source checkout): the emulator cannot be built")
+    cuda.load_emulator()
+    return torch.device("cpu")

@@ -7,7 +7,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from vidkern import aot
+from vidkern.backends import cuda
+
+CUDA_KERNELS = {"summary_fwd", "summary_merge", "summary_bwd", "gate_rows", "token_softmax", "gate_apply",
+                "gate_bwd_rows", "token_softmax_bwd", "gate_bwd", "gate_dh"}
+needs_extension = pytest.mark.skipif(aot.extension_path() is None, reason=str(cuda.extension_error()))
 
 
 def _python(code: str) -> str:
@@ -25,7 +32,8 @@ def test_every_launcher_configuration_compiles_cleanly(tmp_path):
     expected = len(list(aot.all_configurations())) + len(list(aot.team_configurations()))
     # HSDA: archs x (fp16, bf16: d<=128; fp32: d<=64) x (7 kernels + the debug forward);
     # TEAM: archs x 3 dtypes x (2 column kernels + 4 row kernels x 5 channel blocks)
-    assert len(rows) == expected == 2 * (3 + 3 + 2) * (7 + 1) + 2 * 3 * (2 + 4 * 5)
+    assert expected == 2 * (3 + 3 + 2) * (7 + 1) + 2 * 3 * (2 + 4 * 5)
+    assert len(rows) == expected + len(aot.cuda_resources())
     assert any(r.startswith("| team gate_bwd") for r in rows)
     assert all(r.endswith("| ok |") or (" debug |" in r and "| ok (debug" in r) for r in rows)
     assert all(r.endswith("| ok |") for r in rows if " debug |" not in r)
@@ -53,3 +61,30 @@ def test_the_check_requires_tensor_core_code():
         print(r.ok, r.mma, r.regs > 32)   # a dead kernel would compile to a few registers
     """)
     assert out.split() == ["True", "True", "True"]
+
+
+@needs_extension
+def test_cuda_extension_kernels_are_clean():
+    """Every kernel of the built vidkern._C, for sm_80 and sm_90, in every dtype and pack width
+    the launchers pick: no spills, and the SASS it must hold (stores; 16-byte loads when packed;
+    warp shuffles in the one-warp-per-token kernels)."""
+    results = aot.cuda_resources()
+    assert {r.kernel.removeprefix("cuda ") for r in results} == CUDA_KERNELS
+    bad = [r for r in results if not r.ok]
+    assert not bad, aot.table(bad)
+    for arch in aot.ARCHS:
+        configs = {(r.kernel, r.config) for r in results if r.arch == arch}
+        assert ("cuda gate_bwd", "bf16 V=8") in configs and ("cuda gate_bwd", "fp32 V=1") in configs
+        assert ("cuda summary_fwd", "fp16 V=8") in configs and ("cuda summary_fwd", "fp32 V=4") in configs
+        assert ("cuda token_softmax", "-") in configs
+    packed = [r for r in results if r.kernel == "cuda gate_bwd" and "V=8" in r.config]
+    assert packed and all(r.regs > 16 for r in packed)   # real code, not a kernel proved dead
+
+
+@needs_extension
+def test_the_cuda_check_can_fail(monkeypatch):
+    """It can fail: a kernel lacking a required instruction (tensor-core HMMA, which TEAM never
+    uses) is reported."""
+    monkeypatch.setattr(aot, "_cuda_requirements", lambda name, pack: [r"HMMA"])
+    results = aot.cuda_resources()
+    assert results and not any(r.ok for r in results) and all(r.missing == "HMMA" for r in results)

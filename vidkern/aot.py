@@ -1,6 +1,6 @@
 """``python -m vidkern.aot``: compile every Triton kernel configuration the launchers can pick
 (HSDA attention and TEAM), for sm_80 and sm_90, without a GPU, and report registers, shared
-memory and spills.
+memory and spills — and the same for every kernel of the built CUDA extension ``vidkern._C``.
 
 For each kernel x dtype x head dim (32, 64, 128) x sparse mode x arch it compiles exactly the configuration
 ``vidkern.kernels.hsda.pick_config`` chooses, specialised the way Triton's JIT specialises a
@@ -10,6 +10,12 @@ guarantees), plus the work-counting debug variant, and reads the cubin's resourc
 (``STACK``/``LOCAL`` > 0), shared memory over the architecture's limit, or a kernel whose code
 lacks the instructions it must hold (tensor-core ``mma`` for the attention kernels; a kernel the
 compiler proved dead compiles to a handful of registers and "no spills").
+
+The CUDA extension's kernels are read from the built ``.so`` (one cubin per architecture in
+``VIDKERN_CUDA_ARCHS``): registers, static shared memory, spills, and the SASS each must hold —
+global stores, 16-byte loads (``LDG.E.128``) in the packed variants, warp shuffles in the
+one-warp-per-token kernels. Its dynamic shared memory is sized by the launcher (``(1 + 8) * D``
+floats at most, 36 KiB at D = 1024) and is not in the cubin.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ class Result:
     spill: int = 0
     mma: bool = False
     error: str = ""
+    missing: str = ""   # CUDA kernels: required SASS instructions that are absent
 
     @property
     def debug(self) -> bool:
@@ -55,7 +62,7 @@ class Result:
         """Clean: compiled, no spills (the work-counting debug variant, launched only by tests, may
         spill a little), shared memory within the limit, tensor-core code where there must be."""
         return (not self.error and (self.spill == 0 or self.debug) and self.shared <= SHARED_LIMIT[self.arch]
-                and (self.mma or not self.needs_mma))
+                and (self.mma or not self.needs_mma) and not self.missing)
 
 
 def _cuobjdump() -> str:
@@ -193,14 +200,86 @@ def team_configurations(archs=ARCHS, dtypes=tuple(DTYPES)):
                 yield kernel, dtype, block_d, arch
 
 
+# ------------------------------------------------------------------------ the CUDA extension
+def extension_path():
+    """The built ``vidkern._C`` library, or None when it is not built."""
+    import importlib.util
+    spec = importlib.util.find_spec("vidkern._C")
+    return spec.origin if spec is not None else None
+
+
+_CUDA_NAME = re.compile(r"(\w+_kernel)(?:<([\w:]+)(?:, (\d+))?>)?\(")
+_CUDA_DTYPES = {"float": "fp32", "c10::Half": "fp16", "c10::BFloat16": "bf16"}
+# kernel -> SASS it must hold: every kernel stores; the V > 1 variants of the kernels that stream
+# X move it in 16-byte loads; the one-warp-per-token kernels reduce with warp shuffles.
+_CUDA_PACKED = ("summary_fwd_kernel", "summary_bwd_kernel", "gate_rows_kernel", "gate_apply_kernel",
+                "gate_bwd_rows_kernel", "gate_bwd_kernel")
+_CUDA_SHUFFLES = ("gate_rows_kernel", "gate_bwd_rows_kernel", "token_softmax_kernel", "token_softmax_bwd_kernel")
+
+
+def _cuda_requirements(name: str, pack: str) -> list:
+    needs = [r"STG\.E"]
+    if name in _CUDA_PACKED and pack not in ("", "1"):
+        needs.append(r"LDG\.E\.128")
+    if name in _CUDA_SHUFFLES:
+        needs.append(r"SHFL\.BFLY")
+    return needs
+
+
+def _demangle(names: list) -> list:
+    run = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+    out = run.stdout.splitlines()
+    return out if run.returncode == 0 and len(out) == len(names) else names
+
+
+def cuda_resources(path=None) -> list:
+    """One :class:`Result` per kernel x architecture of the built extension (``path``: its ``.so``)."""
+    path = path or extension_path()
+    if path is None:
+        return []
+    usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+    sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+    code = {}   # (arch, mangled name) -> SASS
+    arch, name = 0, None
+    for line in sass.splitlines():
+        if m := re.search(r"code for sm_(\d+)", line):
+            arch = int(m.group(1))
+        elif m := re.search(r"Function : (\S+)", line):
+            name = (arch, m.group(1))
+            code[name] = []
+        elif name is not None:
+            code[name].append(line)
+    entries, arch = [], 0
+    for line in usage.stdout.splitlines():
+        if m := re.search(r"arch = sm_(\d+)", line):
+            arch = int(m.group(1))
+        elif m := re.match(r"\s*Function (\S+):", line):
+            entries.append([arch, m.group(1), ""])
+        elif "REG:" in line and entries:
+            entries[-1][2] = line
+    results = []
+    for (arch, mangled, line), pretty in zip(entries, _demangle([e[1] for e in entries])):
+        m = _CUDA_NAME.search(pretty)
+        kernel, dtype, pack = (m.group(1), m.group(2) or "", m.group(3) or "") if m else (mangled, "", "")
+        config = " ".join(filter(None, [_CUDA_DTYPES.get(dtype, dtype), f"V={pack}" if pack else ""])) or "-"
+        fields = dict(re.findall(r"(\w+):(\d+)", line))
+        text = "\n".join(code.get((arch, mangled), []))
+        missing = [need for need in _cuda_requirements(kernel, pack) if not re.search(need, text)]
+        results.append(Result(f"cuda {kernel.removesuffix('_kernel')}", config, arch, regs=int(fields.get("REG", 0)),
+                              shared=int(fields.get("SHARED", 0)),
+                              spill=int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0)),
+                              missing=" ".join(need.replace("\\", "") for need in missing)))
+    return sorted(results, key=lambda r: (r.kernel, r.config, r.arch))
+
+
 def table(results) -> str:
     lines = ["| kernel | config | arch | regs | smem KiB | spills | mma | status |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         status = (("ok (debug variant spills)" if r.spill else "ok") if r.ok else
                   (r.error or ("spills" if r.spill else "smem over limit" if r.shared > SHARED_LIMIT[r.arch]
-                               else "no mma")))
+                               else f"lacks {r.missing}" if r.missing else "no mma")))
         lines.append(f"| {r.kernel} | {r.config} | sm_{r.arch} | {r.regs} | {r.shared / 1024:.1f} | {r.spill} | "
-                     f"{'yes' if r.mma else 'no'} | {status} |")
+                     f"{'yes' if r.mma else '-' if r.kernel.startswith('cuda') else 'no'} | {status} |")
     return "\n".join(lines)
 
 
@@ -228,7 +307,11 @@ def main(argv=None) -> int:
     archs = tuple(args.arch or ARCHS)
     results = [compile_one(*c) for c in all_configurations(archs, tuple(DTYPES), tuple(args.head_dim or ()))]
     results += [compile_team(*c) for c in team_configurations(archs)]
+    cuda = [r for r in cuda_resources() if r.arch in archs]
+    results += cuda
     text = table(results)
+    if not cuda:
+        text += "\n\nThe CUDA extension vidkern._C is not built: its kernels are not in this table."
     print(text)
     if args.out:
         with open(args.out, "w") as f:

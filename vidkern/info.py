@@ -27,7 +27,7 @@ def report() -> str:
         f"backend override: ${dispatch.ENV_VAR}",
         "backends, in priority order:",
     ]
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
+    devices = [torch.device("cpu"), torch.device("cuda")]
     for name in dispatch.names():
         be = dispatch.get(name)
         why = be.unavailable_reason()
@@ -40,7 +40,6 @@ def report() -> str:
                 extra = be.not_supported_reasons(next(iter(be.ops)), dev, None, forced=True)
                 if extra:
                     lines.append(f"      on {dev.type}: {'; '.join(extra)}")
-    lines.append("  cuda       not in this release (the vidkern._C extension is not built yet)")
     return "\n".join(lines)
 
 

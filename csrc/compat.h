@@ -1,0 +1,148 @@
+// What differs between the real CUDA build (nvcc, `vidkern._C`) and the CPU emulation build
+// (host compiler, VIDKERN_EMULATE, loaded by the tests): the execution model, kernel launch,
+// dynamic shared memory, the device guard and the op namespace. Kernel sources include only
+// this header and use the helpers below, so both builds compile the same source.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+
+#ifdef VIDKERN_EMULATE
+#include "emulate.h"
+#define VK_NAMESPACE vidkern_emu
+#define VK_DISPATCH_KEY CPU
+#define VK_DEVICE_GUARD(tensor) (void)0
+#define VK_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(vk_emu::dynamic_shared())
+#define VK_LAUNCH(kernel, grid, block, dynamic_bytes, ...) \
+  vk_emu::launch(grid, block, dynamic_bytes, kernel, __VA_ARGS__)
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#define VK_NAMESPACE vidkern_cuda
+#define VK_DISPATCH_KEY CUDA
+#define VK_DEVICE_GUARD(tensor) const c10::cuda::OptionalCUDAGuard vk_device_guard_(device_of(tensor))
+#define VK_DYNAMIC_SHARED(T, name)                                    \
+  extern __shared__ __align__(16) unsigned char vk_dynamic_shared_[]; \
+  T* name = reinterpret_cast<T*>(vk_dynamic_shared_)
+// `kernel` is a function pointer (so template arguments with commas need no extra parentheses).
+#define VK_LAUNCH(kernel, grid, block, dynamic_bytes, ...)                                       \
+  do {                                                                                           \
+    kernel<<<grid, block, dynamic_bytes, at::cuda::getCurrentCUDAStream().stream()>>>(__VA_ARGS__); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                              \
+  } while (0)
+#endif
+
+namespace vk {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Streaming multiprocessors, for sizing grids (the emulator pretends to have 4, so small test
+// shapes take the multi-block paths).
+inline int multiprocessors() {
+#ifdef VIDKERN_EMULATE
+  return 4;
+#else
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) { return static_cast<T>(v); }
+
+// V consecutive elements, 16 bytes when vectorised (V = 16 / sizeof(T)); V = 1 is the scalar,
+// any-stride fallback.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// Loads V consecutive elements (one 16-byte transaction when V > 1; the launcher checks alignment).
+template <typename T, int V>
+__device__ __forceinline__ void load(const T* p, float (&out)[V]) {
+  Pack<T, V> pack;
+#ifdef VIDKERN_EMULATE
+  std::memcpy(&pack, p, sizeof(pack));
+#else
+  pack = *reinterpret_cast<const Pack<T, V>*>(p);
+#endif
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = to_float(pack.v[i]);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store(T* p, const float (&in)[V]) {
+  Pack<T, V> pack;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pack.v[i] = from_float<T>(in[i]);
+#ifdef VIDKERN_EMULATE
+  std::memcpy(p, &pack, sizeof(pack));
+#else
+  *reinterpret_cast<Pack<T, V>*>(p) = pack;
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
+// Online-softmax state of a set of values: max m, sum of exp(x - m), and sum of x exp(x - m).
+// `m == -inf` marks the empty set.
+struct SoftmaxState {
+  float m, z, w;
+};
+
+__device__ __forceinline__ SoftmaxState empty_state() { return {-INFINITY, 0.f, 0.f}; }
+
+__device__ __forceinline__ void push(SoftmaxState& st, float x) {
+  if (x > st.m) {  // one exp per element: rescale the old sums instead of exponentiating x
+    const float r = expf(st.m - x);
+    st.z = st.z * r + 1.f;
+    st.w = st.w * r + x;
+    st.m = x;
+  } else {
+    const float e = expf(x - st.m);
+    st.z += e;
+    st.w += e * x;
+  }
+}
+
+__device__ __forceinline__ SoftmaxState merge(SoftmaxState a, SoftmaxState b) {
+  if (b.m == -INFINITY) return a;
+  if (a.m == -INFINITY) return b;
+  const float m = fmaxf(a.m, b.m);
+  const float ra = expf(a.m - m), rb = expf(b.m - m);
+  return {m, a.z * ra + b.z * rb, a.w * ra + b.w * rb};
+}
+
+__device__ __forceinline__ SoftmaxState warp_merge(SoftmaxState st) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    SoftmaxState other{__shfl_xor_sync(kFullMask, st.m, offset), __shfl_xor_sync(kFullMask, st.z, offset),
+                       __shfl_xor_sync(kFullMask, st.w, offset)};
+    st = merge(st, other);
+  }
+  return st;
+}
+
+__device__ __forceinline__ float sigmoid(float h) { return 1.f / (1.f + expf(-h)); }
+
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+}  // namespace vk

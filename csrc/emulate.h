@@ -1,0 +1,126 @@
+// CPU emulation of the CUDA execution model, so the kernels in this folder run on a machine
+// without a GPU (VERIFY.md §3). Included instead of the CUDA headers when VIDKERN_EMULATE is
+// defined (see compat.h); the kernel source is unchanged.
+//
+// Model: one OS thread per CUDA thread of a block; the blocks of a grid run one after another
+// (so `__shared__` storage is a function-local static, reused block after block);
+// `__syncthreads()` is a std::barrier over the block; warp shuffles go through a per-warp
+// exchange buffer between two warp barriers; atomics through std::atomic_ref. Launches are
+// serialised. A kernel must reach every `__syncthreads()` from every thread (no early return
+// before a barrier) — on a GPU that is undefined behaviour, here it deadlocks.
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+constexpr int warpSize = 32;
+
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace vk_emu {
+
+struct BlockContext {
+  explicit BlockContext(unsigned threads, size_t dynamic_bytes)
+      : block_barrier(threads), exchange(threads), dynamic(dynamic_bytes / 16 + 1) {
+    for (unsigned first = 0; first < threads; first += warpSize) {
+      warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min<unsigned>(warpSize, threads - first)));
+    }
+  }
+  std::barrier<> block_barrier;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+  struct alignas(16) Slot { unsigned char bytes[16]; };
+  std::vector<Slot> exchange;  // one slot per thread, for shuffles
+  std::vector<Slot> dynamic;   // `extern __shared__` storage, 16-byte aligned
+  unsigned threads() const { return static_cast<unsigned>(exchange.size()); }
+};
+
+inline thread_local BlockContext* current = nullptr;
+
+inline unsigned linear_thread() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+
+inline void* dynamic_shared() { return current->dynamic.data(); }
+
+// Runs kernel(args...) over the grid. Arguments are copied once and shared by all threads,
+// as kernel parameters are.
+template <typename Kernel, typename... Args>
+void launch(dim3 grid, dim3 block, size_t dynamic_bytes, Kernel kernel, Args... args) {
+  static std::mutex serial;
+  std::lock_guard<std::mutex> lock(serial);
+  const unsigned threads = block.x * block.y * block.z;
+  if (threads == 0 || grid.x * grid.y * grid.z == 0) return;
+  BlockContext ctx(threads, dynamic_bytes);
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      current = &ctx;
+      blockDim = block;
+      gridDim = grid;
+      threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+          for (unsigned x = 0; x < grid.x; ++x) {
+            blockIdx = dim3(x, y, z);
+            kernel(args...);
+            ctx.block_barrier.arrive_and_wait();  // the next block reuses the shared storage
+          }
+      current = nullptr;
+    });
+  }
+  for (auto& th : pool) th.join();
+}
+
+template <typename T>
+T shuffle(T value, unsigned source_lane) {
+  static_assert(sizeof(T) <= 16 && std::is_trivially_copyable_v<T>, "shuffle of a small trivial type");
+  const unsigned tid = linear_thread();
+  const unsigned first = tid - tid % warpSize;
+  std::barrier<>& bar = *current->warp_barriers[tid / warpSize];
+  std::memcpy(current->exchange[tid].bytes, &value, sizeof(T));
+  bar.arrive_and_wait();
+  T out = value;
+  const unsigned src = first + source_lane;
+  if (source_lane < static_cast<unsigned>(warpSize) && src < current->threads())
+    std::memcpy(&out, current->exchange[src].bytes, sizeof(T));
+  bar.arrive_and_wait();  // nobody overwrites a slot before every lane has read it
+  return out;
+}
+
+}  // namespace vk_emu
+
+inline void __syncthreads() { vk_emu::current->block_barrier.arrive_and_wait(); }
+
+// The mask argument is ignored: the kernels here always shuffle with the whole warp.
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask, int /*width*/ = warpSize) {
+  return vk_emu::shuffle(value, (vk_emu::linear_thread() % warpSize) ^ static_cast<unsigned>(lane_mask));
+}
+
+template <typename T>
+T __shfl_sync(unsigned /*mask*/, T value, int source_lane, int /*width*/ = warpSize) {
+  return vk_emu::shuffle(value, static_cast<unsigned>(source_lane));
+}
+
+template <typename T>
+T atomicAdd(T* address, T value) {
+  return std::atomic_ref<T>(*address).fetch_add(value);
+}

@@ -1,0 +1,559 @@
+// TEAM's fused ops (SPEC §2) in CUDA C++: feature_summary and team_gate, forward and backward.
+// fp32 / fp16 / bf16 storage, fp32 arithmetic. Inputs of any strides: when the channel axis is
+// contiguous and 16-byte aligned the kernels move 16-byte packs (V = 16 / sizeof(T) elements),
+// otherwise V = 1 with the strides as given. Outputs are contiguous.
+//
+//   feature_summary  f[b,c] = sum_n softmax_n(X[b,:,c])[n] X[b,n,c]
+//     fwd: column blocks stream the tokens with an online (max, sum-exp, weighted sum) per
+//          channel; when B x channel-blocks is too few blocks for the GPU the tokens are split
+//          too, and the partial states are merged in a fixed order. Saves (max, sum-exp, f).
+//     bwd: dX = P (1 + X - f) df, P = exp(X - max) / sum-exp: one pass.
+//   team_gate  Y = s[n] g[c] X,  g = sigmoid(h),  s = softmax_n(s0),
+//              s0[n] = sum_c softmax_c(X')[c] X'[c],  X' = g X
+//     fwd: rows (one warp per token, online channel softmax) -> s0; one block per batch row:
+//          s = softmax(s0); rows: Y. Reads X twice, writes Y once.
+//     bwd: rows: s0, the row max and sum-exp, ds = dY . X'; per batch: ds0 = s (ds - s.ds);
+//          rows: dX = g (s dY + ds0 Q (1 + X' - s0)) and per-block partial column sums of
+//          dX' X, reduced in a fixed order into dh (no float atomics: bitwise reproducible).
+//
+// The same source builds for the GPU (nvcc) and for the CPU emulator (compat.h, VERIFY.md §3).
+#include "compat.h"
+
+namespace {
+
+using vk::SoftmaxState;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerBlock = 32;  // tokens per block of the row kernels (4 per warp)
+constexpr int kMaxChannels = 1024;  // the backward keeps (1 + warps) x D floats in shared memory
+
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+template <typename T>
+constexpr int pack_width() { return 16 / static_cast<int>(sizeof(T)); }
+
+// V elements of a token row starting at channel c (V > 1: the channel stride is 1).
+template <typename T, int V>
+__device__ __forceinline__ void load_row(const T* row, int c, int64_t stride, float (&v)[V]) {
+  if constexpr (V > 1) {
+    vk::load<T, V>(row + c, v);
+  } else {
+    v[0] = vk::to_float(row[c * stride]);
+  }
+}
+
+// ------------------------------------------------------------------------ feature_summary
+// Column tiles: CT threads across channels (V each, 128 contiguous bytes per token row when
+// packed), RT threads across tokens.
+template <int V>
+struct ColumnTile {
+  static constexpr int CT = V == 1 ? 32 : 8;
+  static constexpr int RT = kThreads / CT;
+  static constexpr int C = CT * V;  // channels per block
+};
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+summary_fwd_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd, int N, int D, int rows_per_split,
+                   float* __restrict__ partial, T* __restrict__ f, float* __restrict__ stats) {
+  using Tile = ColumnTile<V>;
+  __shared__ SoftmaxState states[Tile::RT][Tile::C];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t b = blockIdx.z;
+  const int split = blockIdx.y, splits = gridDim.y;
+  const int c0 = blockIdx.x * Tile::C + tx * V;
+  const int n_end = imin(N, (split + 1) * rows_per_split);
+  SoftmaxState st[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) st[i] = vk::empty_state();
+  if (c0 < D) {  // packed: D % V == 0, so a pack is wholly in or out
+    const T* base = x + b * sxb + c0 * sxd;
+    for (int n = split * rows_per_split + ty; n < n_end; n += Tile::RT) {
+      float v[V];
+      load_row<T, V>(base + n * sxn, 0, sxd, v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) vk::push(st[i], v[i]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < V; ++i) states[ty][tx * V + i] = st[i];
+  __syncthreads();
+  // One thread per channel merges the token threads' states, always in the same order.
+  const int t = ty * Tile::CT + tx;
+  const int c = blockIdx.x * Tile::C + t;
+  if (t < Tile::C && c < D) {
+    SoftmaxState acc = states[0][t];
+    for (int r = 1; r < Tile::RT; ++r) acc = vk::merge(acc, states[r][t]);
+    if (splits == 1) {
+      const float fv = acc.w / acc.z;
+      f[b * D + c] = vk::from_float<T>(fv);
+      stats[b * 3 * D + c] = acc.m;
+      stats[b * 3 * D + D + c] = acc.z;
+      stats[b * 3 * D + 2 * D + c] = fv;
+    } else {
+      float* out = partial + (b * splits + split) * 3 * D + c;
+      out[0] = acc.m;
+      out[D] = acc.z;
+      out[2 * D] = acc.w;
+    }
+  }
+}
+
+// Merges the token splits' partial states (B, splits, 3, D) in split order: one thread per (b, c).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+summary_merge_kernel(const float* __restrict__ partial, int B, int D, int splits, T* __restrict__ f,
+                     float* __restrict__ stats) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(B) * D) return;
+  const int64_t b = i / D, c = i % D;
+  SoftmaxState acc = vk::empty_state();
+  for (int s = 0; s < splits; ++s) {
+    const float* p = partial + (b * splits + s) * 3 * D + c;
+    acc = vk::merge(acc, {p[0], p[D], p[2 * D]});
+  }
+  const float fv = acc.w / acc.z;
+  f[i] = vk::from_float<T>(fv);
+  stats[b * 3 * D + c] = acc.m;
+  stats[b * 3 * D + D + c] = acc.z;
+  stats[b * 3 * D + 2 * D + c] = fv;
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+summary_bwd_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd, const float* __restrict__ stats,
+                   const T* __restrict__ df, int64_t sdfb, int64_t sdfd, T* __restrict__ dx, int N, int D,
+                   int rows_per_block) {
+  using Tile = ColumnTile<V>;
+  const int64_t b = blockIdx.z;
+  const int c0 = blockIdx.x * Tile::C + threadIdx.x * V;
+  if (c0 >= D) return;  // no barrier in this kernel
+  float m[V], inv_z[V], fv[V], g[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    m[i] = stats[b * 3 * D + c0 + i];
+    inv_z[i] = 1.f / stats[b * 3 * D + D + c0 + i];
+    fv[i] = stats[b * 3 * D + 2 * D + c0 + i];
+    g[i] = vk::to_float(df[b * sdfb + (c0 + i) * sdfd]);
+  }
+  const T* base = x + b * sxb + c0 * sxd;
+  T* out = dx + b * N * D + c0;
+  const int n_end = imin(N, (blockIdx.y + 1) * rows_per_block);
+  for (int n = blockIdx.y * rows_per_block + threadIdx.y; n < n_end; n += Tile::RT) {
+    float v[V];
+    load_row<T, V>(base + n * sxn, 0, sxd, v);
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = expf(v[i] - m[i]) * inv_z[i] * (1.f + v[i] - fv[i]) * g[i];
+    vk::store<T, V>(out + static_cast<int64_t>(n) * D, v);
+  }
+}
+
+// ------------------------------------------------------------------------------ team_gate
+// Row kernels: blocks of kRowsPerBlock tokens of one batch row, one warp per token, lanes across
+// channels (V each); g = sigmoid(h[b]) is staged in shared memory first.
+__device__ __forceinline__ int64_t block_row(int r) { return static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + r; }
+
+template <typename T>
+__device__ __forceinline__ void stage_gate(const T* h, int64_t shb, int64_t shd, int D, float* g) {
+  const int64_t b = blockIdx.y;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) g[c] = vk::sigmoid(vk::to_float(h[b * shb + c * shd]));
+  __syncthreads();
+}
+
+// Per token: s0 = sum_c softmax_c(X') X', and its log-sum-exp over channels.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+gate_rows_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd, const T* __restrict__ h, int64_t shb,
+                 int64_t shd, int N, int D, float* __restrict__ s0, float* __restrict__ lse) {
+  VK_DYNAMIC_SHARED(float, g);
+  stage_gate(h, shb, shd, D, g);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.y;
+  for (int r = warp; r < kRowsPerBlock; r += kWarps) {
+    const int64_t n = block_row(r);
+    if (n >= N) break;  // uniform across the warp
+    const T* row = x + b * sxb + n * sxn;
+    SoftmaxState st = vk::empty_state();
+    for (int c = lane * V; c < D; c += 32 * V) {
+      float v[V];
+      load_row<T, V>(row, c, sxd, v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) vk::push(st, g[c + i] * v[i]);
+    }
+    st = vk::warp_merge(st);
+    if (lane == 0) {
+      s0[b * N + n] = st.w / st.z;
+      lse[b * N + n] = st.m + logf(st.z);
+    }
+  }
+}
+
+// Block-wide reductions (blockDim.x == kThreads), the same order every run.
+template <bool kMax>
+__device__ __forceinline__ float block_reduce(float v, float* scratch) {
+  v = kMax ? vk::warp_max(v) : vk::warp_sum(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // scratch may still be read from a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < kWarps; ++w) v = kMax ? fmaxf(v, scratch[w]) : v + scratch[w];
+  return v;
+}
+
+// s[b, :] = softmax(s0[b, :]): one block per batch row.
+__global__ void __launch_bounds__(kThreads) token_softmax_kernel(const float* __restrict__ s0, float* __restrict__ s,
+                                                                 int N) {
+  __shared__ float scratch[kWarps];
+  const float* in = s0 + static_cast<int64_t>(blockIdx.x) * N;
+  float* out = s + static_cast<int64_t>(blockIdx.x) * N;
+  float m = -INFINITY;
+  for (int n = threadIdx.x; n < N; n += kThreads) m = fmaxf(m, in[n]);
+  m = block_reduce<true>(m, scratch);
+  float z = 0.f;
+  for (int n = threadIdx.x; n < N; n += kThreads) z += expf(in[n] - m);
+  const float inv_z = 1.f / block_reduce<false>(z, scratch);
+  for (int n = threadIdx.x; n < N; n += kThreads) out[n] = expf(in[n] - m) * inv_z;
+}
+
+// Y = s[n] g[c] X.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+gate_apply_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd, const T* __restrict__ h, int64_t shb,
+                  int64_t shd, const float* __restrict__ s, int N, int D, T* __restrict__ y) {
+  VK_DYNAMIC_SHARED(float, g);
+  stage_gate(h, shb, shd, D, g);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.y;
+  for (int r = warp; r < kRowsPerBlock; r += kWarps) {
+    const int64_t n = block_row(r);
+    if (n >= N) break;
+    const T* row = x + b * sxb + n * sxn;
+    T* out = y + (b * N + n) * D;
+    const float sn = s[b * N + n];
+    for (int c = lane * V; c < D; c += 32 * V) {
+      float v[V];
+      load_row<T, V>(row, c, sxd, v);
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] *= sn * g[c + i];
+      vk::store<T, V>(out + c, v);
+    }
+  }
+}
+
+// Backward rows, pass 1: per token the channel-softmax state of X' (s0, max, sum-exp: recomputed
+// exactly as in the forward, no log-sum-exp round trip) and ds = sum_c dY X'.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+gate_bwd_rows_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd, const T* __restrict__ h,
+                     int64_t shb, int64_t shd, const T* __restrict__ dy, int64_t syb, int64_t syn, int64_t syd, int N,
+                     int D, float* __restrict__ row_stats /* (B, 4, N): s0, max, sum-exp, ds */) {
+  VK_DYNAMIC_SHARED(float, g);
+  stage_gate(h, shb, shd, D, g);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.y;
+  for (int r = warp; r < kRowsPerBlock; r += kWarps) {
+    const int64_t n = block_row(r);
+    if (n >= N) break;
+    const T* xrow = x + b * sxb + n * sxn;
+    const T* dyrow = dy + b * syb + n * syn;
+    SoftmaxState st = vk::empty_state();
+    float ds = 0.f;
+    for (int c = lane * V; c < D; c += 32 * V) {
+      float v[V], d[V];
+      load_row<T, V>(xrow, c, sxd, v);
+      load_row<T, V>(dyrow, c, syd, d);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float xp = g[c + i] * v[i];
+        vk::push(st, xp);
+        ds += d[i] * xp;
+      }
+    }
+    st = vk::warp_merge(st);
+    ds = vk::warp_sum(ds);
+    if (lane == 0) {
+      float* out = row_stats + b * 4 * N + n;
+      out[0] = st.w / st.z;
+      out[N] = st.m;
+      out[2 * N] = st.z;
+      out[3 * N] = ds;
+    }
+  }
+}
+
+// ds0[b, :] = s (ds - sum_n s ds): the gradient through the token softmax; one block per batch row.
+__global__ void __launch_bounds__(kThreads) token_softmax_bwd_kernel(const float* __restrict__ s,
+                                                                     const float* __restrict__ row_stats,
+                                                                     float* __restrict__ ds0, int N) {
+  __shared__ float scratch[kWarps];
+  const int64_t b = blockIdx.x;
+  const float* sb = s + b * N;
+  const float* ds = row_stats + b * 4 * N + 3 * N;
+  float dot = 0.f;
+  for (int n = threadIdx.x; n < N; n += kThreads) dot += sb[n] * ds[n];
+  dot = block_reduce<false>(dot, scratch);
+  for (int n = threadIdx.x; n < N; n += kThreads) ds0[b * N + n] = sb[n] * (ds[n] - dot);
+}
+
+// Backward rows, pass 2: dX' = s dY + ds0 Q (1 + X' - s0), dX = g dX'; each warp sums dX' X per
+// channel over its tokens in its own shared-memory row, and the block writes the sum over warps
+// (in warp order) as its partial dg.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+gate_bwd_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd, const T* __restrict__ h, int64_t shb,
+                int64_t shd, const T* __restrict__ dy, int64_t syb, int64_t syn, int64_t syd,
+                const float* __restrict__ s, const float* __restrict__ row_stats, const float* __restrict__ ds0, int N,
+                int D, T* __restrict__ dx, float* __restrict__ dg_partial /* (B, blocks, D) */) {
+  VK_DYNAMIC_SHARED(float, g);
+  float* acc = g + D + (threadIdx.x / 32) * D;  // this warp's row of partial column sums
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int c = lane * V; c < D; c += 32 * V) {  // each lane owns the same channels throughout
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[c + i] = 0.f;
+  }
+  stage_gate(h, shb, shd, D, g);
+  const int64_t b = blockIdx.y;
+  for (int r = warp; r < kRowsPerBlock; r += kWarps) {
+    const int64_t n = block_row(r);
+    if (n >= N) break;
+    const T* xrow = x + b * sxb + n * sxn;
+    const T* dyrow = dy + b * syb + n * syn;
+    const float* st = row_stats + b * 4 * N + n;
+    const float s0 = st[0], m = st[N], inv_z = 1.f / st[2 * N];
+    const float sn = s[b * N + n], d0 = ds0[b * N + n];
+    T* out = dx + (b * N + n) * D;
+    for (int c = lane * V; c < D; c += 32 * V) {
+      float v[V], d[V];
+      load_row<T, V>(xrow, c, sxd, v);
+      load_row<T, V>(dyrow, c, syd, d);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float xp = g[c + i] * v[i];
+        const float q = expf(xp - m) * inv_z;
+        const float dxp = sn * d[i] + d0 * q * (1.f + xp - s0);
+        acc[c + i] += dxp * v[i];
+        d[i] = g[c + i] * dxp;
+      }
+      vk::store<T, V>(out + c, d);
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < D; c += kThreads) {
+    float total = 0.f;
+    for (int w = 0; w < kWarps; ++w) total += g[D + w * D + c];
+    dg_partial[(b * gridDim.x + blockIdx.x) * D + c] = total;
+  }
+}
+
+// dh[b, c] = g (1 - g) sum_blocks dg_partial[b, :, c], blocks in order: one thread per (b, c).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+gate_dh_kernel(const float* __restrict__ dg_partial, const T* __restrict__ h, int64_t shb, int64_t shd, int B, int D,
+               int blocks, T* __restrict__ dh) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<int64_t>(B) * D) return;
+  const int64_t b = i / D, c = i % D;
+  float total = 0.f;
+  for (int k = 0; k < blocks; ++k) total += dg_partial[(b * blocks + k) * D + c];
+  const float g = vk::sigmoid(vk::to_float(h[b * shb + c * shd]));
+  dh[i] = vk::from_float<T>(total * g * (1.f - g));
+}
+
+// =================================================================================== host side
+#define VK_DISPATCH_FLOATS(dtype, name, ...)                \
+  AT_DISPATCH_SWITCH(dtype, name,                           \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// Whether every (B, N, D) tensor can be read in packs of V channels: unit channel stride, D and
+// the other strides multiples of V, 16-byte aligned base.
+bool packable(std::initializer_list<const at::Tensor*> tensors, int V) {
+  for (const at::Tensor* t : tensors) {
+    if (!(t->stride(2) == 1 && t->size(2) % V == 0 && t->stride(1) % V == 0 && t->stride(0) % V == 0 &&
+          vk::aligned16(t->data_ptr())))
+      return false;
+  }
+  return true;
+}
+
+// Calls fn.template operator()<V>() with V = the pack width of T if `packed`, else 1.
+template <typename T, typename Fn>
+void with_pack(bool packed, Fn&& fn) {
+  if (packed) {
+    fn.template operator()<pack_width<T>()>();
+  } else {
+    fn.template operator()<1>();
+  }
+}
+
+int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+void check_bnd(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 3, name, " must be (B, N, D), got ", x.dim(), " dims");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              name, " must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) > 0, name, " must have at least one token");
+  TORCH_CHECK(x.size(2) <= kMaxChannels, name, " has ", x.size(2), " channels; at most ", kMaxChannels);
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on ", x.device(), ", got ", t.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> feature_summary_fwd(const at::Tensor& x, int64_t splits) {
+  check_bnd(x, "x");
+  VK_DEVICE_GUARD(x);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  auto f = at::empty({B, D}, x.options());
+  auto stats = at::empty({B, 3, D}, x.options().dtype(at::kFloat));
+  if (B == 0 || D == 0) return {f, stats};
+  VK_DISPATCH_FLOATS(x.scalar_type(), "feature_summary_fwd", [&] {
+    with_pack<scalar_t>(packable({&x}, pack_width<scalar_t>()), [&]<int V>() {
+      using Tile = ColumnTile<V>;
+      const int channel_blocks = cdiv(D, Tile::C);
+      int64_t n_splits = splits;
+      if (n_splits <= 0) {  // enough blocks for two waves, at least 2 tokens per thread per split
+        const int64_t wanted = cdiv(2 * vk::multiprocessors(), channel_blocks * B);
+        n_splits = std::max<int64_t>(1, std::min<int64_t>(wanted, N / (2 * Tile::RT)));
+      }
+      n_splits = std::min<int64_t>(n_splits, N);
+      const int rows_per_split = cdiv(N, n_splits);
+      n_splits = cdiv(N, rows_per_split);
+      TORCH_CHECK(n_splits < 65536 && B < 65536, "feature_summary: grid too large");
+      at::Tensor partial;
+      if (n_splits > 1) partial = at::empty({B, n_splits, 3, D}, stats.options());
+      auto kernel = &summary_fwd_kernel<scalar_t, V>;
+      VK_LAUNCH(kernel, dim3(channel_blocks, n_splits, B), dim3(Tile::CT, Tile::RT), 0, x.data_ptr<scalar_t>(),
+                x.stride(0), x.stride(1), x.stride(2), static_cast<int>(N), static_cast<int>(D), rows_per_split,
+                n_splits > 1 ? partial.data_ptr<float>() : nullptr, f.data_ptr<scalar_t>(), stats.data_ptr<float>());
+      if (n_splits > 1) {
+        auto merge = &summary_merge_kernel<scalar_t>;
+        VK_LAUNCH(merge, dim3(cdiv(B * D, kThreads)), dim3(kThreads), 0, partial.data_ptr<float>(),
+                  static_cast<int>(B), static_cast<int>(D), static_cast<int>(n_splits), f.data_ptr<scalar_t>(),
+                  stats.data_ptr<float>());
+      }
+    });
+  });
+  return {f, stats};
+}
+
+at::Tensor feature_summary_bwd(const at::Tensor& grad_f, const at::Tensor& x, const at::Tensor& stats) {
+  check_bnd(x, "x");
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  check_like(grad_f, x, {B, D}, "grad_f");
+  check_like(stats, x, {B, 3, D}, "stats");
+  TORCH_CHECK(grad_f.scalar_type() == x.scalar_type(), "grad_f must have x's dtype");
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous(), "stats must be contiguous float32");
+  VK_DEVICE_GUARD(x);
+  auto dx = at::empty({B, N, D}, x.options());
+  if (B == 0 || D == 0) return dx;
+  VK_DISPATCH_FLOATS(x.scalar_type(), "feature_summary_bwd", [&] {
+    with_pack<scalar_t>(packable({&x}, pack_width<scalar_t>()), [&]<int V>() {
+      using Tile = ColumnTile<V>;
+      const int rows_per_block = 8 * Tile::RT;
+      TORCH_CHECK(cdiv(N, rows_per_block) < 65536 && B < 65536, "feature_summary: grid too large");
+      auto kernel = &summary_bwd_kernel<scalar_t, V>;
+      VK_LAUNCH(kernel, dim3(cdiv(D, Tile::C), cdiv(N, rows_per_block), B), dim3(Tile::CT, Tile::RT), 0,
+                x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), stats.data_ptr<float>(),
+                grad_f.data_ptr<scalar_t>(), grad_f.stride(0), grad_f.stride(1), dx.data_ptr<scalar_t>(),
+                static_cast<int>(N), static_cast<int>(D), rows_per_block);
+    });
+  });
+  return dx;
+}
+
+void check_gate(const at::Tensor& x, const at::Tensor& h) {
+  check_bnd(x, "x");
+  check_like(h, x, {x.size(0), x.size(2)}, "h");
+  TORCH_CHECK(h.scalar_type() == x.scalar_type(), "h must have x's dtype");
+  TORCH_CHECK(x.size(0) < 65536, "team_gate: at most 65535 batch rows");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> team_gate_fwd(const at::Tensor& x, const at::Tensor& h) {
+  check_gate(x, h);
+  VK_DEVICE_GUARD(x);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  auto y = at::empty({B, N, D}, x.options());
+  auto fopts = x.options().dtype(at::kFloat);
+  auto s0 = at::empty({B, N}, fopts), lse = at::empty({B, N}, fopts), s = at::empty({B, N}, fopts);
+  if (B == 0 || D == 0) return {y, lse, s};
+  const dim3 grid(cdiv(N, kRowsPerBlock), B);
+  const size_t smem = D * sizeof(float);
+  VK_DISPATCH_FLOATS(x.scalar_type(), "team_gate_fwd", [&] {
+    with_pack<scalar_t>(packable({&x}, pack_width<scalar_t>()), [&]<int V>() {
+      auto rows = &gate_rows_kernel<scalar_t, V>;
+      VK_LAUNCH(rows, grid, dim3(kThreads), smem, x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
+                h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), static_cast<int>(N), static_cast<int>(D),
+                s0.data_ptr<float>(), lse.data_ptr<float>());
+      auto softmax = &token_softmax_kernel;
+      VK_LAUNCH(softmax, dim3(B), dim3(kThreads), 0, s0.data_ptr<float>(), s.data_ptr<float>(), static_cast<int>(N));
+      auto apply = &gate_apply_kernel<scalar_t, V>;
+      VK_LAUNCH(apply, grid, dim3(kThreads), smem, x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
+                h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), s.data_ptr<float>(), static_cast<int>(N),
+                static_cast<int>(D), y.data_ptr<scalar_t>());
+    });
+  });
+  return {y, lse, s};
+}
+
+std::tuple<at::Tensor, at::Tensor> team_gate_bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h,
+                                                 const at::Tensor& s) {
+  check_gate(x, h);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
+  check_like(grad_y, x, x.sizes(), "grad_y");
+  check_like(s, x, {B, N}, "s");
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "grad_y must have x's dtype");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "s must be contiguous float32");
+  VK_DEVICE_GUARD(x);
+  auto dx = at::empty({B, N, D}, x.options());
+  auto dh = at::empty({B, D}, h.options());
+  if (B == 0 || D == 0) return {dx, dh};
+  const dim3 grid(cdiv(N, kRowsPerBlock), B);
+  auto fopts = x.options().dtype(at::kFloat);
+  auto row_stats = at::empty({B, 4, N}, fopts);
+  auto ds0 = at::empty({B, N}, fopts);
+  auto dg_partial = at::empty({B, grid.x, D}, fopts);
+  VK_DISPATCH_FLOATS(x.scalar_type(), "team_gate_bwd", [&] {
+    with_pack<scalar_t>(packable({&x, &grad_y}, pack_width<scalar_t>()), [&]<int V>() {
+      auto rows = &gate_bwd_rows_kernel<scalar_t, V>;
+      VK_LAUNCH(rows, grid, dim3(kThreads), D * sizeof(float), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+                x.stride(2), h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), grad_y.data_ptr<scalar_t>(),
+                grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), static_cast<int>(N), static_cast<int>(D),
+                row_stats.data_ptr<float>());
+      auto softmax_bwd = &token_softmax_bwd_kernel;
+      VK_LAUNCH(softmax_bwd, dim3(B), dim3(kThreads), 0, s.data_ptr<float>(), row_stats.data_ptr<float>(),
+                ds0.data_ptr<float>(), static_cast<int>(N));
+      auto bwd = &gate_bwd_kernel<scalar_t, V>;
+      VK_LAUNCH(bwd, grid, dim3(kThreads), (1 + kWarps) * D * sizeof(float), x.data_ptr<scalar_t>(), x.stride(0),
+                x.stride(1), x.stride(2), h.data_ptr<scalar_t>(), h.stride(0), h.stride(1),
+                grad_y.data_ptr<scalar_t>(), grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), s.data_ptr<float>(),
+                row_stats.data_ptr<float>(), ds0.data_ptr<float>(), static_cast<int>(N), static_cast<int>(D),
+                dx.data_ptr<scalar_t>(), dg_partial.data_ptr<float>());
+      auto dh_kernel = &gate_dh_kernel<scalar_t>;
+      VK_LAUNCH(dh_kernel, dim3(cdiv(B * D, kThreads)), dim3(kThreads), 0, dg_partial.data_ptr<float>(),
+                h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), static_cast<int>(B), static_cast<int>(D),
+                static_cast<int>(grid.x), dh.data_ptr<scalar_t>());
+    });
+  });
+  return {dx, dh};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(VK_NAMESPACE, m) {
+  m.def("feature_summary_fwd(Tensor x, int splits=0) -> (Tensor f, Tensor stats)");
+  m.def("feature_summary_bwd(Tensor grad_f, Tensor x, Tensor stats) -> Tensor");
+  m.def("team_gate_fwd(Tensor x, Tensor h) -> (Tensor y, Tensor tok_lse, Tensor s)");
+  m.def("team_gate_bwd(Tensor grad_y, Tensor x, Tensor h, Tensor s) -> (Tensor dx, Tensor dh)");
+}
+
+TORCH_LIBRARY_IMPL(VK_NAMESPACE, VK_DISPATCH_KEY, m) {
+  m.impl("feature_summary_fwd", &feature_summary_fwd);
+  m.impl("feature_summary_bwd", &feature_summary_bwd);
+  m.impl("team_gate_fwd", &team_gate_fwd);
+  m.impl("team_gate_bwd", &team_gate_bwd);
+}
