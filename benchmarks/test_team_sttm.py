@@ -1,8 +1,12 @@
 """TEAM's fused ops (SPEC §2) and STTM's selection and soft merge (SPEC §3).
 
 Providers: ``reference`` (eager; for selection a Python loop over problems and picks, as in
-Motionformer's code), ``triton`` (TEAM's fused kernels), ``torch`` (vidkern's backend),
-``compile`` (torch.compile of the reference).
+Motionformer's code), ``triton`` and ``cuda`` (TEAM's fused Triton / CUDA C++ kernels), ``torch``
+(vidkern's backend), ``compile`` (torch.compile of the reference).
+
+TEAM's bytes are the minimum any implementation must move (SPEC §2): forward reads X once and
+writes Y once; backward reads X and dY once and writes dX once (the (B, D) and (B, N) vectors are
+negligible). On GPU, ViT-S/B at B = 8 and 32 (N = 1568), each op alone and the pair.
 """
 import functools
 
@@ -11,8 +15,13 @@ import torch
 
 import vidkern
 from vidkern import reference as R
-from cases import BATCH, DEVICE, DTYPE, N, SIZES
-from conftest import INTERPRET, MODES, note_provider, skip_provider
+from cases import BATCH, DEVICE, DTYPE, GPU, N, SIZES
+from conftest import INTERPRET, MODES, QUICK, note_provider, skip_provider
+
+TEAM_BATCHES = (8, 32) if GPU and not QUICK else (BATCH,)
+TEAM_OPS = ("feature_summary", "team_gate", "team") if GPU and not QUICK else ("team",)
+# elements of X moved per op: (forward, backward)
+TEAM_TRAFFIC = {"feature_summary": (1, 2), "team_gate": (2, 3), "team": (2, 3)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,24 +29,50 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def team(x, backend):
+REFERENCE_TEAM = {"feature_summary": lambda a, h: R.feature_summary(a), "team_gate": R.team_gate,
+                  "team": lambda a, h: R.team_gate(a, R.feature_summary(a))}
+
+
+def team(op, x, h, backend):
     if backend == "compile":
-        return compiled(lambda a: R.team_gate(a, R.feature_summary(a)))(x)
+        return compiled(REFERENCE_TEAM[op])(x, h)
+    if op == "feature_summary":
+        return vidkern.feature_summary(x, backend=backend)
+    if op == "team_gate":
+        return vidkern.team_gate(x, h, backend=backend)
     return vidkern.team_gate(x, vidkern.feature_summary(x, backend=backend), backend=backend)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("provider", ["reference", "triton", "torch", "compile"])
-def test_team(measure, provider, size, mode):
+def _team_provider_usable(provider):
     if provider == "triton" and DEVICE == "cpu":
         if not INTERPRET:
             skip_provider("triton", "needs a CUDA device (VIDKERN_BENCH_INTERPRET=1 times Triton's interpreter on CPU)")
         note_provider("triton", "Triton's interpreter on CPU (numpy per tile): a correctness run, not a GPU timing")
-    x = torch.randn(BATCH, N, SIZES[size]["dim"], device=DEVICE, dtype=DTYPE, requires_grad=mode != "fwd")
+    if provider == "cuda":
+        from vidkern.backends import cuda
+        if cuda.extension_error():
+            skip_provider("cuda", cuda.extension_error())
+        if DEVICE == "cpu":
+            skip_provider("cuda", "needs a CUDA device (on CPU the CUDA kernels run only in the emulator, "
+                                  "one OS thread per CUDA thread: a correctness tool, not a timing)")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("batch", TEAM_BATCHES)
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("op", TEAM_OPS)
+@pytest.mark.parametrize("provider", ["reference", "cuda", "triton", "torch", "compile"])
+def test_team(measure, provider, op, size, batch, mode):
+    _team_provider_usable(provider)
+    d = SIZES[size]["dim"]
+    grad = mode != "fwd"
+    x = torch.randn(batch, N, d, device=DEVICE, dtype=DTYPE, requires_grad=grad)
+    h = torch.randn(batch, d, device=DEVICE, dtype=DTYPE, requires_grad=grad and op == "team_gate")
     elt = x.numel() * x.element_size()
-    measure(lambda a: team(a, provider), (x,), case=f"team ViT-{size} B={BATCH} {mode}", provider=provider, mode=mode,
-            flops={"fwd": 0, "bwd": 0}, nbytes={"fwd": 2 * elt, "bwd": 3 * elt}, dtype=DTYPE)
+    fwd, bwd = TEAM_TRAFFIC[op]
+    measure(lambda a, b: team(op, a, b, provider), (x, h), case=f"{op} ViT-{size} B={batch} {mode}",
+            provider=provider, mode=mode, flops={"fwd": 0, "bwd": 0}, nbytes={"fwd": fwd * elt, "bwd": bwd * elt},
+            dtype=DTYPE)
 
 
 def merge(u, x, e, idx, backend):
