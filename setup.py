@@ -34,8 +34,10 @@ def _toolkit_home():
     """The CUDA toolkit folder: the one holding include/cuda_runtime.h, lib64/libcudart.so and bin/nvcc.
     (The nvcc on PATH may be a wrapper script outside the toolkit, so its parent folder is only a guess.)"""
     nvcc = shutil.which("nvcc")
-    guesses = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-               os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None, "/usr/local/cuda"]
+    guesses = [os.environ.get("CUDA_PATH"), os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None,
+               "/usr/local/cuda"]
+    if os.environ.get("CUDA_HOME"):   # an explicit choice is not second-guessed
+        guesses = [os.environ["CUDA_HOME"]]
     for home in filter(None, guesses):
         if (os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
                 and os.path.isfile(os.path.join(home, "bin", "nvcc"))

@@ -13,7 +13,8 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 def test_automatic_choice_prefers_torch_on_cpu():
     assert dispatch.select("hsda", CPU, torch.float32).name == "torch"
-    assert dispatch.names() == ["triton", "torch", "reference"]
+    assert dispatch.select("team_gate", CPU, torch.float32).name == "torch"
+    assert dispatch.names() == ["cuda", "triton", "torch", "reference"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only rules of the triton backend")
@@ -44,7 +45,7 @@ def test_forced_backend_and_env_var(monkeypatch):
 
 
 def test_forced_backend_that_cannot_run_raises_with_reasons(monkeypatch):
-    with pytest.raises(ValueError, match=r"backend must be one of \['triton', 'torch', 'reference'\], got 'flash'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['cuda', 'triton', 'torch', 'reference'\], got 'flash'"):
         dispatch.select("hsda", CPU, torch.float32, backend="flash")
     if not torch.cuda.is_available():
         with pytest.raises(NotImplementedError, match="backend='torch' cannot run hsda on cuda.*CUDA is not available"):
@@ -56,7 +57,7 @@ def test_forced_backend_that_cannot_run_raises_with_reasons(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="lists reasons only when no backend can run")
 def test_no_capable_backend_lists_every_reason():
-    with pytest.raises(NotImplementedError, match=r"no vidkern backend can run hsda on cuda.*\n  triton: .*\n  torch: .*\n  reference: "):
+    with pytest.raises(NotImplementedError, match=r"no vidkern backend can run hsda on cuda.*\n  cuda: does not implement hsda.*\n  triton: .*\n  torch: .*\n  reference: "):
         dispatch.select("hsda", CUDA, torch.float32)
 
 

@@ -1,0 +1,38 @@
+"""setup.py's decisions about the CUDA extension, and what vidkern reports when it is missing."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup(**env):
+    """``python setup.py --version``: runs the extension decision without building anything."""
+    return subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+def test_skip_installs_the_pure_python_package():
+    run = _setup(VIDKERN_SKIP_CUDA_BUILD="1")
+    assert run.returncode == 0, run.stderr
+    assert "VIDKERN_SKIP_CUDA_BUILD=1: installing vidkern without its CUDA extension" in run.stderr
+
+
+def test_missing_toolkit_warns_and_force_fails():
+    run = _setup(CUDA_HOME="/nonexistent-toolkit")
+    assert run.returncode == 0, run.stderr
+    assert "installing vidkern without its CUDA extension: no CUDA toolkit found" in run.stderr
+    run = _setup(CUDA_HOME="/nonexistent-toolkit", VIDKERN_FORCE_BUILD="1")
+    assert run.returncode != 0
+    assert "VIDKERN_FORCE_BUILD=1 but the CUDA extension cannot be built: no CUDA toolkit found" in run.stderr
+
+
+def test_info_says_why_the_cuda_backend_is_unavailable():
+    """With vidkern._C unloadable, `python -m vidkern.info` reports the cuda backend unavailable,
+    with the reason, and the other backends still work."""
+    code = ("import sys, runpy; sys.modules['vidkern._C'] = None; "   # makes `import vidkern._C` fail
+            "runpy.run_module('vidkern.info', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300).stdout
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("cuda "))
+    assert "unavailable: vidkern._C does not load" in line
+    assert any(ln.strip().startswith("torch ") and "available" in ln for ln in out.splitlines())
