@@ -29,12 +29,14 @@ def test_every_launcher_configuration_compiles_cleanly(tmp_path):
     run = aot.run_in_subprocess("--out", str(out))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and "kernel" not in ln]
-    expected = len(list(aot.all_configurations())) + len(list(aot.team_configurations()))
+    expected = (len(list(aot.all_configurations())) + len(list(aot.team_configurations()))
+                + len(list(aot.sttm_configurations())))
     # HSDA: archs x (fp16, bf16: d<=128; fp32: d<=64) x (7 kernels + the debug forward);
-    # TEAM: archs x 3 dtypes x (2 column kernels + 4 row kernels x 5 channel blocks)
-    assert expected == 2 * (3 + 3 + 2) * (7 + 1) + 2 * 3 * (2 + 4 * 5)
+    # TEAM: archs x 3 dtypes x (2 column kernels + 4 row kernels x 5 channel blocks);
+    # STTM: archs x 3 dtypes x 6 kernels
+    assert expected == 2 * (3 + 3 + 2) * (7 + 1) + 2 * 3 * (2 + 4 * 5) + 2 * 3 * 6
     assert len(rows) == expected + len(aot.cuda_resources())
-    assert any(r.startswith("| team gate_bwd") for r in rows)
+    assert any(r.startswith("| team gate_bwd") for r in rows) and any(r.startswith("| sttm merge_bwd_meta") for r in rows)
     assert all(r.endswith("| ok |") or (" debug |" in r and "| ok (debug" in r) for r in rows)
     assert all(r.endswith("| ok |") for r in rows if " debug |" not in r)
     assert any("sm_90" in r and "| fwd |" in r for r in rows) and any("sm_80" in r for r in rows)

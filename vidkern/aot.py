@@ -55,7 +55,7 @@ class Result:
 
     @property
     def needs_mma(self) -> bool:
-        return self.kernel in ("fwd", "bwd_dkdv", "bwd_dq")   # the attention products
+        return self.kernel in ("fwd", "bwd_dkdv", "bwd_dq") or self.kernel.startswith("sttm merge")  # products
 
     @property
     def ok(self) -> bool:
@@ -120,6 +120,54 @@ def compile_team(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> Re
         res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return res
     return _resources(res, compiled)
+
+
+STTM_KERNELS = ("select", "merge_lse", "merge_fwd", "merge_bwd_delta", "merge_bwd_tokens", "merge_bwd_meta")
+_STTM_POINTERS = {"IDX": "*i64", "START": "*i64", "OUT": "*i64", "WORK": "*fp32", "LSE": "*fp32", "COL": "*fp32",
+                  "GAMMA": "*fp32", "DELTA": "*fp32", "DU_OUT": "*fp32", "DV": "*fp32"}
+
+
+def compile_sttm(kernel: str, dtype: torch.dtype, arch: int) -> Result:
+    """Compile one STTM kernel at the launcher's block sizes (``vidkern.kernels.sttm``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .kernels import sttm as K
+    from .kernels.hsda import _precision
+    fn = getattr(K, f"_{kernel}_kernel")
+    if kernel == "select":
+        consts = dict(EPS=K.NORM_EPS, BLOCK_L=K.SELECT_BLOCKS[0], BLOCK_D=K.SELECT_BLOCKS[1])
+    else:
+        blocks = dict(zip(("BM", "BN", "BK", "BD"), K.merge_blocks(dtype)))
+        consts = {k: v for k, v in blocks.items() if k in inspect.signature(fn.fn).parameters}
+        consts["PRECISION"] = _precision(dtype)
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {}
+    for name in names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in _STTM_POINTERS:
+            sig[name] = _STTM_POINTERS[name]
+        elif name.isupper() and name not in ("L", "LP", "D", "DU", "K"):
+            sig[name] = f"*{DTYPES[dtype]}"
+        else:
+            sig[name] = "fp32" if name == "inv_tau" else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if sig[name].startswith("*")}
+    label = " ".join(f"{k}={v}" for k, v in consts.items() if k not in ("EPS", "PRECISION"))
+    res = Result(f"sttm {kernel}", f"{DTYPES[dtype]} {label} w=4", arch)
+    try:
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+    except Exception as exc:
+        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return res
+    return _resources(res, compiled)
+
+
+def sttm_configurations(archs=ARCHS, dtypes=tuple(DTYPES)):
+    for arch, dtype, kernel in itertools.product(archs, dtypes, STTM_KERNELS):
+        yield kernel, dtype, arch
 
 
 def _resources(res: Result, compiled) -> Result:
@@ -307,6 +355,7 @@ def main(argv=None) -> int:
     archs = tuple(args.arch or ARCHS)
     results = [compile_one(*c) for c in all_configurations(archs, tuple(DTYPES), tuple(args.head_dim or ()))]
     results += [compile_team(*c) for c in team_configurations(archs)]
+    results += [compile_sttm(*c) for c in sttm_configurations(archs)]
     cuda = [r for r in cuda_resources() if r.arch in archs]
     results += cuda
     text = table(results)

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: fused Triton kernels (``vidkern.kernels``: ``hsda``, ``team``), CUDA devices.
+"""The ``triton`` backend: fused Triton kernels (``vidkern.kernels``: ``hsda``, ``team``, ``sttm``), CUDA devices.
 
 On a machine without CUDA the same kernels run in Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was imported — only when asked for by name
@@ -34,7 +34,7 @@ def interpreting() -> bool:
 
 class TritonBackend(Backend):
     name = "triton"
-    ops = frozenset({"hsda", "feature_summary", "team_gate"})
+    ops = frozenset({"hsda", "feature_summary", "team_gate", "orthogonal_select", "soft_merge"})
     devices = frozenset({"cuda", "cpu"})
     dtypes = {"cuda": _KERNEL_DTYPES, "cpu": _KERNEL_DTYPES}
     max_head_dim = 128
@@ -83,3 +83,15 @@ class TritonBackend(Backend):
     def team_gate_backward(self, grad_y, x, h, tok_lse, s):
         from ..kernels import team
         return team.team_gate_backward(grad_y, x, h, tok_lse, s)
+
+    def orthogonal_select(self, x, k, start):
+        from ..kernels import sttm
+        return sttm.orthogonal_select(x, k, start)
+
+    def soft_merge_forward(self, u, idx, x, e, tau):
+        from ..kernels import sttm
+        return sttm.soft_merge_forward(u, idx, x, e, tau)
+
+    def soft_merge_backward(self, grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau):
+        from ..kernels import sttm
+        return sttm.soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau)

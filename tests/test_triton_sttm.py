@@ -1,0 +1,106 @@
+"""The Triton STTM kernels (selection, soft merge) against the float64 reference.
+
+Without a GPU they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), with
+16-wide tiles so that small shapes still span several tiles with ragged ends."""
+import pytest
+import torch
+
+import vidkern
+from vidkern import dispatch, reference as R
+from tolerance import check_against_reference
+from test_scale import LargestTensor
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+reasons = dispatch.get("triton").not_supported_reasons("soft_merge", torch.device(DEVICE), torch.float32, forced=True)
+pytestmark = pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
+# Triton 3.8's interpreter computes tl.dot on bfloat16 wrongly (see test_triton_hsda.py).
+MERGE_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    if DEVICE == "cpu":
+        from vidkern.kernels import sttm
+        monkeypatch.setattr(sttm, "SELECT_BLOCKS", (16, 16))
+        monkeypatch.setattr(sttm, "merge_blocks", lambda dtype: (16, 16, 16, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 49, 24, 24), (1, 1, 8, 1), (2, 37, 40, 37), (3, 70, 17, 35)])
+def test_selection_equals_the_reference(shape, dtype, small_tiles):
+    """The indices are discrete: they must equal the reference's exactly (cosines in fp32)."""
+    b, length, d, k = shape
+    x = torch.randn(b, length, d).to(dtype).to(DEVICE)
+    start = torch.randint(0, length, (b,)).to(DEVICE)
+    got = vidkern.orthogonal_select(x, k, start, backend="triton")
+    assert got.dtype == torch.long and got.shape == (b, k)
+    assert torch.equal(got.cpu(), R.orthogonal_select(x.double(), k, start).cpu())
+
+
+def test_selection_ties_go_to_the_lowest_index(small_tiles):
+    """Mutually orthogonal tokens: every unchosen token scores exactly 0, so after the start the
+    picks are the remaining indices in ascending order, across tile boundaries."""
+    length = 40
+    x = (torch.eye(length) * 2.0 ** torch.randint(-3, 4, (length, 1)))[None].to(DEVICE)
+    got = vidkern.orthogonal_select(x, length, torch.tensor([17], device=DEVICE), backend="triton")
+    assert got.tolist() == [[17] + [i for i in range(length) if i != 17]]
+
+
+def test_selection_never_picks_a_token_twice(small_tiles):
+    """Exact duplicates (one-hot rows, |cos| exactly 1 or 0): once the orthogonal tokens run out,
+    every unchosen token scores 1 — as does every chosen one against itself, so chosen tokens
+    must be excluded explicitly."""
+    x = torch.cat([torch.eye(20), torch.eye(20)])[None].to(DEVICE)    # token i and token 20 + i are equal
+    got = vidkern.orthogonal_select(x, 40, torch.tensor([3], device=DEVICE), backend="triton")
+    assert sorted(got[0].tolist()) == list(range(40))
+    assert torch.equal(got.cpu(), R.orthogonal_select(x.double(), 40, torch.tensor([3])).cpu())
+
+
+def test_select_meta_tokens_with_scores_and_strided_input(small_tiles):
+    x = torch.randn(2, 30, 45).to(DEVICE).transpose(1, 2)        # (B, L=45, D=30), channel stride != 1
+    scores = torch.rand(2, 45).to(DEVICE)
+    got = vidkern.select_meta_tokens(x, 20, scores=scores, backend="triton")
+    assert torch.equal(got.cpu(), R.select_meta_tokens(x.double(), 20, scores=scores.double()).cpu())
+
+
+@pytest.mark.parametrize("dtype", MERGE_DTYPES)
+@pytest.mark.parametrize("shape", [(2, 37, 19, 24), (1, 50, 25, 40), (2, 20, 20, 16), (1, 9, 1, 8)])
+def test_soft_merge_matches_reference(shape, dtype, small_tiles, poison):
+    b, length, lp, d = shape
+    u = R.normalize(torch.randn(b, length, d)).to(DEVICE)
+    x, e = torch.randn(b, length, d).to(DEVICE), torch.randn(1, length, d).to(DEVICE)
+    idx = torch.stack([torch.randperm(length)[:lp] for _ in range(b)]).to(DEVICE)
+    check_against_reference("triton soft_merge",
+                            lambda uu, xx, ee: vidkern.soft_merge(uu, idx, xx, ee, 0.7, backend="triton"),
+                            lambda uu, xx, ee: R.soft_merge(uu, idx, xx, ee.expand(b, -1, -1), 0.7),
+                            [u, x, e], dtype)
+
+
+def test_soft_merge_strided_inputs_and_stride0_grads(small_tiles):
+    b, length, lp, d = 2, 33, 17, 24
+    u = R.normalize(torch.randn(b, d, length).transpose(1, 2)).to(DEVICE).requires_grad_()
+    xe = torch.randn(b, length, 3 * d).to(DEVICE)
+    x, e = xe[..., :d].requires_grad_(), xe[..., d:2 * d].requires_grad_()   # views of a fused projection
+    idx = vidkern.select_meta_tokens(x.detach(), lp)
+    a, p = vidkern.soft_merge(u, idx, x, e, backend="triton")
+    (a.sum() + p.sum()).backward()                                           # stride-0 gradients
+    ur, xr, er = (t.detach().double().requires_grad_() for t in (u, x, e))
+    ar, pr = R.soft_merge(ur, idx, xr, er)
+    (ar.sum() + pr.sum()).backward()
+    torch.testing.assert_close(a.double(), ar, rtol=1e-5, atol=1e-5)
+    for got, want in ((u.grad, ur.grad), (x.grad, xr.grad), (e.grad, er.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_merge_never_allocates_the_token_by_meta_matrix():
+    b, length, lp, d = 1, 400, 200, 16
+    u = R.normalize(torch.randn(b, length, d)).to(DEVICE)
+    x, e = torch.randn(b, length, d).to(DEVICE), torch.randn(b, length, d).to(DEVICE)
+    idx = vidkern.select_meta_tokens(x, lp)
+    be = dispatch.get("triton")
+    with LargestTensor() as probe:
+        a, p, row_lse, col_sum = be.soft_merge_forward(u, idx, x, e, 1.0)
+        be.soft_merge_backward(torch.ones_like(a), p, u, idx, x, e, a, p, row_lse, col_sum, 1.0)
+    # 4 L D: Triton's interpreter hands fp32 (L, D) buffers to its kernels as byte views
+    limit = (4 if DEVICE == "cpu" else 1) * length * d
+    assert probe.largest <= limit < length * lp, f"largest tensor {probe.largest} elements vs L*L'={length * lp}"
