@@ -27,7 +27,7 @@ with open(os.path.join(here, "vidkern", "_version.py")) as f:
     exec(f.read(), version)
 
 CSRC = "csrc"
-CUDA_SOURCES = [f"{CSRC}/module.cpp", f"{CSRC}/team.cu"]
+CUDA_SOURCES = [f"{CSRC}/module.cpp", f"{CSRC}/team.cu", f"{CSRC}/sttm.cu"]
 
 
 def _toolkit_home():

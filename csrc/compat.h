@@ -141,8 +141,73 @@ __device__ __forceinline__ SoftmaxState warp_merge(SoftmaxState st) {
   return st;
 }
 
+// Division and inverse square root without IEEE's slow-path subroutine (a CALL whose frame the
+// resource check counts as stack): about 2 ulp, for operands of ordinary magnitude. The emulator
+// uses the exact operations.
+__device__ __forceinline__ float fast_div(float a, float b) {
+#ifdef VIDKERN_EMULATE
+  return a / b;
+#else
+  return __fdividef(a, b);
+#endif
+}
+
+__device__ __forceinline__ float fast_rsqrt(float x) {
+#ifdef VIDKERN_EMULATE
+  return 1.f / std::sqrt(x);
+#else
+  return rsqrtf(x);
+#endif
+}
+
 __device__ __forceinline__ float sigmoid(float h) { return 1.f / (1.f + expf(-h)); }
 
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+template <typename T>
+constexpr int pack_width() { return 16 / static_cast<int>(sizeof(T)); }
+
+// V elements of a row starting at channel c (V > 1: the channel stride is 1).
+template <typename T, int V>
+__device__ __forceinline__ void load_row(const T* row, int c, int64_t stride, float (&v)[V]) {
+  if constexpr (V > 1) {
+    load<T, V>(row + c, v);
+  } else {
+    v[0] = to_float(row[c * stride]);
+  }
+}
+
+// ---------------------------------------------------------------------------- host helpers
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
+// Whether every (B, N, D) tensor can be read in packs of V channels: unit channel stride, D and
+// the other strides multiples of V, 16-byte aligned base.
+inline bool packable(std::initializer_list<const at::Tensor*> tensors, int V) {
+  for (const at::Tensor* t : tensors) {
+    if (!(t->stride(2) == 1 && t->size(2) % V == 0 && t->stride(1) % V == 0 && t->stride(0) % V == 0 &&
+          aligned16(t->data_ptr())))
+      return false;
+  }
+  return true;
+}
+
+// Calls fn.template operator()<V>() with V = the pack width of T if `packed`, else 1.
+template <typename T, typename Fn>
+void with_pack(bool packed, Fn&& fn) {
+  if (packed) {
+    fn.template operator()<pack_width<T>()>();
+  } else {
+    fn.template operator()<1>();
+  }
+}
+
+inline int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
 }  // namespace vk
+
+// The storage dtypes every kernel here is instantiated for.
+#define VK_DISPATCH_FLOATS(dtype, name, ...)                   \
+  AT_DISPATCH_SWITCH(dtype, name,                              \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))

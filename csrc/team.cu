@@ -21,27 +21,18 @@
 
 namespace {
 
+using vk::cdiv;
+using vk::imin;
+using vk::load_row;
+using vk::pack_width;
+using vk::packable;
 using vk::SoftmaxState;
+using vk::with_pack;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerBlock = 32;  // tokens per block of the row kernels (4 per warp)
 constexpr int kMaxChannels = 1024;  // the backward keeps (1 + warps) x D floats in shared memory
-
-__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
-
-template <typename T>
-constexpr int pack_width() { return 16 / static_cast<int>(sizeof(T)); }
-
-// V elements of a token row starting at channel c (V > 1: the channel stride is 1).
-template <typename T, int V>
-__device__ __forceinline__ void load_row(const T* row, int c, int64_t stride, float (&v)[V]) {
-  if constexpr (V > 1) {
-    vk::load<T, V>(row + c, v);
-  } else {
-    v[0] = vk::to_float(row[c * stride]);
-  }
-}
 
 // ------------------------------------------------------------------------ feature_summary
 // Column tiles: CT threads across channels (V each, 128 contiguous bytes per token row when
@@ -362,35 +353,6 @@ gate_dh_kernel(const float* __restrict__ dg_partial, const T* __restrict__ h, in
 }
 
 // =================================================================================== host side
-#define VK_DISPATCH_FLOATS(dtype, name, ...)                \
-  AT_DISPATCH_SWITCH(dtype, name,                           \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-// Whether every (B, N, D) tensor can be read in packs of V channels: unit channel stride, D and
-// the other strides multiples of V, 16-byte aligned base.
-bool packable(std::initializer_list<const at::Tensor*> tensors, int V) {
-  for (const at::Tensor* t : tensors) {
-    if (!(t->stride(2) == 1 && t->size(2) % V == 0 && t->stride(1) % V == 0 && t->stride(0) % V == 0 &&
-          vk::aligned16(t->data_ptr())))
-      return false;
-  }
-  return true;
-}
-
-// Calls fn.template operator()<V>() with V = the pack width of T if `packed`, else 1.
-template <typename T, typename Fn>
-void with_pack(bool packed, Fn&& fn) {
-  if (packed) {
-    fn.template operator()<pack_width<T>()>();
-  } else {
-    fn.template operator()<1>();
-  }
-}
-
-int cdiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
-
 void check_bnd(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 3, name, " must be (B, N, D), got ", x.dim(), " dims");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,

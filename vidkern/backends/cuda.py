@@ -1,6 +1,6 @@
 """The ``cuda`` backend: the CUDA C++ kernels of ``csrc/`` (TEAM's ``feature_summary`` and
-``team_gate``), built by ``setup.py`` into ``vidkern._C`` and registered with ``TORCH_LIBRARY``
-as ``torch.ops.vidkern_cuda.*``.
+``team_gate``; STTM's ``orthogonal_select`` and ``soft_merge``), built by ``setup.py`` into
+``vidkern._C`` and registered with ``TORCH_LIBRARY`` as ``torch.ops.vidkern_cuda.*``.
 
 The same kernel source also compiles for the host through the CPU emulator (``csrc/emulate.h``,
 VERIFY.md §3): :func:`load_emulator` builds it from a source checkout and registers
@@ -73,10 +73,10 @@ def kernels(device: torch.device):
 
 class CudaBackend(Backend):
     name = "cuda"
-    ops = frozenset({"feature_summary", "team_gate"})
+    ops = frozenset({"feature_summary", "team_gate", "orthogonal_select", "soft_merge"})
     devices = frozenset({"cuda", "cpu"})
     dtypes = {"cuda": _KERNEL_DTYPES, "cpu": _KERNEL_DTYPES}
-    max_channels = 1024   # team_gate's backward keeps (1 + 8 warps) x D floats in shared memory
+    max_channels = 1024   # TEAM: team_gate's backward keeps (1 + 8 warps) x D floats in shared memory
 
     def unavailable_reason(self):
         return None if emulator_loaded() else extension_error()
@@ -107,3 +107,13 @@ class CudaBackend(Backend):
 
     def team_gate_backward(self, grad_y, x, h, tok_lse, s):
         return tuple(kernels(x.device).team_gate_bwd(grad_y, x, h, s))
+
+    def orthogonal_select(self, x, k, start):
+        return kernels(x.device).orthogonal_select(x, k, start.long())
+
+    def soft_merge_forward(self, u, idx, x, e, tau):
+        return tuple(kernels(x.device).soft_merge_fwd(u, idx.contiguous(), x, e, tau))
+
+    def soft_merge_backward(self, grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau):
+        return tuple(kernels(x.device).soft_merge_bwd(grad_a, grad_p, u, idx.contiguous(), x, e, a, p, row_lse,
+                                                      col_sum, tau))
