@@ -80,6 +80,34 @@ def test_sttm_stages_vit_s_shapes():
             torch.float32)
 
 
+LONG_CLIP = (12544, 6272, 768)   # 64 frames of 224x224 in 2x16x16 tubelets -> half merged, ViT-B width
+
+
+@pytest.mark.slow
+def test_long_clip_on_the_torch_backend():
+    """L = 12544 -> L' = 6272, D = 768 at full size (about 20 s): selection and soft merge forward
+    and backward never allocate an (L, L') tensor (78.7M elements); selection's first picks and
+    the merge forward equal the reference's (which does allocate it: 0.3 GB in float32)."""
+    length, lp, d = LONG_CLIP
+    x = torch.randn(1, length, d)
+    be = dispatch.get("torch")
+    start = R.default_start(x)
+    with LargestTensor() as probe:
+        picks = be.orthogonal_select(x, lp, start)
+    assert probe.largest < length * lp, probe.largest
+    assert picks.unique().numel() == lp and picks[0, 0] == start[0]
+    assert torch.equal(picks[:, :8], R.orthogonal_select(x, 8, start))       # reference: an (L, L) matrix
+    idx = torch.sort(picks, dim=1).values
+    u, e = R.normalize(torch.randn(1, length, d)), torch.randn(1, length, d)
+    with LargestTensor() as probe:
+        a, p, row_lse, col_sum = be.soft_merge_forward(u, idx, x, e, 1.0)
+        be.soft_merge_backward(torch.randn_like(a), torch.randn_like(p), u, idx, x, e, a, p, row_lse, col_sum, 1.0)
+    assert probe.largest <= length * d < length * lp, probe.largest
+    ref_a, ref_p = R.soft_merge(u, idx, x, e)
+    torch.testing.assert_close(a, ref_a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p, ref_p, rtol=1e-4, atol=1e-5)
+
+
 grids = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5))
 
 

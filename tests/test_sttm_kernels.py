@@ -124,3 +124,25 @@ def test_soft_merge_never_allocates_the_token_by_meta_matrix(kernels):
     # 4 L D: Triton's interpreter hands fp32 (L, D) buffers to its kernels as byte views
     limit = (4 if dev.type == "cpu" else 1) * length * d
     assert probe.largest <= limit < length * lp, f"largest tensor {probe.largest} elements vs L*L'={length * lp}"
+
+
+@pytest.mark.slow
+def test_long_clip_at_reduced_size(kernels):
+    """The long-clip regime (many token tiles per problem, picks spread over every tile) at a size
+    the interpreter / emulator can run: selection equals the reference, merge forward and backward
+    are within float32 tolerance. (tests/test_scale.py runs L = 12544 on the torch backend.)"""
+    backend, dev = kernels
+    on_gpu = dev.type == "cuda"
+    sel_l, merge_l, d = (12544, 12544, 64) if on_gpu else (384, 256 if backend == "triton" else 1024, 16)
+    x = torch.randn(1, sel_l, d).to(dev)
+    start = R.default_start(x)
+    picks = vidkern.orthogonal_select(x, sel_l // 2, start, backend=backend)
+    want = (R.orthogonal_select(x.double(), sel_l // 2, start) if not on_gpu
+            else dispatch.get("torch").orthogonal_select(x, sel_l // 2, start))
+    assert torch.equal(picks, want)
+    x = torch.randn(1, merge_l, d).to(dev)
+    idx = vidkern.select_meta_tokens(x, merge_l // 2)
+    u, e = R.normalize(torch.randn(1, merge_l, d)).to(dev), torch.randn(1, merge_l, d).to(dev)
+    check_against_reference(f"{backend} soft_merge long clip",
+                            lambda uu, xx, ee: vidkern.soft_merge(uu, idx, xx, ee, backend=backend),
+                            lambda uu, xx, ee: R.soft_merge(uu, idx, xx, ee), [u, x, e], torch.float32)
