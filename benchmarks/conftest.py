@@ -19,13 +19,15 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import time
+import weakref
 
 import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(__file__))  # benchmarks/cases.py
 
@@ -115,6 +117,41 @@ def saved_for_backward_mib(fn) -> float:
     return sum(seen.values()) / 2**20
 
 
+class _LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the CPU tensors ATen ops allocate while active (freed storages are subtracted
+    when torch frees them: storage PyObjects live exactly as long as the storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def _free(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes and key not in self.seen:
+                    self.seen.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+def peak_tensor_mib(fn) -> float:
+    """CPU: the peak of tensor memory allocated during one call of ``fn`` (its inputs excluded),
+    tracked per ATen op; the per-case peak that the process's max RSS (which only grows) cannot give."""
+    with _LiveTensorBytes() as probe:
+        fn()
+    return probe.peak / 2**20
+
+
 def _grad_inputs(inputs):
     return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
@@ -184,7 +221,7 @@ def measure(benchmark):
         else:
             benchmark.pedantic(timed(fwd if mode == "fwd" else fwd_bwd), rounds=rounds, iterations=1)
         benchmark.extra_info["peak_mem_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-                                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                                                else peak_tensor_mib(fwd if mode == "fwd" else fwd_bwd))
     return run
 
 
@@ -313,7 +350,8 @@ def pytest_sessionfinish(session, exitstatus):
              "FLOPs: 2 per multiply-add, attended pairs only (global head 4·N²·d forward, sparse-dense head "
              "4·Σ|G|²·d; backward 2.5x forward for attention). GB/s: minimum traffic. Roofline %: the time the "
              "roofline allows over the measured median. `saved MiB`: activation memory autograd keeps from one "
-             "forward. `peak MiB`: GPU allocator peak, or on CPU the process's max RSS (it only grows). "
+             "forward. `peak MiB`: GPU allocator peak; on CPU the peak of the tensors allocated during one call "
+             "(inputs excluded), tracked per ATen op. "
              "`x ref`: the reference provider's median over this one's, same case, same run."
              + (" QUICK run: tiny shapes, one round — not a measurement." if QUICK else ""), ""]
     for case in dict.fromkeys(r["case"] for r in rows):

@@ -75,6 +75,33 @@ def test_team(measure, provider, op, size, batch, mode):
             dtype=DTYPE)
 
 
+# STTM stages: (problems, L, L', D). ViT's two stages (spatial: each frame's Hp*Wp tokens -> half;
+# spatio-temporal: the N/2 survivors -> N/4) and a long clip (64 frames of 224x224, ViT-B width).
+LONG_CLIP = (1, 12544, 6272, 768)
+
+
+def sttm_stages():
+    from cases import GRID
+    t, hw = GRID[0], GRID[1] * GRID[2]
+    stages = {}
+    for size, cfg in SIZES.items():
+        stages[f"spatial ViT-{size}"] = (BATCH * t, hw, hw // 2, cfg["dim"])
+        stages[f"spatio-temporal ViT-{size}"] = (BATCH, N // 2, N // 4, cfg["dim"])
+    if not QUICK:
+        stages["long clip"] = LONG_CLIP
+    return stages
+
+
+STAGES = sttm_stages()
+
+
+def _sttm_provider_usable(provider, stage):
+    _team_provider_usable(provider)   # the same GPU / extension conditions
+    if stage == "long clip" and DEVICE == "cpu" and provider == "compile":
+        skip_provider("compile", "long clip on CPU: compiling the materialised reference at L x L' = 78.7M is "
+                                 "left to GPU runs")
+
+
 def merge(u, x, e, idx, backend):
     if backend == "compile":
         return compiled(R.soft_merge)(u, idx, x, e)
@@ -82,36 +109,43 @@ def merge(u, x, e, idx, backend):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("provider", ["reference", "torch", "compile"])
-def test_soft_merge(measure, provider, size, mode):
-    """Spatio-temporal stage: (B, N/2, D) -> N/4 meta tokens (784 -> 392 for 16x224 clips)."""
-    d, length = SIZES[size]["dim"], N // 2
-    lp = length // 2
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("provider", ["reference", "cuda", "triton", "torch", "compile"])
+def test_soft_merge(measure, provider, stage, mode):
+    """(problems, L, D) -> L' meta tokens: A = C^T X and P = C^T E."""
+    if stage == "long clip" and DEVICE == "cpu" and mode != "fwd+bwd":
+        pytest.skip("long clip on CPU: forward+backward only (minutes per mode)")
+    _sttm_provider_usable(provider, stage)
+    b, length, lp, d = STAGES[stage]
     grad = mode != "fwd"
-    u = R.normalize(torch.randn(BATCH, length, d, device=DEVICE, dtype=DTYPE)).requires_grad_(grad)
-    x, e = [torch.randn(BATCH, length, d, device=DEVICE, dtype=DTYPE, requires_grad=grad) for _ in range(2)]
+    u = R.normalize(torch.randn(b, length, d, device=DEVICE, dtype=DTYPE)).requires_grad_(grad)
+    x, e = [torch.randn(b, length, d, device=DEVICE, dtype=DTYPE, requires_grad=grad) for _ in range(2)]
     idx = vidkern.select_meta_tokens(x, lp)
-    macs = BATCH * length * lp * 3 * d
+    macs = b * length * lp * 3 * d
     elt = x.numel() * x.element_size()
-    # bytes: forward reads u, x, e, writes a and p (L'/L = 1/2 of one input each); backward reads
-    # u, x, e and dA, dP, writes du, dx, de.
-    measure(lambda a, b, c: merge(a, b, c, idx, provider), (u, x, e),
-            case=f"soft_merge ViT-{size} B={BATCH} {length}->{lp} {mode}", provider=provider, mode=mode,
-            flops={"fwd": 2 * macs, "bwd": 2 * macs * 7 / 3}, nbytes={"fwd": 3 * elt + elt, "bwd": 7 * elt},
+    out = b * lp * d * x.element_size()
+    # bytes: forward reads u, x, e and writes A and P; backward reads u, x, e, dA, dP (and A, P)
+    # and writes du, dx, de.
+    measure(lambda a, bb, c: merge(a, bb, c, idx, provider), (u, x, e),
+            case=f"soft_merge {stage} {b}x{length}->{lp} D={d} {mode}", provider=provider, mode=mode,
+            flops={"fwd": 2 * macs, "bwd": 2 * macs * 7 / 3}, nbytes={"fwd": 3 * elt + 2 * out,
+                                                                      "bwd": 6 * elt + 4 * out},
             dtype=DTYPE)
 
 
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("provider", ["reference", "torch"])
-def test_select(measure, provider, size):
-    """Spatial stage: each of B*T frames, Hp*Wp tokens -> half of them."""
-    from cases import GRID
-    t, hw = GRID[0], GRID[1] * GRID[2]
-    x = torch.randn(BATCH * t, hw, SIZES[size]["dim"], device=DEVICE, dtype=DTYPE)
-    k = hw // 2
-    fn = ((lambda a: R.select_meta_tokens(a, k)) if provider == "reference"
-          else (lambda a: vidkern.select_meta_tokens(a, k, backend="torch")))
-    measure(fn, (x,), case=f"select ViT-{size} {BATCH * t}x{hw}->{k} fwd", provider=provider, mode="fwd",
-            flops={"fwd": 2 * BATCH * t * (k - 1) * hw * x.shape[-1], "bwd": 0},
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("provider", ["reference", "cuda", "triton", "torch"])
+def test_select(measure, provider, stage):
+    """Greedy most-orthogonal selection of L' of L tokens per problem. ``reference``: a Python loop
+    over problems and picks on the (L, L) cosine matrix; ``torch``: Motionformer's style, a Python
+    loop over the K picks with a few batched kernels each; ``triton``/``cuda``: one launch."""
+    _sttm_provider_usable(provider, stage)
+    if provider == "reference" and stage == "long clip":
+        skip_provider("reference (long clip)", "the reference loop is O(K^2 L) on an (L, L) matrix: hours at L = 12544")
+    b, length, lp, d = STAGES[stage]
+    x = torch.randn(b, length, d, device=DEVICE, dtype=DTYPE)
+    fn = ((lambda a: R.select_meta_tokens(a, lp)) if provider == "reference"
+          else (lambda a: vidkern.select_meta_tokens(a, lp, backend=provider)))
+    measure(fn, (x,), case=f"select {stage} {b}x{length}->{lp} D={d} fwd", provider=provider, mode="fwd",
+            flops={"fwd": 2 * b * (lp - 1) * length * d, "bwd": 0},
             nbytes={"fwd": x.numel() * x.element_size(), "bwd": 0}, dtype=DTYPE)
