@@ -220,8 +220,16 @@ def measure(benchmark):
             benchmark.pedantic(timed(bwd), setup=setup, rounds=rounds, iterations=1)
         else:
             benchmark.pedantic(timed(fwd if mode == "fwd" else fwd_bwd), rounds=rounds, iterations=1)
-        benchmark.extra_info["peak_mem_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-                                                else peak_tensor_mib(fwd if mode == "fwd" else fwd_bwd))
+        if torch.cuda.is_available():
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            try:
+                peak = peak_tensor_mib(fwd if mode == "fwd" else fwd_bwd)
+            except Exception as exc:   # e.g. a compiled graph that refuses to run under a dispatch mode
+                peak = float("nan")
+                note_provider(provider, f"CPU peak memory not measured ({type(exc).__name__} under the tensor "
+                                        "tracking dispatch mode)")
+        benchmark.extra_info["peak_mem_mib"] = peak
     return run
 
 
@@ -239,7 +247,7 @@ def _rows(session) -> list:
                          median_ms=median * 1e3, iqr_ms=b.stats.iqr * 1e3, rounds=b.stats.rounds,
                          tflops=info["flops"] / median / 1e12, gbps=info["bytes"] / median / 1e9,
                          roofline_pct=100 * roofline_s / median, saved_mib=info["saved_mib"],
-                         peak_mem_mib=info["peak_mem_mib"]))
+                         peak_mem_mib=info.get("peak_mem_mib", float("nan"))))
     for r in rows:
         ref = next((x for x in rows if x["case"] == r["case"] and x["provider"] == "reference"), None)
         r["x_reference"] = ref["median_ms"] / r["median_ms"] if ref else None

@@ -143,7 +143,28 @@ summary_bwd_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sx
 // ------------------------------------------------------------------------------ team_gate
 // Row kernels: blocks of kRowsPerBlock tokens of one batch row, one warp per token, lanes across
 // channels (V each); g = sigmoid(h[b]) is staged in shared memory first.
-__device__ __forceinline__ int64_t block_row(int r) { return static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + r; }
+// Calls row(n) for each of this warp's tokens in the block (warp w: the block's tokens w, w + 8, ...).
+template <typename F>
+__device__ __forceinline__ void for_each_row(int N, F&& row) {
+  for (int r = threadIdx.x / 32; r < kRowsPerBlock; r += kWarps) {
+    const int64_t n = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + r;
+    if (n >= N) break;  // uniform across the warp
+    row(n);
+  }
+}
+
+// Calls f(c, v, d) for this lane's packs of two token rows (X and dY): c the first channel, v and
+// d their V values as float.
+template <typename T, int V, typename F>
+__device__ __forceinline__ void for_each_pack_pair(const T* xrow, int64_t sxd, const T* dyrow, int64_t syd, int D,
+                                                   F&& f) {
+  for (int c = (threadIdx.x % 32) * V; c < D; c += 32 * V) {
+    float v[V], d[V];
+    load_row<T, V>(xrow, c, sxd, v);
+    load_row<T, V>(dyrow, c, syd, d);
+    f(c, v, d);
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ void stage_gate(const T* h, int64_t shb, int64_t shd, int D, float* g) {
@@ -159,11 +180,9 @@ gate_rows_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd,
                  int64_t shd, int N, int D, float* __restrict__ s0, float* __restrict__ lse) {
   VK_DYNAMIC_SHARED(float, g);
   stage_gate(h, shb, shd, D, g);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32;
   const int64_t b = blockIdx.y;
-  for (int r = warp; r < kRowsPerBlock; r += kWarps) {
-    const int64_t n = block_row(r);
-    if (n >= N) break;  // uniform across the warp
+  for_each_row(N, [&](int64_t n) {
     const T* row = x + b * sxb + n * sxn;
     SoftmaxState st = vk::empty_state();
     for (int c = lane * V; c < D; c += 32 * V) {
@@ -177,7 +196,7 @@ gate_rows_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd,
       s0[b * N + n] = st.w / st.z;
       lse[b * N + n] = st.m + logf(st.z);
     }
-  }
+  });
 }
 
 // Block-wide reductions (blockDim.x == kThreads), the same order every run.
@@ -215,11 +234,9 @@ gate_apply_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd
                   int64_t shd, const float* __restrict__ s, int N, int D, T* __restrict__ y) {
   VK_DYNAMIC_SHARED(float, g);
   stage_gate(h, shb, shd, D, g);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32;
   const int64_t b = blockIdx.y;
-  for (int r = warp; r < kRowsPerBlock; r += kWarps) {
-    const int64_t n = block_row(r);
-    if (n >= N) break;
+  for_each_row(N, [&](int64_t n) {
     const T* row = x + b * sxb + n * sxn;
     T* out = y + (b * N + n) * D;
     const float sn = s[b * N + n];
@@ -230,7 +247,7 @@ gate_apply_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd
       for (int i = 0; i < V; ++i) v[i] *= sn * g[c + i];
       vk::store<T, V>(out + c, v);
     }
-  }
+  });
 }
 
 // Backward rows, pass 1: per token the channel-softmax state of X' (s0, max, sum-exp: recomputed
@@ -242,26 +259,21 @@ gate_bwd_rows_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t 
                      int D, float* __restrict__ row_stats /* (B, 4, N): s0, max, sum-exp, ds */) {
   VK_DYNAMIC_SHARED(float, g);
   stage_gate(h, shb, shd, D, g);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32;
   const int64_t b = blockIdx.y;
-  for (int r = warp; r < kRowsPerBlock; r += kWarps) {
-    const int64_t n = block_row(r);
-    if (n >= N) break;
+  for_each_row(N, [&](int64_t n) {
     const T* xrow = x + b * sxb + n * sxn;
     const T* dyrow = dy + b * syb + n * syn;
     SoftmaxState st = vk::empty_state();
     float ds = 0.f;
-    for (int c = lane * V; c < D; c += 32 * V) {
-      float v[V], d[V];
-      load_row<T, V>(xrow, c, sxd, v);
-      load_row<T, V>(dyrow, c, syd, d);
+    for_each_pack_pair<T, V>(xrow, sxd, dyrow, syd, D, [&](int c, float (&v)[V], float (&d)[V]) {
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float xp = g[c + i] * v[i];
         vk::push(st, xp);
         ds += d[i] * xp;
       }
-    }
+    });
     st = vk::warp_merge(st);
     ds = vk::warp_sum(ds);
     if (lane == 0) {
@@ -271,7 +283,7 @@ gate_bwd_rows_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t 
       out[2 * N] = st.z;
       out[3 * N] = ds;
     }
-  }
+  });
 }
 
 // ds0[b, :] = s (ds - sum_n s ds): the gradient through the token softmax; one block per batch row.
@@ -299,26 +311,21 @@ gate_bwd_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd, 
                 int D, T* __restrict__ dx, float* __restrict__ dg_partial /* (B, blocks, D) */) {
   VK_DYNAMIC_SHARED(float, g);
   float* acc = g + D + (threadIdx.x / 32) * D;  // this warp's row of partial column sums
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32;
   for (int c = lane * V; c < D; c += 32 * V) {  // each lane owns the same channels throughout
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[c + i] = 0.f;
   }
   stage_gate(h, shb, shd, D, g);
   const int64_t b = blockIdx.y;
-  for (int r = warp; r < kRowsPerBlock; r += kWarps) {
-    const int64_t n = block_row(r);
-    if (n >= N) break;
+  for_each_row(N, [&](int64_t n) {
     const T* xrow = x + b * sxb + n * sxn;
     const T* dyrow = dy + b * syb + n * syn;
     const float* st = row_stats + b * 4 * N + n;
     const float s0 = st[0], m = st[N], inv_z = 1.f / st[2 * N];
     const float sn = s[b * N + n], d0 = ds0[b * N + n];
     T* out = dx + (b * N + n) * D;
-    for (int c = lane * V; c < D; c += 32 * V) {
-      float v[V], d[V];
-      load_row<T, V>(xrow, c, sxd, v);
-      load_row<T, V>(dyrow, c, syd, d);
+    for_each_pack_pair<T, V>(xrow, sxd, dyrow, syd, D, [&](int c, float (&v)[V], float (&d)[V]) {
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float xp = g[c + i] * v[i];
@@ -328,8 +335,8 @@ gate_bwd_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd, 
         d[i] = g[c + i] * dxp;
       }
       vk::store<T, V>(out + c, d);
-    }
-  }
+    });
+  });
   __syncthreads();
   for (int c = threadIdx.x; c < D; c += kThreads) {
     float total = 0.f;

@@ -24,8 +24,8 @@ def test_triton_interpreter_runs_only_when_asked_for(monkeypatch):
     assert dispatch.select("hsda", CPU, torch.float32, backend="triton") is triton_backend
     assert "only when backend='triton' is asked for" in " ".join(
         triton_backend.not_supported_reasons("hsda", CPU, torch.float32))
-    with pytest.raises(NotImplementedError, match="does not implement soft_merge"):
-        dispatch.select("soft_merge", CPU, torch.float32, backend="triton")
+    with pytest.raises(NotImplementedError, match="does not implement group_mean"):
+        dispatch.select("group_mean", CPU, torch.float32, backend="triton")
     with pytest.raises(NotImplementedError, match="dtype torch.float64 not supported"):
         dispatch.select("hsda", CPU, torch.float64, backend="triton")
     with pytest.raises(NotImplementedError, match="head dim 256 > 128"):
