@@ -58,6 +58,7 @@ def device_name() -> str:
 
 
 NOTES: dict = {}  # provider -> what it computes, when that differs from the case's op
+UNMEASURED: dict = {}  # provider -> which column could not be measured for it, and why
 
 
 def note_provider(provider: str, note: str) -> None:
@@ -227,8 +228,8 @@ def measure(benchmark):
                 peak = peak_tensor_mib(fwd if mode == "fwd" else fwd_bwd)
             except Exception as exc:   # e.g. a compiled graph that refuses to run under a dispatch mode
                 peak = float("nan")
-                note_provider(provider, f"CPU peak memory not measured ({type(exc).__name__} under the tensor "
-                                        "tracking dispatch mode)")
+                UNMEASURED.setdefault(provider, f"CPU peak memory (`nan`): {type(exc).__name__} under the "
+                                                "tensor-tracking dispatch mode")
         benchmark.extra_info["peak_mem_mib"] = peak
     return run
 
@@ -375,6 +376,8 @@ def pytest_sessionfinish(session, exitstatus):
     lines += ["## Providers that compute something else", "",
               "They answer what the case would cost done another way; their 'x ref' compares latency only.", ""]
     lines += [f"- `{p}`: {what}" for p, what in sorted(NOTES.items())] or ["none"]
+    if UNMEASURED:
+        lines += ["", "## Columns not measured", ""] + [f"- `{p}`: {what}" for p, what in sorted(UNMEASURED.items())]
     lines += ["", "## Skipped providers", ""] + ([f"- `{p}`: {why}" for p, why in sorted(SKIPPED.items())] or ["none"])
     lines += ["", "## Model presets (SPEC §4 convention, 1 clip)", ""]
     if "flop_table_error" in meta:

@@ -88,3 +88,18 @@ def test_info_reports_versions_and_backends():
 def test_kernels_package_lives_under_vidkern():
     import importlib.util
     assert importlib.util.find_spec("vidkern.kernels") is not None
+
+
+def test_soft_merge_prefers_triton_over_the_simt_cuda_kernels(monkeypatch):
+    """On a GPU the cuda backend (first in priority) leaves soft_merge to Triton's tensor-core kernels
+    when Triton can run it; asked for by name, or without Triton, it runs."""
+    cuda_backend, triton_backend = dispatch.get("cuda"), dispatch.get("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(triton_backend, "not_supported_reasons", lambda *a, **k: [])
+    why = cuda_backend.not_supported_reasons("soft_merge", CUDA, torch.bfloat16)
+    assert any("prefers the triton backend" in r for r in why)
+    assert cuda_backend.not_supported_reasons("soft_merge", CUDA, torch.bfloat16, forced=True) == []
+    assert cuda_backend.not_supported_reasons("orthogonal_select", CUDA, torch.bfloat16) == []
+    monkeypatch.setattr(triton_backend, "not_supported_reasons", lambda *a, **k: ["triton missing"])
+    assert cuda_backend.not_supported_reasons("soft_merge", CUDA, torch.bfloat16) == []

@@ -66,6 +66,11 @@ def load_emulator(build_directory: Optional[str] = None, verbose: bool = False) 
     _emulator_loaded = True
 
 
+def _triton_cannot_run(op, device, dtype, shape) -> list:
+    from ..dispatch import get
+    return get("triton").not_supported_reasons(op, device, dtype, **shape)
+
+
 def kernels(device: torch.device):
     """The op namespace holding the kernels for tensors on ``device``."""
     return torch.ops.vidkern_cuda if device.type == "cuda" else torch.ops.vidkern_emu
@@ -88,6 +93,10 @@ class CudaBackend(Backend):
                 reasons.append(extension_error())
             if not torch.cuda.is_available():
                 reasons.append("CUDA is not available")
+            elif op == "soft_merge" and not forced and not _triton_cannot_run(op, device, dtype, shape):
+                # The CUDA merge is SIMT fp32 (a correct, portable baseline); Triton's uses tensor cores.
+                reasons.append("soft_merge prefers the triton backend's tensor-core kernels (backend='cuda' forces "
+                               "these)")
         elif device.type == "cpu":
             if not emulator_loaded():
                 reasons.append("on CPU the CUDA kernels run only through the emulator "
