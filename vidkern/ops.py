@@ -24,6 +24,26 @@ def _pattern_arg(name: str, ids: Optional[Tensor]):
 
 
 # =========================================================================== attention
+def _autocast(policy: str, *tensors: Tensor) -> tuple:
+    """An op's autocast policy, applied inside ``torch.autocast`` regions before the checks run.
+
+    ``"lower"``: matrix-product ops (``hsda``, ``soft_merge``) run in the autocast dtype, as torch
+    runs ``mm``/``bmm``/SDPA. ``"widest"``: softmax-and-gate ops (``team_gate``) run in the widest
+    floating dtype of their inputs, torch's promote policy, so an fp32 stream is not rounded down
+    because a small Linear produced a bf16 gate. Outside autocast the inputs are returned unchanged
+    (and mixed dtypes are an error, as documented).
+    """
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    floats = [t for t in tensors if t.is_floating_point()]
+    if policy == "lower":
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = max((t.dtype for t in floats), key=lambda d: torch.finfo(d).bits)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors)
+
+
 @custom_op("vidkern::hsda", mutates_args=())
 def _hsda_op(q: Tensor, k: Tensor, v: Tensor, grid: list[int], pattern: str, group_ids: Optional[Tensor],
              num_global_heads: int, scale: float, backend: str) -> tuple[Tensor, Tensor]:
@@ -86,6 +106,7 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
         ``(B, H, N, d)``, dtype of ``q``:
         ``O[b,h,n] = sum_{m in G_h(n)} softmax_m(scale q[b,h,n].k[b,h,m]) v[b,h,m]``.
     """
+    q, k, v = _autocast("lower", q, k, v)
     grid, name, ids, hg, scale = checks.attention(q, k, v, grid, num_global_heads, pattern, scale)
     be = dispatch.select("hsda", q.device, q.dtype, backend, head_dim=q.shape[-1])
     if be.native_autograd or q.numel() == 0:  # empty inputs: the reference returns empty outputs and grads
@@ -216,6 +237,7 @@ def team_gate(x: Tensor, h: Tensor, backend: Optional[str] = None) -> Tensor:
     Returns ``Y = softmax_n(s0)[n] * sigmoid(h) * X`` with
     ``s0[n] = sum_c softmax_c(X'[n])[c] X'[n,c]``, ``X' = sigmoid(h) * X``; shape of ``x``.
     """
+    x, h = _autocast("widest", x, h)
     checks.team_input(x, h)
     be = dispatch.select("team_gate", x.device, x.dtype, backend, channels=x.shape[-1])
     if be.native_autograd or x.numel() == 0:
@@ -336,6 +358,7 @@ def soft_merge(u: Tensor, idx: Tensor, x: Tensor, e: Tensor, tau: float = 1.0,
         ``(A, P)``, each ``(B, L', D)``: ``A = C^T X``, ``P = C^T E`` with
         ``C = softmax_tokens(softmax_meta(U V^T / tau))``.
     """
+    u, x, e = _autocast("lower", u, x, e)
     tau = checks.merge(u, idx, x, e, tau)
     be = dispatch.select("soft_merge", x.device, x.dtype, backend)
     e = e.expand(x.shape[0], -1, -1)  # autograd sums a broadcast e's gradient back to (1, L, D)
