@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .nn import STTM, TEAM_RATIOS, Block, GroupAveragedClassifier
@@ -146,6 +147,7 @@ class VideoViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
+        self.grad_checkpointing = False
         d, grid = cfg.embed_dim, cfg.grid
         n = grid[0] * grid[1] * grid[2]
         self.patch_embed = nn.Conv3d(3, d, (cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
@@ -214,6 +216,17 @@ class VideoViT(nn.Module):
             return self.pos_embed
         return (self.pos_spatial[:, None] + self.pos_temporal[:, :, None]).flatten(1, 2)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block (and each STTM stage) in the backward instead of keeping its
+        activations (``torch.utils.checkpoint``, non-reentrant). The RNG state is restored on
+        recompute, so STTM's random start and DropPath draw the same values: gradients are identical."""
+        self.grad_checkpointing = enable
+
+    def _run(self, module, *args, **kwargs):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False, **kwargs)
+        return module(*args, **kwargs)
+
     def forward_features(self, clips: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         b = clips.shape[0]
@@ -233,14 +246,14 @@ class VideoViT(nn.Module):
                     xf = x.reshape(b * t, per_frame, d)
                     ef = e.expand(b, -1, -1).reshape(b * t, per_frame, d)
                     sf = None if scores is None else scores.reshape(b * t, per_frame)
-                    x, e = self.sttm_spatial(xf, ef, sf)
+                    x, e = self._run(self.sttm_spatial, xf, ef, sf)
                     x, e = x.reshape(b, t * x.shape[1], d), e.reshape(b, t * e.shape[1], d)
                 else:                                                  # spatio-temporal: all tokens
-                    x, e = self.sttm_temporal(x, e.expand(b, -1, -1), scores)
+                    x, e = self._run(self.sttm_temporal, x, e.expand(b, -1, -1), scores)
                 if cls is not None:
                     x = torch.cat([cls, x], dim=1)
             want_scores = cfg.sttm and cls is not None and i + 1 in cfg.sttm_blocks
-            x = blk(x, return_cls_attention=want_scores)
+            x = self._run(blk, x, return_cls_attention=want_scores)
             if want_scores:
                 x, scores = x
         return x
