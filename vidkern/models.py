@@ -30,6 +30,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from .checkpoints import LoadReport, load_checkpoint  # noqa: F401  (vidkern.models.load_checkpoint)
 from .nn import STTM, TEAM_RATIOS, Block, GroupAveragedClassifier
 from .nn.attention import ATTENTION_KINDS
 
