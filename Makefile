@@ -16,7 +16,7 @@ export MAX_JOBS
 $(VENV)/.installed: setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cu csrc/*.h csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt torch triton setuptools wheel ninja
-	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation -e ".[test,bench,hf]"
 	touch $@
 
 install: $(VENV)/.installed

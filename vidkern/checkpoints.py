@@ -138,3 +138,36 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, dict],
         for key, value in updates.items():
             target[key].copy_(value)
     return report
+
+
+def from_hf_state_dict(state: dict) -> dict:
+    """A Hugging Face VideoMAE state dict under vidkern's names: ``query``/``key``/``value`` fused
+    into ``qkv`` (the key has no bias: vidkern's ``q_bias``/``v_bias``)."""
+    out, layers = {}, {}
+    for key, value in state.items():
+        k = key.removeprefix("videomae.")
+        if k.startswith("encoder.layer."):
+            i, rest = k[len("encoder.layer."):].split(".", 1)
+            layers.setdefault(int(i), {})[rest] = value
+        elif k.startswith("embeddings.patch_embeddings.projection."):
+            out["patch_embed." + k.rsplit(".", 1)[1]] = value
+        elif k.startswith("classifier."):
+            out["head." + k.rsplit(".", 1)[1]] = value
+        elif k.startswith(("fc_norm.", "layernorm.")):
+            out[k.replace("layernorm.", "norm.")] = value
+        else:
+            out[key] = value                        # left for load_checkpoint to report
+    names = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
+             "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+    for i, layer in layers.items():
+        att = "attention.attention."
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([layer.pop(att + n + ".weight") for n in ("query", "key", "value")])
+        for hf, vk in (("query", "q_bias"), ("value", "v_bias")):
+            if att + hf + ".bias" in layer:
+                out[f"blocks.{i}.attn.{vk}"] = layer.pop(att + hf + ".bias")
+        for hf_name, vk_name in names.items():
+            for kind in ("weight", "bias"):
+                if f"{hf_name}.{kind}" in layer:
+                    out[f"blocks.{i}.{vk_name}.{kind}"] = layer.pop(f"{hf_name}.{kind}")
+        out.update({f"hf.encoder.layer.{i}.{rest}": v for rest, v in layer.items()})   # anything unplaced
+    return out

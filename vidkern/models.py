@@ -53,6 +53,7 @@ class ViTConfig:
     cls_token: bool = False
     pos_embed: str = "sincos"          # "sincos": VideoMAE's fixed table; "learned_st": spatial + temporal
     qkv_bias: str = "qv"               # "qv": VideoMAE q/v biases; "qkv": timm's full bias; "none"
+    norm_eps: float = 1e-6             # every LayerNorm's eps (Hugging Face's VideoMAE uses 1e-12)
     attention: str = "global"
     token_group_interaction: bool = False
     tgi_groups: Optional[int] = None   # default: num_heads
@@ -129,6 +130,48 @@ def create(name: str, **overrides) -> "VideoViT":
     return VideoViT(config(name, **overrides))
 
 
+def from_transformers(hf_model, **overrides) -> "VideoViT":
+    """The vidkern ViT of a Hugging Face ``VideoMAEForVideoClassification`` (or ``VideoMAEModel``),
+    with every weight loaded, then ``overrides`` applied (``attention="hsda"``,
+    ``token_group_interaction=True``, ``classifier="group_mean"``, ``team=True``, ``sttm=True``, ...).
+
+    Sizes, heads, patch/tubelet, frames, labels, LayerNorm eps and pooling come from the HF config.
+    HF keeps query/key/value separate (the key without bias); vidkern fuses them into ``qkv``. New
+    modules are freshly initialised, token-group interaction with its last projection zeroed, so
+    the converted network starts as the pretrained one. Without overrides its logits equal the HF
+    model's (it takes clips ``(B, 3, T, H, W)``; HF takes ``(B, T, 3, H, W)``).
+    """
+    from .checkpoints import from_hf_state_dict
+    c = hf_model.config
+    if getattr(c, "model_type", None) != "videomae":
+        raise TypeError(f"hf_model must be a Hugging Face VideoMAE model, got model_type={getattr(c, 'model_type', None)!r}")
+    if not getattr(c, "use_mean_pooling", True):
+        raise NotImplementedError("use_mean_pooling=False (HF pools the first patch token) has no vidkern classifier")
+    if c.hidden_act != "gelu" or c.num_channels != 3:
+        raise NotImplementedError(f"hidden_act={c.hidden_act!r}, num_channels={c.num_channels}: vidkern's ViT "
+                                  "uses exact GELU and RGB clips")
+    qv_bias = getattr(c, "qv_bias", getattr(c, "qkv_bias", True))
+    fields = dict(embed_dim=c.hidden_size, depth=c.num_hidden_layers, num_heads=c.num_attention_heads,
+                  mlp_ratio=c.intermediate_size / c.hidden_size, num_classes=getattr(c, "num_labels", 0) or 1,
+                  num_frames=c.num_frames, img_size=c.image_size, patch_size=c.patch_size,
+                  tubelet_size=c.tubelet_size, qkv_bias="qv" if qv_bias else "none", norm_eps=c.layer_norm_eps)
+    model = VideoViT(config("videomae_s", **{**fields, **overrides}))
+    report = load_checkpoint(model, from_hf_state_dict(hf_model.state_dict()))
+    if report.unexpected:
+        raise ValueError(f"weights of the HF model that vidkern cannot place: {report}")
+    with torch.no_grad():
+        for blk in model.blocks:
+            if getattr(blk, "tgi", None) is not None:
+                nn.init.zeros_(blk.tgi.fc2.weight)
+                nn.init.zeros_(blk.tgi.fc2.bias)
+    # HF builds the pooling norm with LayerNorm's default eps (1e-5), not config.layer_norm_eps.
+    pool_norm = model.classifier.fc_norm if model.cfg.classifier == "group_mean" else model.fc_norm
+    if isinstance(pool_norm, nn.LayerNorm):
+        pool_norm.eps = 1e-5
+    model.load_report = report
+    return model
+
+
 def sincos_table(num_positions: int, dim: int) -> torch.Tensor:
     """VideoMAE's fixed 1-D sinusoid table ``(1, num_positions, dim)``: ``sin`` on even channels,
     ``cos`` on odd, angle ``pos / 10000 ** (2 * (j // 2) / dim)``."""
@@ -186,7 +229,7 @@ class VideoViT(nn.Module):
                 attention=cfg.attention if gridded else "global",
                 qkv_bias=cfg.qkv_bias == "qkv", qv_bias=cfg.qkv_bias == "qv",
                 token_group_interaction=cfg.token_group_interaction and gridded, tgi_groups=cfg.tgi_groups,
-                team_ratios=team_ratios, drop_path=dpr[i], backend=cfg.backend))
+                team_ratios=team_ratios, drop_path=dpr[i], norm_eps=cfg.norm_eps, backend=cfg.backend))
         self.blocks = nn.ModuleList(blocks)
         if cfg.sttm:
             self.sttm_spatial = STTM(d, merge_ratio=cfg.sttm_ratios[0], backend=cfg.backend)
@@ -196,8 +239,8 @@ class VideoViT(nn.Module):
             self.classifier = GroupAveragedClassifier(d, cfg.num_classes, grid, combine=cfg.classifier_combine,
                                                       head_dropout=cfg.head_drop_rate)
         else:
-            self.norm = nn.LayerNorm(d, eps=1e-6) if cfg.classifier == "cls" else nn.Identity()
-            self.fc_norm = nn.LayerNorm(d, eps=1e-6) if cfg.classifier == "mean" else nn.Identity()
+            self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.classifier == "cls" else nn.Identity()
+            self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.classifier == "mean" else nn.Identity()
             self.head_drop = nn.Dropout(cfg.head_drop_rate)
             self.head = nn.Linear(d, cfg.num_classes)
         self.apply(_init_weights)

@@ -1,0 +1,71 @@
+"""vidkern.models.from_transformers: Hugging Face VideoMAE -> vidkern ViT (extra "hf")."""
+import pytest
+import torch
+
+from vidkern import models
+from vidkern.nn import HSDAttention
+
+transformers = pytest.importorskip("transformers", reason="transformers is the optional extra 'hf'")
+
+HF_SMALL = dict(image_size=64, num_frames=4, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=96, num_labels=5)
+
+
+def hf_model(**kw):
+    return transformers.VideoMAEForVideoClassification(transformers.VideoMAEConfig(**{**HF_SMALL, **kw})).eval()
+
+
+def logits(model, clip, hf=False):
+    with torch.no_grad():
+        return model(pixel_values=clip.transpose(1, 2)).logits if hf else model(clip)
+
+
+def test_converted_model_reproduces_the_logits():
+    hf = hf_model()
+    vk = models.from_transformers(hf).eval()
+    assert vk.load_report.clean and len(vk.load_report.loaded) == len(vk.state_dict())
+    clip = torch.randn(2, 3, 4, 64, 64)
+    ref = logits(hf, clip, hf=True)
+    assert (logits(vk, clip) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    clip = clip.double()
+    ref = logits(hf.double(), clip, hf=True)
+    assert (logits(vk.double(), clip) - ref).abs().max() <= 1e-12 * ref.abs().max()   # exact conversion
+
+
+def test_hsda_with_all_heads_global_equals_hf_attention():
+    hf = hf_model()
+    vk = models.from_transformers(hf)
+    attn = HSDAttention(48, 2, grid=vk.cfg.grid, num_global_heads=2, qv_bias=True)
+    attn.load_state_dict(vk.blocks[0].attn.state_dict())
+    x = torch.randn(2, vk.cfg.grid[0] * vk.cfg.grid[1] * vk.cfg.grid[2], 48, dtype=torch.float64)
+    with torch.no_grad():
+        want = hf.double().videomae.encoder.layer[0].attention(x)
+        got = attn.double()(x)
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+
+
+def test_overrides_build_on_the_pretrained_weights():
+    hf = hf_model()
+    clip = torch.randn(1, 3, 4, 64, 64)
+    tgi = models.from_transformers(hf, token_group_interaction=True).eval()
+    # TGI's last projection starts at zero: the converted network starts as the pretrained one
+    assert (logits(tgi, clip) - logits(hf, clip, hf=True)).abs().max() <= 1e-5
+    for overrides in (dict(attention="hsda", token_group_interaction=True, classifier="group_mean"),
+                      dict(team=True, team_ratios={"early": (0.25, 0.5, 0.75), "late": (0.25, 0.5, 0.75)},
+                           team_blocks=(1,)),
+                      dict(sttm=True, sttm_blocks=(1, 2))):
+        vk = models.from_transformers(hf_model(num_hidden_layers=3) if overrides.get("sttm") else hf, **overrides)
+        report = vk.load_report
+        assert not report.unexpected
+        assert all(f"blocks.{i}.attn.qkv.weight" in report.loaded for i in range(vk.cfg.depth))
+        new = report.missing + [m[0] for m in report.mismatched]      # only the modules the overrides add
+        assert new and all(any(s in k for s in (".tgi.", ".team.", ".norm3.", "sttm_", "classifier.head.")) for k in new), new
+        assert vk.eval()(clip).shape == (1, 5)
+
+
+def test_only_videomae_models_convert():
+    with pytest.raises(TypeError, match="VideoMAE"):
+        models.from_transformers(transformers.ViTForImageClassification(transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)))
+    with pytest.raises(NotImplementedError, match="use_mean_pooling"):
+        models.from_transformers(hf_model(use_mean_pooling=False))
