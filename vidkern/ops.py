@@ -33,9 +33,11 @@ def _autocast(policy: str, *tensors: Tensor) -> tuple:
     because a small Linear produced a bf16 gate. Outside autocast the inputs are returned unchanged
     (and mixed dtypes are an error, as documented).
     """
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return tensors                      # not tensors: the argument checks report it
     device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
-        return tensors
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return tensors                      # e.g. meta tensors (FLOP counting) have no autocast
     floats = [t for t in tensors if t.is_floating_point()]
     if policy == "lower":
         dtype = torch.get_autocast_dtype(device)
