@@ -48,6 +48,7 @@ def _worker(rank, world, port, out_path, kind):
                  for n, p in inner.named_parameters()}
         if rank == 0:
             torch.save(grads, out_path)
+        dist.barrier()      # no rank tears the group down while another still has collectives in flight
     finally:
         dist.destroy_process_group()
 
