@@ -153,6 +153,16 @@ __device__ __forceinline__ void for_each_row(int N, F&& row) {
   }
 }
 
+// Calls f(c, v) for this lane's packs of a token row: c the first channel, v its V values as float.
+template <typename T, int V, typename F>
+__device__ __forceinline__ void for_each_pack(const T* row, int64_t sxd, int D, F&& f) {
+  for (int c = (threadIdx.x % 32) * V; c < D; c += 32 * V) {
+    float v[V];
+    load_row<T, V>(row, c, sxd, v);
+    f(c, v);
+  }
+}
+
 // Calls f(c, v, d) for this lane's packs of two token rows (X and dY): c the first channel, v and
 // d their V values as float.
 template <typename T, int V, typename F>
@@ -185,12 +195,10 @@ gate_rows_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd,
   for_each_row(N, [&](int64_t n) {
     const T* row = x + b * sxb + n * sxn;
     SoftmaxState st = vk::empty_state();
-    for (int c = lane * V; c < D; c += 32 * V) {
-      float v[V];
-      load_row<T, V>(row, c, sxd, v);
+    for_each_pack<T, V>(row, sxd, D, [&](int c, float (&v)[V]) {
 #pragma unroll
       for (int i = 0; i < V; ++i) vk::push(st, g[c + i] * v[i]);
-    }
+    });
     st = vk::warp_merge(st);
     if (lane == 0) {
       s0[b * N + n] = st.w / st.z;
@@ -234,19 +242,16 @@ gate_apply_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd
                   int64_t shd, const float* __restrict__ s, int N, int D, T* __restrict__ y) {
   VK_DYNAMIC_SHARED(float, g);
   stage_gate(h, shb, shd, D, g);
-  const int lane = threadIdx.x % 32;
   const int64_t b = blockIdx.y;
   for_each_row(N, [&](int64_t n) {
     const T* row = x + b * sxb + n * sxn;
     T* out = y + (b * N + n) * D;
     const float sn = s[b * N + n];
-    for (int c = lane * V; c < D; c += 32 * V) {
-      float v[V];
-      load_row<T, V>(row, c, sxd, v);
+    for_each_pack<T, V>(row, sxd, D, [&](int c, float (&v)[V]) {
 #pragma unroll
       for (int i = 0; i < V; ++i) v[i] *= sn * g[c + i];
       vk::store<T, V>(out + c, v);
-    }
+    });
   });
 }
 
