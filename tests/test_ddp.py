@@ -1,7 +1,11 @@
 """A 2-process data-parallel step (gloo, CPU) — DistributedDataParallel, and FSDP2's
 ``fully_shard`` — gives the single-process gradients."""
+import faulthandler
+import gc
 import os
+import pathlib
 import socket
+import warnings
 
 import pytest
 import torch
@@ -10,6 +14,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tiny import TinyVideoViT, clip_for
+
+WORLD = 2
 
 
 def _model():
@@ -22,24 +28,28 @@ def _data():
     return clip_for(model, batch=4, seed=1), torch.tensor([0, 3, 5, 6])
 
 
-def _wrap(model, kind, world):
+def _wrap(model, kind):
     if kind == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model), model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh("cpu", (WORLD,))
     for block in list(model.far) + [model.late]:   # shard per block, then the rest at the root
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model, model
 
 
-def _worker(rank, world, port, out_path, kind):
+def _worker(rank, port, out_dir, kind):
+    out_dir = pathlib.Path(out_dir)
+    # A worker that dies of a signal leaves its threads' Python stacks here; the test prints them.
+    crash_log = open(out_dir / f"rank{rank}.crash", "w")
+    faulthandler.enable(file=crash_log, all_threads=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        model, inner = _wrap(_model(), kind, world)
+        model, inner = _wrap(_model(), kind)
         clips, labels = _data()
         shard = slice(rank * 2, rank * 2 + 2)
         F.cross_entropy(model(clips[shard]), labels[shard]).backward()
@@ -47,8 +57,13 @@ def _worker(rank, world, port, out_path, kind):
         grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
                  for n, p in inner.named_parameters()}
         if rank == 0:
-            torch.save(grads, out_path)
+            torch.save(grads, out_dir / "grads.pt")
         dist.barrier()      # no rank tears the group down while another still has collectives in flight
+        (out_dir / f"rank{rank}.done").touch()
+        # Drop every holder of the process group (DDP's reducer, FSDP's mesh and parameter groups)
+        # so that it is destroyed here, in order, not during interpreter shutdown.
+        del model, inner, grads
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
@@ -59,14 +74,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _run_workers(tmp_path, kind):
+    """Runs the two ranks. A rank that dies before both ranks finished the step fails the test
+    with its stacks. One that dies after both passed the final barrier and wrote their results
+    (a crash tearing gloo down, seen in CI) leaves complete results: it is reported as a warning
+    with its stacks, and the gradients are still checked."""
+    try:
+        mp.spawn(_worker, args=(_free_port(), str(tmp_path), kind), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as error:
+        stacks = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob("rank*.crash")))
+        done = all((tmp_path / f"rank{r}.done").exists() for r in range(WORLD))
+        if not done:
+            pytest.fail(f"{kind}: {error}\n{stacks}")
+        warnings.warn(f"{kind}: a rank died in process-group teardown after the step completed "
+                      f"on every rank ({error}); gradients checked from the saved results.\n{stacks}")
+    return torch.load(tmp_path / "grads.pt")
+
+
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
 def test_data_parallel_gradients_equal_single_process(tmp_path, kind):
-    out = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out), kind), nprocs=2, join=True)
-    ddp = torch.load(out)
+    distributed = _run_workers(tmp_path, kind)
     model = _model()
     clips, labels = _data()
     F.cross_entropy(model(clips), labels).backward()
-    assert ddp.keys() == dict(model.named_parameters()).keys()
+    assert distributed.keys() == dict(model.named_parameters()).keys()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(ddp[name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(distributed[name], p.grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
