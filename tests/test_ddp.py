@@ -75,16 +75,17 @@ def _free_port():
 
 
 def _run_workers(tmp_path, kind):
-    """Runs the two ranks. A rank that dies before both ranks finished the step fails the test
-    with its stacks. One that dies after both passed the final barrier and wrote their results
-    (a crash tearing gloo down, seen in CI) leaves complete results: it is reported as a warning
-    with its stacks, and the gradients are still checked."""
+    """Runs the two ranks. A rank that dies before it passed the final barrier fails the test
+    with its stacks. One that dies after it (a crash tearing gloo down, seen in CI) leaves complete
+    results — every rank reached the barrier, so every collective is done and rank 0 has saved the
+    gradients — and is reported as a warning with its stacks; the gradients are still checked.
+    (The other rank may be killed by mp.spawn before it marks itself done, so only the rank that
+    died is asked.)"""
     try:
         mp.spawn(_worker, args=(_free_port(), str(tmp_path), kind), nprocs=WORLD, join=True)
     except mp.ProcessExitedException as error:
         stacks = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob("rank*.crash")))
-        done = all((tmp_path / f"rank{r}.done").exists() for r in range(WORLD))
-        if not done:
+        if not (tmp_path / f"rank{error.error_index}.done").exists():
             pytest.fail(f"{kind}: {error}\n{stacks}")
         warnings.warn(f"{kind}: a rank died in process-group teardown after the step completed "
                       f"on every rank ({error}); gradients checked from the saved results.\n{stacks}")
