@@ -63,3 +63,61 @@ def test_explicit_pattern_classifier_compiles():
     head = GroupAveragedClassifier(8, 3, grid=(1, 3, 4), pattern=torch.tensor([0, 1, 2] * 4))
     x = torch.randn(2, 12, 8)
     torch.testing.assert_close(torch.compile(head, fullgraph=True)(x), head(x))
+
+
+def _bad_index_calls(backend):
+    """Compiled soft_merge / orthogonal_select with out-of-range indices, and bad tau values."""
+    import math
+
+    import pytest
+
+    import vidkern
+    torch._dynamo.reset()
+    length = 20
+    u = torch.nn.functional.normalize(torch.randn(2, length, 8), dim=-1)
+    x = torch.randn(2, length, 8)
+    merge = torch.compile(lambda idx, tau: vidkern.soft_merge(u, idx, x, x, tau, backend=backend), fullgraph=True)
+    select = torch.compile(lambda start: vidkern.orthogonal_select(x, 4, start, backend=backend), fullgraph=True)
+    good = torch.tensor([[0, 3, 7], [4, 5, 19]])
+    want = vidkern.soft_merge(u, good, x, x, backend=backend)
+    torch.testing.assert_close(merge(good, 1.0), want)
+    for bad in (20, 21, -1, 10 ** 6):
+        idx = good.clone()
+        idx[1, 1] = bad
+        with pytest.raises(ValueError, match=r"idx must hold token indices in \[0, 20\)"):
+            merge(idx, 1.0)
+    for tau in (-1.0, math.nan, 0.0, math.inf):
+        with pytest.raises(Exception, match="tau must be a finite positive float"):
+            merge(good, tau)
+    torch.testing.assert_close(select(torch.tensor([0, 1])), vidkern.orthogonal_select(x, 4, torch.tensor([0, 1]),
+                                                                                      backend=backend))
+    for bad in (-1, 20, 10 ** 6):
+        with pytest.raises(ValueError, match=r"start must hold indices in \[0, 20\)"):
+            select(torch.tensor([bad, 1]))
+
+
+def test_compiled_calls_check_indices_and_tau_at_run_time():
+    """SPEC §5: value checks that cannot run while tracing run when the compiled graph runs, so a
+    bad index never reaches a kernel (it used to read out of bounds: garbage, or a segfault)."""
+    _bad_index_calls("torch")
+
+
+def test_compiled_cuda_kernels_never_see_bad_indices(cuda_kernel_device):
+    """The CUDA kernels (emulated on CPU) segfaulted on idx = 10**6 and start = 10**6 when compiled."""
+    if cuda_kernel_device.type != "cpu":
+        import pytest
+        pytest.skip("emulator case; on a GPU the check is a device-side assert")
+    _bad_index_calls("cuda")
+
+
+def test_compiled_reference_asserts_on_bad_indices():
+    import pytest
+
+    import vidkern
+    torch._dynamo.reset()
+    u = torch.nn.functional.normalize(torch.randn(2, 20, 8), dim=-1)
+    x = torch.randn(2, 20, 8)
+    merge = torch.compile(lambda idx: vidkern.soft_merge(u, idx, x, x, backend="reference"), fullgraph=True)
+    merge(torch.tensor([[0, 3], [4, 5]]))
+    with pytest.raises(RuntimeError, match=r"idx must hold token indices in \[0, 20\)"):
+        merge(torch.tensor([[0, 3], [4, -1]]))

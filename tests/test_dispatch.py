@@ -103,3 +103,40 @@ def test_soft_merge_prefers_triton_over_the_simt_cuda_kernels(monkeypatch):
     assert cuda_backend.not_supported_reasons("orthogonal_select", CUDA, torch.bfloat16) == []
     monkeypatch.setattr(triton_backend, "not_supported_reasons", lambda *a, **k: ["triton missing"])
     assert cuda_backend.not_supported_reasons("soft_merge", CUDA, torch.bfloat16) == []
+
+
+def test_info_prints_the_override_value_and_says_where_each_backend_runs():
+    import os
+    env = dict(os.environ, VIDKERN_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-m", "vidkern.info"], capture_output=True, text=True, check=True,
+                         env=env).stdout
+    assert "backend override: VIDKERN_BACKEND='reference'" in out, out
+    assert "$VIDKERN_BACKEND" not in out
+    if not torch.cuda.is_available():
+        # Without a GPU (and without the test-only emulator) the CUDA kernels cannot run here.
+        cuda_line = next(line for line in out.splitlines() if line.startswith("  cuda "))
+        assert "available on" not in cuda_line, cuda_line
+        assert "torch      available on cpu" in out
+    env["VIDKERN_BACKEND"] = "flash"
+    out = subprocess.run([sys.executable, "-m", "vidkern.info"], capture_output=True, text=True, check=True,
+                         env=env).stdout
+    assert "VIDKERN_BACKEND='flash' is not one of" in out
+
+
+def test_extension_error_tells_not_built_from_broken(monkeypatch):
+    import importlib.util
+
+    from vidkern.backends import cuda
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vidkern._C" else real(name, *a))
+    cuda.extension_error.cache_clear()
+    try:
+        assert "is not built" in cuda.extension_error() and "reinstall" not in cuda.extension_error()
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vidkern._C" else real(name, *a))
+        monkeypatch.setitem(sys.modules, "vidkern._C", None)      # importing it now raises ImportError
+        monkeypatch.delattr(vidkern, "_C", raising=False)
+        cuda.extension_error.cache_clear()
+        assert "is built but does not load" in cuda.extension_error()
+    finally:
+        monkeypatch.undo()
+        cuda.extension_error.cache_clear()

@@ -253,8 +253,8 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(ops._team_gate_op, (x, h, "torch"))
     u = R.normalize(torch.randn(2, 7, 5, dtype=torch.float64)).requires_grad_()
     idx = torch.tensor([[0, 2, 6], [1, 3, 5]])
-    torch.library.opcheck(ops._soft_merge_op, (u, idx, x, x.detach().clone().requires_grad_(), 1.0, "torch"))
-    torch.library.opcheck(ops._orthogonal_select_op, (x.detach(), 3, torch.tensor([0, 4]), "torch"))
+    torch.library.opcheck(ops._soft_merge_op, (u, idx, x, x.detach().clone().requires_grad_(), 1.0, "torch", True))
+    torch.library.opcheck(ops._orthogonal_select_op, (x.detach(), 3, torch.tensor([0, 4]), "torch", True))
     # Non-contiguous inputs: the real outputs must have the (contiguous) strides the fakes promise.
     xt = torch.randn(2, 5, 7, dtype=torch.float64).transpose(1, 2).requires_grad_()
     torch.library.opcheck(ops._feature_summary_op, (xt, "torch"))
@@ -262,4 +262,4 @@ def test_custom_ops_pass_opcheck():
     qt, kt, vt = [torch.randn(1, 2, 4, 12, dtype=torch.float64).transpose(-1, -2).requires_grad_() for _ in range(3)]
     torch.library.opcheck(ops._hsda_op, (qt, kt, vt, [1, 3, 4], "checkerboard", None, 1, 0.5, "torch"))
     torch.library.opcheck(ops._soft_merge_op, (u.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(),
-                                               idx, xt, xt.detach().clone().requires_grad_(), 1.0, "torch"))
+                                               idx, xt, xt.detach().clone().requires_grad_(), 1.0, "torch", True))

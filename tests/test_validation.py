@@ -114,3 +114,85 @@ def test_empty_batches_return_empty_outputs(backend):
     (a.sum() + p.sum()).backward()
     assert x.grad.shape == x.shape
     assert vidkern.group_mean(x, (1, 2, 3), backend=backend).shape == (0, 2, 4)
+
+
+def test_team_gate_needs_a_gate():
+    raises(TypeError, r"h must be a torch.Tensor of shape \(B, D\), got NoneType", vidkern.team_gate,
+           torch.randn(2, 5, 4), None)
+
+
+def test_group_mean_num_groups_is_validated():
+    x = torch.randn(2, 12, 4)
+    raises(ValueError, r"num_groups=3 must equal the 'checkerboard' pattern's group count .*: 2", vidkern.group_mean,
+           x, (1, 3, 4), num_groups=3)
+    raises(ValueError, r"num_groups must be in \[1, 12\], got 0", vidkern.group_mean, x, (1, 3, 4), num_groups=0)
+    raises(TypeError, "num_groups must be an int", vidkern.group_mean, x, (1, 3, 4), num_groups=2.0)
+    raises(ValueError, r"num_groups=4 must equal max id \+ 1 = 3", vidkern.group_mean, x, (1, 3, 4),
+           torch.tensor([0, 1, 2] * 4), num_groups=4)
+    assert torch.isfinite(vidkern.group_mean(x, (1, 3, 4), num_groups=2)).all()
+
+
+def test_env_var_typo_names_the_variable(monkeypatch):
+    monkeypatch.setenv("VIDKERN_BACKEND", "refrence")
+    raises(ValueError, r"\$VIDKERN_BACKEND must be one of \['cuda', 'triton', 'torch', 'reference'\], got 'refrence'",
+           vidkern.feature_summary, torch.randn(1, 4, 3))
+
+
+def _second_order(fn, inputs):
+    out = fn(*inputs)
+    out = out if isinstance(out, tuple) else (out,)
+    grads = torch.autograd.grad(sum(o.square().sum() for o in out), inputs, create_graph=True)
+    return torch.autograd.grad(sum(g.sum() for g in grads), inputs, allow_unused=True)
+
+
+def _double_backward_cases():
+    q, k, v = (t.requires_grad_() for t in qkv(dtype=torch.float64))
+    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    u = torch.nn.functional.normalize(torch.randn(2, 6, 4, dtype=torch.float64), dim=-1).requires_grad_()
+    idx = torch.tensor([[0, 3], [1, 5]])
+    return {
+        "hsda": (lambda q, k, v, backend: vidkern.hsda(q, k, v, (1, 3, 4), backend=backend), (q, k, v)),
+        "feature_summary": (lambda x, backend: vidkern.feature_summary(x, backend=backend), (x,)),
+        "team_gate": (lambda x, h, backend: vidkern.team_gate(x, h, backend=backend), (x, h)),
+        "soft_merge": (lambda u, x, backend: vidkern.soft_merge(u, idx, x, x, backend=backend), (u, x)),
+    }
+
+
+@pytest.mark.parametrize("op", ["hsda", "feature_summary", "team_gate", "soft_merge"])
+def test_double_backward_is_refused_by_name_or_works(op):
+    """SPEC §5: second-order gradients work (reference) or raise NotImplementedError saying so."""
+    fn, inputs = _double_backward_cases()[op]
+    with pytest.raises(NotImplementedError, match=f"vidkern.{op}: second-order gradients .* not implemented"):
+        _second_order(lambda *t: fn(*t, backend="torch"), inputs)
+    assert all(g is None or torch.isfinite(g).all() for g in _second_order(lambda *t: fn(*t, backend="reference"), inputs))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_autocast_leaves_float64_alone(backend):
+    """As torch's own autocast: float64 is not a lower-precision-eligible dtype."""
+    q, k, v = qkv(dtype=torch.float64)
+    x, h = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    u, idx = torch.nn.functional.normalize(torch.randn(2, 6, 4, dtype=torch.float64), dim=-1), torch.tensor([[0, 3], [1, 5]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert vidkern.hsda(q, k, v, (1, 3, 4), backend=backend).dtype == torch.float64
+        assert vidkern.team_gate(x, h, backend=backend).dtype == torch.float64
+        assert all(t.dtype == torch.float64 for t in vidkern.soft_merge(u, idx, x, x, backend=backend))
+        assert vidkern.hsda(*(t.float() for t in (q, k, v)), (1, 3, 4), backend=backend).dtype == torch.bfloat16
+
+
+def test_reference_does_not_overflow_in_float16():
+    """The reference computes fp16 products in fp32 inside (as SDPA's math path), so large scores
+    that fit the output do not turn into inf/NaN."""
+    q, k, v = (t * 40 for t in qkv(d=64, dtype=torch.float64))      # |q.k| ~ 1e5 > fp16's 65504
+    truth = vidkern.hsda(q, k, v, (1, 3, 4), backend="reference")
+    half = vidkern.hsda(q.half(), k.half(), v.half(), (1, 3, 4), backend="reference")
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.double(), truth, rtol=2e-2, atol=0.05 * truth.abs().max().item())
+    u = torch.nn.functional.normalize(torch.randn(2, 20, 8, dtype=torch.float64), dim=-1)
+    x, idx = torch.randn(2, 20, 8, dtype=torch.float64), torch.tensor([[0, 3, 7], [1, 5, 19]])
+    truth = vidkern.soft_merge(u, idx, x, x, tau=1e-5, backend="reference")
+    half = vidkern.soft_merge(u.half(), idx, x.half(), x.half(), tau=1e-5, backend="reference")
+    for a, t in zip(half, truth):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), t, rtol=1e-2, atol=1e-2)

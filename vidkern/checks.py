@@ -20,6 +20,33 @@ def can_read_values(t: torch.Tensor) -> bool:
     return t.device.type != "meta" and not torch.compiler.is_compiling()
 
 
+def index_range(name: str, t: torch.Tensor, high: int, what: str = "indices", asynchronous: bool = False) -> bool:
+    """Require every entry of the int tensor ``t`` in ``[0, high)``; a ``ValueError`` naming ``name``.
+
+    Returns False when the values cannot be read now (``torch.compile`` tracing, meta tensors):
+    the caller must then make the check at run time — the custom ops take ``check_values=True``
+    and call this again on real data before any kernel runs; traced code calls
+    :func:`assert_index_range`. So no kernel reads outside a tensor, compiled or not.
+    ``asynchronous`` (the run-time check inside a compiled graph): CUDA tensors get a device-side
+    assert queued ahead of the kernels instead of a host sync; CPU tensors still raise ValueError.
+    """
+    if not can_read_values(t):
+        return False
+    if asynchronous and t.device.type != "cpu":
+        assert_index_range(name, t, high, what)
+        return True
+    if t.numel() and not bool(((t >= 0) & (t < high)).all()):
+        raise ValueError(f"{name} must hold {what} in [0, {high}), got min {int(t.min())}, max {int(t.max())}")
+    return True
+
+
+def assert_index_range(name: str, t: torch.Tensor, high: int, what: str = "indices") -> None:
+    """:func:`index_range` for code that ``torch.compile`` traces: a run-time ``torch._assert_async``
+    (a ``RuntimeError`` on CPU, a device-side assert on CUDA) in the graph."""
+    if t.device.type != "meta" and t.numel():
+        torch._assert_async(((t >= 0) & (t < high)).all(), f"{name} must hold {what} in [0, {high})")
+
+
 def tensor(name: str, x, ndim: Optional[int] = None, shape_doc: str = "", floating: bool = True) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor{' of shape ' + shape_doc if shape_doc else ''}, got {type(x).__name__}")
@@ -71,12 +98,17 @@ def pattern(value, num_tokens: int, device: torch.device):
 
 
 def finite(name: str, value, positive: bool = False) -> float:
-    if torch.compiler.is_compiling():
-        return value  # dynamo may trace Python floats symbolically; eager calls do the check
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
+    """A finite (optionally positive) Python float. Only comparisons are used, so under
+    ``torch.compile`` a symbolically traced float becomes guards on its value (recompiling for
+    another sign) instead of being used unchecked; the custom ops check it again when they run."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        bad = (value != value) | (value == math.inf) | (value == -math.inf) | ((value <= 0) if positive else False)
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        value = float(value)
+        bad = value != value or value in (math.inf, -math.inf) or (positive and value <= 0)
+    if bad:
         raise ValueError(f"{name} must be a finite{' positive' if positive else ''} float, got {value}")
     return value
 
@@ -113,9 +145,10 @@ def attention(q, k, v, grid_, num_global_heads, pattern_, scale):
     return grid_, name, ids, hg, scale
 
 
-def team_input(x, h=None):
+def team_input(x, h=None, needs_h: bool = False):
+    """``x``: ``(B, N, D)``; with ``needs_h`` (``team_gate``) also ``h``: ``(B, D)``, same dtype and device."""
     x = tensor("x", x, 3, "(B, N, D)")
-    if h is not None:
+    if needs_h or h is not None:
         h = tensor("h", h, 2, "(B, D)")
         same_dtype_device("x", x, h=h)
         if h.shape != (x.shape[0], x.shape[2]):
@@ -126,7 +159,9 @@ def num_out(value, num_tokens: int, name: str = "num_out") -> int:
     return count(name, value, 1, max(num_tokens, 1)) if num_tokens else count(name, value, 1, value)
 
 
-def selection(x, k_name: str, k, start, scores=None):
+def selection(x, k_name: str, k, start, scores=None) -> bool:
+    """Checks for the selection ops; returns whether ``start``'s values were checked (see :func:`index_range`)."""
+    checked = True
     x = tensor("x", x, 3, "(B, L, D)")
     b, length, _ = x.shape
     if length == 0:
@@ -140,17 +175,18 @@ def selection(x, k_name: str, k, start, scores=None):
             raise ValueError(f"start must have shape (B,) = ({b},), got {tuple(start.shape)}")
         if start.device != x.device:
             raise ValueError(f"start must be on x's device {x.device}, got {start.device}")
-        if can_read_values(start) and b and not bool(((start >= 0) & (start < length)).all()):
-            raise ValueError(f"start must hold indices in [0, {length}), got {start.tolist()}")
+        checked = index_range("start", start, length)
     if scores is not None:
         scores = tensor("scores", scores, 2, "(B, L)")
         if scores.shape != (b, length):
             raise ValueError(f"scores must have shape (B, L) = {(b, length)}, got {tuple(scores.shape)}")
         if scores.device != x.device:
             raise ValueError(f"scores must be on x's device {x.device}, got {scores.device}")
+    return checked
 
 
-def merge(u, idx, x, e, tau):
+def merge(u, idx, x, e, tau) -> tuple:
+    """Checks for ``soft_merge``; returns ``(tau, idx_checked)`` (see :func:`index_range`)."""
     u = tensor("u", u, 3, "(B, L, Du)")
     x = tensor("x", x, 3, "(B, L, D)")
     e = tensor("e", e, 3, "(B or 1, L, D)")
@@ -170,6 +206,5 @@ def merge(u, idx, x, e, tau):
         raise ValueError(f"idx must be on x's device {x.device}, got {idx.device}")
     if not 1 <= idx.shape[1] <= max(length, 1):
         raise ValueError(f"idx must select L' tokens with 1 <= L' <= L={length}, got L'={idx.shape[1]}")
-    if can_read_values(idx) and idx.numel() and not bool(((idx >= 0) & (idx < length)).all()):
-        raise ValueError(f"idx must hold token indices in [0, {length}), got min {int(idx.min())}, max {int(idx.max())}")
-    return finite("tau", tau, positive=True)
+    checked = index_range("idx", idx, length, "token indices")
+    return finite("tau", tau, positive=True), checked

@@ -70,10 +70,21 @@ def register(backend: Backend, priority: int) -> None:
     _PRIORITY.sort()
 
 
-def get(name: str) -> Backend:
+def get(name: str, source: str = "backend") -> Backend:
+    """The backend called ``name``; ``source`` names where the name came from in the error."""
     if name not in _BACKENDS:
-        raise ValueError(f"backend must be one of {names()}, got {name!r}")
+        raise ValueError(f"{source} must be one of {names()}, got {name!r}")
     return _BACKENDS[name]
+
+
+def validate_name(name: Optional[str], source: str = "backend") -> Optional[str]:
+    """``name`` if it is a registered backend or None (automatic); else a ValueError naming ``source``.
+    Modules call this at construction, so a typo fails there and not at the first forward."""
+    if name is not None:
+        if not isinstance(name, str):
+            raise TypeError(f"{source} must be None or one of {names()}, got {type(name).__name__}")
+        get(name, source)
+    return name
 
 
 def names() -> list:
@@ -90,7 +101,7 @@ def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend:
     """
     requested = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     if requested is not None:
-        chosen = get(requested)
+        chosen = get(requested, "backend" if backend is not None else f"${ENV_VAR}")
         reasons = chosen.not_supported_reasons(op, device, dtype, forced=True, **shape)
         if reasons:
             source = "backend=" if backend is not None else f"{ENV_VAR}="

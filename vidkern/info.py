@@ -17,29 +17,52 @@ def _triton_version() -> str:
         return f"not importable ({type(exc).__name__}: {exc})"
 
 
+def _usable_devices(be, devices) -> tuple:
+    """``(devices where ``be`` can run, {device: reasons it cannot})`` when asked for by name."""
+    ok, why = [], {}
+    for dev in devices:
+        reasons = be.not_supported_reasons(next(iter(sorted(be.ops))), dev, None, forced=True)
+        if reasons:
+            why[dev.type] = reasons
+        else:
+            ok.append(dev.type)
+    return ok, why
+
+
 def report() -> str:
+    import os
+
     cuda = torch.cuda.is_available()
+    override = os.environ.get(dispatch.ENV_VAR)
     lines = [
         f"vidkern {__version__}",
         f"python {platform.python_version()}, torch {torch.__version__} (built for CUDA {torch.version.cuda}), "
         f"triton {_triton_version()}",
         f"CUDA device: {torch.cuda.get_device_name() if cuda else 'none (CUDA not available)'}",
-        f"backend override: ${dispatch.ENV_VAR}",
+        f"backend override: {dispatch.ENV_VAR}={override!r}" if override else
+        f"backend override: none ({dispatch.ENV_VAR} is not set; vidkern chooses per call)",
         "backends, in priority order:",
     ]
+    if override and override not in dispatch.names():
+        lines.insert(-1, f"  warning: {dispatch.ENV_VAR}={override!r} is not one of {dispatch.names()}; "
+                         "every op call will raise")
     devices = [torch.device("cpu"), torch.device("cuda")]
     for name in dispatch.names():
         be = dispatch.get(name)
         why = be.unavailable_reason()
-        status = f"unavailable: {why}" if why else "available"
+        usable, per_device = _usable_devices(be, devices)
+        if why:
+            status = f"unavailable: {why}"
+        elif usable:
+            status = f"available on {', '.join(usable)}"
+        else:
+            status = "installed, but cannot run on this machine"
         lines.append(f"  {name:<10} {status}")
         for dev in devices:
             dtypes = sorted(str(d).replace("torch.", "") for d in be.dtypes.get(dev.type, ()))
             lines.append(f"    {dev.type}: {', '.join(dtypes) or 'not supported'}; ops: {', '.join(sorted(be.ops))}")
-            if not why:
-                extra = be.not_supported_reasons(next(iter(be.ops)), dev, None, forced=True)
-                if extra:
-                    lines.append(f"      on {dev.type}: {'; '.join(extra)}")
+            if not why and dev.type in per_device:
+                lines.append(f"      on {dev.type}: {'; '.join(per_device[dev.type])}")
     return "\n".join(lines)
 
 

@@ -31,7 +31,8 @@ def _autocast(policy: str, *tensors: Tensor) -> tuple:
     runs ``mm``/``bmm``/SDPA. ``"widest"``: softmax-and-gate ops (``team_gate``) run in the widest
     floating dtype of their inputs, torch's promote policy, so an fp32 stream is not rounded down
     because a small Linear produced a bf16 gate. Outside autocast the inputs are returned unchanged
-    (and mixed dtypes are an error, as documented).
+    (and mixed dtypes are an error, as documented). Float64 inputs are never cast (as torch's own
+    autocast does: it only casts lower-precision-eligible float16/bfloat16/float32 tensors).
     """
     if not all(isinstance(t, Tensor) for t in tensors):
         return tensors                      # not tensors: the argument checks report it
@@ -39,6 +40,8 @@ def _autocast(policy: str, *tensors: Tensor) -> tuple:
     if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return tensors                      # e.g. meta tensors (FLOP counting) have no autocast
     floats = [t for t in tensors if t.is_floating_point()]
+    if any(t.dtype == torch.float64 for t in floats):
+        return tensors                      # torch's autocast leaves float64 alone; so do we
     if policy == "lower":
         dtype = torch.get_autocast_dtype(device)
     else:
@@ -133,13 +136,18 @@ def group_mean(x: Tensor, grid, pattern="checkerboard", num_groups: Optional[int
     x = checks.tensor("x", x, 3, "(B, N, D)")
     grid = checks.grid(grid, x.shape[1])
     name, ids = checks.pattern(pattern, x.shape[1], x.device)
+    if num_groups is not None:
+        checks.count("num_groups", num_groups, 1, max(x.shape[1], 1))
+        if ids is None and num_groups != patterns.num_groups(name, grid):
+            raise ValueError(f"num_groups={num_groups} must equal the {name!r} pattern's group count on grid "
+                             f"{grid}: {patterns.num_groups(name, grid)}")
     if ids is not None and checks.can_read_values(ids):
-        present = torch.bincount(ids, minlength=num_groups or 1)
+        present = torch.bincount(ids)
+        if num_groups is not None and present.numel() != num_groups:
+            raise ValueError(f"num_groups={num_groups} must equal max id + 1 = {present.numel()} of the pattern")
         if bool((present == 0).any()):
             raise ValueError(f"pattern tensor must use every group id in [0, {present.numel()}); "
                              f"missing {torch.nonzero(present == 0).flatten().tolist()}")
-        if num_groups is not None and present.numel() != num_groups:
-            raise ValueError(f"num_groups={num_groups} must equal max id + 1 = {present.numel()} of the pattern")
     be = dispatch.select("group_mean", x.device, x.dtype, backend)
     return be.group_mean(x, grid, _pattern_arg(name, ids), num_groups)
 
@@ -240,7 +248,7 @@ def team_gate(x: Tensor, h: Tensor, backend: Optional[str] = None) -> Tensor:
     ``s0[n] = sum_c softmax_c(X'[n])[c] X'[n,c]``, ``X' = sigmoid(h) * X``; shape of ``x``.
     """
     x, h = _autocast("widest", x, h)
-    checks.team_input(x, h)
+    checks.team_input(x, h, needs_h=True)
     be = dispatch.select("team_gate", x.device, x.dtype, backend, channels=x.shape[-1])
     if be.native_autograd or x.numel() == 0:
         return reference.team_gate(x, h)
@@ -249,12 +257,14 @@ def team_gate(x: Tensor, h: Tensor, backend: Optional[str] = None) -> Tensor:
 
 # =========================================================================== STTM
 @custom_op("vidkern::orthogonal_select", mutates_args=())
-def _orthogonal_select_op(x: Tensor, k: int, start: Tensor, backend: str) -> Tensor:
+def _orthogonal_select_op(x: Tensor, k: int, start: Tensor, backend: str, check_values: bool) -> Tensor:
+    if check_values:   # traced by torch.compile: start's values are checked here, on real data
+        checks.index_range("start", start, x.shape[1], asynchronous=True)
     return dispatch.get(backend).orthogonal_select(x, k, start)
 
 
 @_orthogonal_select_op.register_fake
-def _(x, k, start, backend):
+def _(x, k, start, backend, check_values):
     return x.new_empty(x.shape[0], k, dtype=torch.long)
 
 
@@ -269,14 +279,16 @@ def orthogonal_select(x: Tensor, k: int, start: Tensor, backend: Optional[str] =
     """
     if start is None:
         raise TypeError("start must be an int tensor of shape (B,) (select_meta_tokens picks a default start)")
-    checks.selection(x, "k", k, start)
+    checked = checks.selection(x, "k", k, start)
     be = dispatch.select("orthogonal_select", x.device, x.dtype, backend)
     x = x.detach()
     if x.shape[0] == 0:
         return x.new_empty(0, k, dtype=torch.long)
     if be.native_autograd:
+        if not checked:
+            checks.assert_index_range("start", start, x.shape[1])
         return reference.orthogonal_select(x, k, start)
-    return _orthogonal_select_op(x, k, start.long(), be.name)
+    return _orthogonal_select_op(x, k, start.long(), be.name, not checked)
 
 
 def select_meta_tokens(x: Tensor, num_out: int, scores: Optional[Tensor] = None, alpha: float = 1.5,
@@ -303,13 +315,16 @@ def select_meta_tokens(x: Tensor, num_out: int, scores: Optional[Tensor] = None,
 
 
 @custom_op("vidkern::soft_merge", mutates_args=())
-def _soft_merge_op(u: Tensor, idx: Tensor, x: Tensor, e: Tensor, tau: float,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _soft_merge_op(u: Tensor, idx: Tensor, x: Tensor, e: Tensor, tau: float, backend: str,
+                   check_values: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if check_values:   # traced by torch.compile: idx and tau are checked here, on real data
+        checks.index_range("idx", idx, x.shape[1], "token indices", asynchronous=True)
+        checks.finite("tau", tau, positive=True)
     return dispatch.get(backend).soft_merge_forward(u, idx, x, e, tau)
 
 
 @_soft_merge_op.register_fake
-def _(u, idx, x, e, tau, backend):
+def _(u, idx, x, e, tau, backend, check_values):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     b, length = x.shape[:2]
     lp = idx.shape[1]
@@ -330,7 +345,7 @@ def _(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau, backend):
 
 
 def _soft_merge_setup(ctx, inputs, output):
-    u, idx, x, e, ctx.tau, ctx.backend = inputs
+    u, idx, x, e, ctx.tau, ctx.backend, _ = inputs
     ctx.save_for_backward(u, idx, x, e, *output)
 
 
@@ -340,7 +355,7 @@ def _soft_merge_backward(ctx, grad_a, grad_p, _grad_lse, _grad_sum):
     grad_p = torch.zeros_like(p) if grad_p is None else grad_p
     du, dx, de = _soft_merge_backward_op(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum,
                                          ctx.tau, ctx.backend)
-    return du, None, dx, de, None, None
+    return du, None, dx, de, None, None, None
 
 
 _soft_merge_op.register_autograd(_soft_merge_backward, setup_context=_soft_merge_setup)
@@ -361,13 +376,32 @@ def soft_merge(u: Tensor, idx: Tensor, x: Tensor, e: Tensor, tau: float = 1.0,
         ``C = softmax_tokens(softmax_meta(U V^T / tau))``.
     """
     u, x, e = _autocast("lower", u, x, e)
-    tau = checks.merge(u, idx, x, e, tau)
+    tau, checked = checks.merge(u, idx, x, e, tau)
     be = dispatch.select("soft_merge", x.device, x.dtype, backend)
     e = e.expand(x.shape[0], -1, -1)  # autograd sums a broadcast e's gradient back to (1, L, D)
     if be.native_autograd or x.shape[0] == 0:
+        if not checked:
+            checks.assert_index_range("idx", idx, x.shape[1], "token indices")
         return reference.soft_merge(u, idx, x, e, tau)
-    a, p, _, _ = _soft_merge_op(u, idx, x, e, tau, be.name)
+    # Under torch.compile idx and tau may be unknown while tracing: the op re-checks them when it runs.
+    a, p, _, _ = _soft_merge_op(u, idx, x, e, tau, be.name, not checked or torch.compiler.is_compiling())
     return a, p
+
+
+# =========================================================================== double backward
+def _first_order_only(op: str):
+    """Autograd of a ``*_backward`` custom op: second-order gradients are not implemented (SPEC §5).
+    Without this, torch would fail with an opaque "no autograd formula" error."""
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"vidkern.{op}: second-order gradients (double backward, e.g. autograd.grad(..., create_graph=True) "
+            f"then a second backward) are not implemented by the fused kernels; backend='reference' supports them")
+    return backward
+
+
+for _op, _name in ((_hsda_backward_op, "hsda"), (_feature_summary_backward_op, "feature_summary"),
+                   (_team_gate_backward_op, "team_gate"), (_soft_merge_backward_op, "soft_merge")):
+    _op.register_autograd(_first_order_only(_name))
 
 
 # =========================================================================== FLOP formulas

@@ -1,6 +1,7 @@
 """The literal math of SPEC.md, written to be read: ground truth for every backend.
 
-Every function works in any float dtype and is differentiated by PyTorch autograd (the tests
+Every function works in any float dtype (float16/bfloat16 attention and soft merging compute in
+float32 inside, as SDPA's math path does) and is differentiated by PyTorch autograd (the tests
 prove each backward with ``gradcheck`` in float64). Nothing here is fast: attention builds the
 full masked ``(N, N)`` score matrix and soft merging the full ``(L, L')`` matrix.
 Inputs are assumed valid; the public functions in :mod:`vidkern.ops` check them first.
@@ -17,6 +18,13 @@ from . import patterns
 NORM_EPS = 1e-12  # SPEC §3.1: xh = X / max(||X||, eps)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 products and softmaxes run in float32 inside, as SDPA's math path does: an
+    fp16 score ``q.k`` or ``U V^T / tau`` overflows 65504 at ordinary sizes, which the fused
+    kernels (fp32 accumulators) and SDPA do not. Results are rounded back to the input dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 # --------------------------------------------------------------------------- FAR (SPEC §1)
 def hsda(q, k, v, grid, num_global_heads=None, pattern="checkerboard", scale=None):
     """Head-split sparse-dense attention, SPEC §1.2.
@@ -27,6 +35,8 @@ def hsda(q, k, v, grid, num_global_heads=None, pattern="checkerboard", scale=Non
     Returns ``(B, H, N, d)`` in the input dtype.
     """
     _, num_heads, n, d = q.shape
+    dtype, wide = q.dtype, _compute_dtype(q.dtype)
+    q, k, v = q.to(wide), k.to(wide), v.to(wide)
     hg = num_heads // 2 if num_global_heads is None else num_global_heads
     scale = d ** -0.5 if scale is None else scale
     ids = patterns.group_ids(pattern, grid, q.device) if grid is not None else torch.zeros(n, dtype=torch.long, device=q.device)
@@ -35,7 +45,7 @@ def hsda(q, k, v, grid, num_global_heads=None, pattern="checkerboard", scale=Non
     allowed = is_global[:, None, None] | same_group[None]                       # (H, N, N)
     scores = scale * q @ k.transpose(-1, -2)                                    # (B, H, N, N)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    return (torch.softmax(scores, dim=-1) @ v).to(dtype)
 
 
 def group_mean(x, grid, pattern="checkerboard", num_groups=None):
@@ -123,8 +133,10 @@ def soft_merge(u, idx, x, e, tau=1.0):
     ``S = U V^T / tau`` with ``V = U[idx]``; ``C1 = softmax_{meta}(S)``; ``C = softmax_{tokens}(C1)``;
     ``A = C^T X``; ``P = C^T E``.
     """
+    dtype, wide = x.dtype, _compute_dtype(x.dtype)
+    u, x, e = u.to(wide), x.to(wide), e.to(wide)
     meta = torch.gather(u, 1, idx[:, :, None].expand(-1, -1, u.shape[-1]))    # (B, L', Du)
     s = u @ meta.transpose(1, 2) / tau                                          # (B, L, L')
     c = torch.softmax(torch.softmax(s, dim=-1), dim=-2)
     e = e.expand(x.shape[0], -1, -1)
-    return c.transpose(1, 2) @ x, c.transpose(1, 2) @ e
+    return (c.transpose(1, 2) @ x).to(dtype), (c.transpose(1, 2) @ e).to(dtype)

@@ -28,12 +28,15 @@ _emulator_loaded = False
 @functools.lru_cache(maxsize=1)
 def extension_error() -> Optional[str]:
     """Why ``vidkern._C`` cannot be used (None: it is loaded)."""
-    try:
-        from .. import _C  # noqa: F401  (loading the library registers torch.ops.vidkern_cuda)
-        return None
-    except ImportError as exc:
-        if "No module named" not in str(exc):   # built, but does not load (torch upgraded since?)
-            return f"vidkern._C does not load ({exc}); reinstall vidkern"
+    import importlib.util
+    # find_spec tells "never built" (no file) from "built but does not load" (torch upgraded since,
+    # a missing library): their ImportError messages are not a reliable way to tell them apart.
+    if importlib.util.find_spec("vidkern._C") is not None:
+        try:
+            from .. import _C  # noqa: F401  (loading the library registers torch.ops.vidkern_cuda)
+            return None
+        except (ImportError, OSError) as exc:
+            return f"vidkern._C is built but does not load ({exc}); reinstall vidkern"
     if torch.version.cuda is None:
         why = f"torch {torch.__version__} is a CPU-only build"
     elif shutil.which("nvcc") is None:
