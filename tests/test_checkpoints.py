@@ -90,3 +90,37 @@ def test_far_classifier_takes_the_pooling_norm():
     assert torch.equal(dst.classifier.fc_norm.weight, src.fc_norm.weight)
     assert ("classifier.head.weight", (7, 384), (7, 768)) in report.mismatched
     assert all(".tgi." in k for k in report.missing)
+
+
+def hf_state_dict(model, legacy=False):
+    """``model``'s weights under Hugging Face VideoMAE's names: transformers 5.x keeps the q/v
+    biases as ``query.bias``/``value.bias``, 4.x (``legacy``) as ``attention.attention.q_bias``/``v_bias``."""
+    sd, out = model.state_dict(), {}
+    out.update({f"videomae.embeddings.patch_embeddings.projection.{k}": sd[f"patch_embed.{k}"]
+                for k in ("weight", "bias")})
+    layer_names = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+                   "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+    for i in range(model.cfg.depth):
+        hf, att = f"videomae.encoder.layer.{i}.", f"videomae.encoder.layer.{i}.attention.attention."
+        for name, w in zip(("query", "key", "value"), sd[f"blocks.{i}.attn.qkv.weight"].chunk(3)):
+            out[f"{att}{name}.weight"] = w
+        for name, bias in (("query", "q_bias"), ("value", "v_bias")):
+            out[att + (bias if legacy else f"{name}.bias")] = sd[f"blocks.{i}.attn.{bias}"]
+        for vk, name in layer_names.items():
+            out.update({f"{hf}{name}.{k}": sd[f"blocks.{i}.{vk}.{k}"] for k in ("weight", "bias")})
+    out.update({f"{p}.{k}": sd[f"{v}.{k}"] for p, v in (("fc_norm", "fc_norm"), ("classifier", "head"))
+                for k in ("weight", "bias")})
+    return out
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["transformers5", "transformers4"])
+def test_hf_state_dict_loads_in_both_layouts_of_the_qv_biases(legacy):
+    from vidkern.checkpoints import from_hf_state_dict
+    src = models.create("videomae_s", **SMALL)
+    with torch.no_grad():
+        for blk in src.blocks:
+            blk.attn.q_bias.normal_(), blk.attn.v_bias.normal_()
+    dst = models.create("videomae_s", **SMALL)
+    report = models.load_checkpoint(dst, from_hf_state_dict(hf_state_dict(src, legacy)), strict=True)
+    assert report.clean and len(report.loaded) == len(src.state_dict())
+    assert_loaded(dst, src.state_dict(), src.state_dict())

@@ -69,3 +69,44 @@ def test_only_videomae_models_convert():
             hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)))
     with pytest.raises(NotImplementedError, match="use_mean_pooling"):
         models.from_transformers(hf_model(use_mean_pooling=False))
+
+
+MISMATCHED_OVERRIDES = [   # (override, value, the pretrained value from HF_SMALL's config)
+    ("embed_dim", 96, 48), ("depth", 4, 2), ("num_heads", 4, 2), ("mlp_ratio", 4.0, 2.0), ("patch_size", 8, 16),
+    ("tubelet_size", 1, 2), ("qkv_bias", "qkv", "qv"), ("norm_eps", 1e-6, 1e-12), ("pos_embed", "learned_st", "sincos"),
+]
+
+
+@pytest.mark.parametrize("key,value,pretrained", MISMATCHED_OVERRIDES, ids=[m[0] for m in MISMATCHED_OVERRIDES])
+def test_overrides_that_contradict_the_pretrained_weights_are_refused(key, value, pretrained):
+    import re
+    with pytest.raises(ValueError, match=re.escape(f"override {key}={value!r} does not match the pretrained "
+                                                   f"model's {key}={pretrained!r}")):
+        models.from_transformers(hf_model(), **{key: value})
+
+
+def test_overrides_that_keep_the_weights_are_allowed():
+    hf = hf_model()
+    vk = models.from_transformers(hf, embed_dim=48, depth=2, num_heads=2, num_classes=7, num_frames=8, img_size=32)
+    assert vk.cfg.grid == (4, 2, 2) and vk.cfg.num_classes == 7
+    assert all(k.startswith("head.") for k, *_ in vk.load_report.mismatched)
+    assert vk.eval()(torch.randn(1, 3, 8, 32, 32)).shape == (1, 7)
+
+
+def test_transformers4_layout_of_the_qv_biases_converts():
+    """transformers 4.x keeps VideoMAE's q/v biases as attention.attention.q_bias/v_bias (5.x:
+    query.bias/value.bias); from_transformers reads both."""
+    import types
+    hf = hf_model()
+    with torch.no_grad():
+        for layer in hf.videomae.encoder.layer:
+            layer.attention.attention.query.bias.normal_(), layer.attention.attention.value.bias.normal_()
+    legacy = {k.replace("attention.attention.query.bias", "attention.attention.q_bias")
+               .replace("attention.attention.value.bias", "attention.attention.v_bias"): v
+              for k, v in hf.state_dict().items()}
+    assert any(k.endswith(".q_bias") for k in legacy) and not any(k.endswith("query.bias") for k in legacy)
+    vk = models.from_transformers(types.SimpleNamespace(config=hf.config, state_dict=lambda: legacy)).eval()
+    assert vk.load_report.clean
+    clip = torch.randn(2, 3, 4, 64, 64)
+    ref = logits(hf, clip, hf=True)
+    assert (logits(vk, clip) - ref).abs().max() <= 1e-5 * ref.abs().max()

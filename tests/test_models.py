@@ -249,3 +249,62 @@ def test_mean_pooling_leaves_out_the_cls_token():
 def test_flop_count_ignores_the_backend_setting(monkeypatch):
     monkeypatch.setenv("VIDKERN_BACKEND", "reference")
     assert f"{flops.count_preset('videomae_s', attention='sparse_dense').gmacs:.2f}" == "45.55"
+
+
+# --------------------------------------------------------------------------- bad clips and configs
+@pytest.mark.parametrize("name", ["videomae_s", "sttm_vit_s"])
+def test_clips_must_have_exactly_the_configured_size(name):
+    """The position embedding has one entry per token of the configured grid; a clip whose size
+    merely rounds to it (5 frames into 4 with 2-frame tubelets, 40 px into 32 with 16 px patches)
+    would be cropped by the tubelet convolution without a word, so it is refused."""
+    model = models.create(name, **SMALL).eval()
+    frames = model.cfg.num_frames
+    assert model(torch.randn(1, 3, frames, 32, 32)).shape == (1, 174)
+    with pytest.raises(ValueError, match=rf"clips must have T = num_frames = {frames} frames .* got T={frames + 1}"):
+        model(torch.randn(1, 3, frames + 1, 32, 32))
+    with pytest.raises(ValueError, match=r"clips must have H = W = img_size = 32 .* got H=40, W=40"):
+        model(torch.randn(1, 3, frames, 40, 40))
+    with pytest.raises(ValueError, match=r"img_size = 32 .* got H=32, W=48"):
+        model(torch.randn(1, 3, frames, 32, 48))
+    with pytest.raises(ValueError, match=r"clips must have shape \(B, 3, T, H, W\) with 3 channels, got \(1, 1, "):
+        model(torch.randn(1, 1, frames, 32, 32))
+    with pytest.raises(ValueError, match=r"clips must have shape \(B, 3, T, H, W\) \(5 dims\)"):
+        model(torch.randn(3, frames, 32, 32))
+
+
+NEVER_RUN = [
+    # (preset, overrides, message)
+    ("sttm_vit_s", dict(sttm_blocks=(5, 12)),
+     r"sttm_blocks=\(5, 12\) names blocks \[12\] outside \[0, depth\) = \[0, 12\)"),
+    ("sttm_vit_s", dict(depth=6), r"sttm_blocks=\(5, 8\) names blocks \[8\] outside \[0, depth\) = \[0, 6\)"),
+    ("sttm_vit_s", dict(sttm_blocks=(8, 5)), r"sttm_blocks must be strictly increasing, got \(8, 5\)"),
+    ("sttm_vit_s", dict(sttm_blocks=(5,)), r"sttm_blocks must hold 2 block indices, got \(5,\)"),
+    ("sttm_vit_s", dict(sttm_ratios=(0.5, 1.0)), r"sttm_ratios\[1\] must be a merge ratio in \[0, 1\)"),
+    ("videomae_s", dict(sttm=True, attention="hsda", sttm_blocks=(0, 6)), "sttm_blocks\\[0\\]=0 leaves none"),
+    ("team_s", dict(team_blocks=(4, 12, 13)), r"team_blocks=\(4, 12, 13\) names blocks \[12, 13\] outside"),
+    ("team_s", dict(depth=4), r"team_blocks=\(4, 5, 6, 7, 8, 9, 10, 11\) names blocks \[4, 5, 6, 7, 8, 9, 10, 11\]"),
+    ("team_s", dict(team_blocks=()), "team_blocks must hold at least one block index"),
+    ("team_s", dict(team_ratios={"early": (0.2, 0.4, 0.6)}), "team_ratios must be a dict"),
+    ("team_s", dict(embed_dim=48, num_heads=4), "team_ratios are needed for embed_dim=48"),
+    ("videomae_s", dict(depth=0), "depth must be a positive int, got 0"),
+    ("videomae_s", dict(num_heads=0), "num_heads must be a positive int, got 0"),
+    ("videomae_s", dict(num_heads=5), "embed_dim=384 must be divisible by num_heads=5"),
+    ("far_s", dict(tgi_groups=0), "tgi_groups must be a positive int, got 0"),
+    ("videomae_s", dict(drop_path_rate=1.5), r"drop_path_rate must be a probability in \[0, 1\]"),
+    ("videomae_s", dict(pos_embed="rope"), "pos_embed must be one of"),
+    ("videomae_s", dict(qkv_bias="k"), "qkv_bias must be one of"),
+    ("far_s", dict(classifier_combine="sum"), "classifier_combine must be one of"),
+    ("videomae_s", dict(backend="cudnn"), "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,match", NEVER_RUN, ids=[f"{n}-{'-'.join(o)}" for n, o, _ in NEVER_RUN])
+def test_config_entries_that_can_never_run_are_refused(name, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        models.config(name, **overrides)
+
+
+def test_a_hand_made_config_is_checked_when_the_model_is_built():
+    with pytest.raises(ValueError, match=r"sttm_blocks=\(5, 20\) names blocks \[20\]"):
+        models.VideoViT(models.ViTConfig(sttm=True, sttm_blocks=(5, 20)))
+    assert models.config("videomae_s", depth=2).depth == 2      # unused team/sttm blocks: team=sttm=False

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vidkern import reference as R
 from vidkern.nn import (STTM, TEAM, Block, GroupAveragedClassifier, HSDAttention, TokenGroupInteraction,
@@ -219,3 +220,65 @@ def test_modules_accept_empty_batches():
 def test_sttm_alpha_below_one_is_rejected():
     with pytest.raises(ValueError, match="alpha must be >= 1"):
         STTM(8, num_out=4, alpha=0.5)
+
+
+# --------------------------------------------------------------------------- TGI in bfloat16 on the CPU
+class ConvDtypes(TorchDispatchMode):
+    """Records the dtypes of every convolution (forward and backward) that runs under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
+            self.seen.append((func.overloadpacket.__name__, args[0].device.type, args[0].dtype, args[1].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def tgi_step(tgi, x, autocast):
+    """One forward and backward of ``tgi`` (in bf16 autocast when asked); returns the output."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = tgi(x)
+    out.float().square().mean().backward()
+    return out
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16_module"])
+def test_tgi_conv_runs_in_float32_where_it_would_run_in_bfloat16_on_the_cpu(autocast):
+    """torch 2.14.1's oneDNN grouped bf16 Conv3d on the CPU returns non-finite weight gradients in
+    ~5-15% of backward calls; TGI routes its conv through float32 there (forward and backward),
+    and returns what a bf16 conv would: a bf16 output, gradients in the parameters' dtype."""
+    tgi = TokenGroupInteraction(384, grid=(2, 4, 4), num_groups=6)
+    x = torch.randn(2, 32, 384, requires_grad=True)
+    if not autocast:
+        tgi, x = tgi.to(torch.bfloat16), x.detach().to(torch.bfloat16).requires_grad_()
+    with ConvDtypes() as mode:
+        out = tgi_step(tgi, x, autocast)
+    assert mode.seen == [("convolution", "cpu", torch.float32, torch.float32),
+                         ("convolution_backward", "cpu", torch.float32, torch.float32)]
+    assert out.dtype == torch.bfloat16 and tgi.conv.weight.grad.dtype == tgi.conv.weight.dtype
+    with torch.device("meta"):    # any other device (cuDNN on a GPU) keeps the bf16 conv as it is
+        meta = TokenGroupInteraction(384, grid=(2, 4, 4), num_groups=6).to(torch.bfloat16)
+        with ConvDtypes() as mode:
+            meta(torch.randn(2, 32, 384, dtype=torch.bfloat16))
+    assert mode.seen == [("convolution", "meta", torch.bfloat16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16_module"])
+def test_tgi_bfloat16_backward_is_finite_in_every_one_of_many_calls(autocast):
+    """The symptom itself, repeated enough to catch a 5% failure rate (64 calls: 0.95**64 < 4%).
+    (It shows only where torch runs bf16 convs on oneDNN: CPUs with native bf16.)"""
+    tgi = TokenGroupInteraction(384, grid=(2, 4, 4), num_groups=6)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    tgi = tgi.to(dtype)
+    bad = []
+    for call in range(64):
+        tgi.zero_grad()
+        x = torch.randn(2, 32, 384, dtype=dtype, requires_grad=True)
+        tgi_step(tgi, x, autocast)
+        grads = [p.grad for p in tgi.parameters()] + [x.grad]
+        if not all(torch.isfinite(g).all() for g in grads):
+            bad.append(call)
+    assert not bad, (f"non-finite gradients in calls {bad} of 64 (oneDNN bf16 on this CPU: "
+                     f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()})")

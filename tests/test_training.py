@@ -20,8 +20,11 @@ def test_presets_train_under_cpu_bf16_autocast(name):
         logits = model(clip)
     assert logits.dtype == BF16
     logits.float().sum().backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    # (far_s: TGI's grouped Conv3d runs in fp32 on the CPU, around oneDNN's bf16 one, whose weight
+    # gradients were non-finite in ~5-15% of calls; tests/test_modules.py checks that routing.)
+    bad = [n for n, p in model.named_parameters() if p.requires_grad
+           and not (p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())]
+    assert not bad, f"missing, non-fp32 or non-finite gradients: {bad}"
     if name != "sttm_vit_s":   # (STTM's picks may differ between bf16 and fp32 features)
         with torch.no_grad():
             full = model(clip)

@@ -142,7 +142,9 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, dict],
 
 def from_hf_state_dict(state: dict) -> dict:
     """A Hugging Face VideoMAE state dict under vidkern's names: ``query``/``key``/``value`` fused
-    into ``qkv`` (the key has no bias: vidkern's ``q_bias``/``v_bias``)."""
+    into ``qkv`` (the key has no bias: vidkern's ``q_bias``/``v_bias``). Both layouts of the q/v
+    biases are read: transformers 5.x's ``query.bias``/``value.bias`` and 4.x's separate
+    ``attention.attention.q_bias``/``v_bias`` parameters."""
     out, layers = {}, {}
     for key, value in state.items():
         k = key.removeprefix("videomae.")
@@ -163,8 +165,9 @@ def from_hf_state_dict(state: dict) -> dict:
         att = "attention.attention."
         out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([layer.pop(att + n + ".weight") for n in ("query", "key", "value")])
         for hf, vk in (("query", "q_bias"), ("value", "v_bias")):
-            if att + hf + ".bias" in layer:
-                out[f"blocks.{i}.attn.{vk}"] = layer.pop(att + hf + ".bias")
+            for name in (hf + ".bias", vk):          # transformers 5.x, 4.x
+                if att + name in layer:
+                    out[f"blocks.{i}.attn.{vk}"] = layer.pop(att + name)
         for hf_name, vk_name in names.items():
             for kind in ("weight", "bias"):
                 if f"{hf_name}.{kind}" in layer:

@@ -19,6 +19,12 @@ Overrides: any :class:`ViTConfig` field, notably ``attention`` (``"global"``,
 ``"cls"``), ``team``, ``sttm``, ``num_classes``, ``num_frames``, ``img_size``,
 ``drop_path_rate``. After an STTM merge the tokens no longer form a grid, so the blocks after
 it attend globally and token-group interaction stops there *(choice)*.
+
+Clips must have exactly the configured size, ``(B, 3, num_frames, img_size, img_size)``: the
+position embedding has one entry per token of the configured grid (see
+:meth:`VideoViT.check_clips`). Every config is checked when it is made (:func:`check_config`):
+entries that could never take effect, such as ``sttm_blocks`` or ``team_blocks`` beyond
+``depth``, are errors.
 """
 from __future__ import annotations
 
@@ -31,10 +37,14 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .checkpoints import LoadReport, load_checkpoint  # noqa: F401  (vidkern.models.load_checkpoint)
+from . import checks
 from .nn import STTM, TEAM_RATIOS, Block, GroupAveragedClassifier
+from .nn import _checks
 from .nn.attention import ATTENTION_KINDS
 
 CLASSIFIERS = ("mean", "group_mean", "cls")
+POS_EMBEDS = ("sincos", "learned_st")
+QKV_BIASES = ("qv", "qkv", "none")
 
 
 @dataclass
@@ -96,18 +106,67 @@ PRESETS = {
 
 
 def config(name: str, **overrides) -> ViTConfig:
-    """The :class:`ViTConfig` of preset ``name`` with ``overrides`` applied (checked)."""
+    """The :class:`ViTConfig` of preset ``name`` with ``overrides`` applied (checked, :func:`check_config`)."""
     if name not in PRESETS:
         raise ValueError(f"name must be one of {sorted(PRESETS)}, got {name!r}")
     fields = {f.name for f in dataclasses.fields(ViTConfig)} - {"extra"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise TypeError(f"unknown override(s) {unknown}; valid: {sorted(fields)}")
-    cfg = ViTConfig(**{**PRESETS[name], **overrides})
-    if cfg.attention not in ATTENTION_KINDS:
-        raise ValueError(f"attention must be one of {sorted(ATTENTION_KINDS)}, got {cfg.attention!r}")
-    if cfg.classifier not in CLASSIFIERS:
-        raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {cfg.classifier!r}")
+    return check_config(ViTConfig(**{**PRESETS[name], **overrides}))
+
+
+def _block_indices(name: str, value, depth: int, count: Optional[int] = None) -> None:
+    """``value``: strictly increasing block indices in ``[0, depth)`` (``count`` of them if given)."""
+    if (not isinstance(value, (tuple, list))
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
+        raise TypeError(f"{name} must be a tuple of block indices (ints), got {value!r}")
+    if count is not None and len(value) != count:
+        raise ValueError(f"{name} must hold {count} block indices, got {tuple(value)}")
+    if not value:
+        raise ValueError(f"{name} must hold at least one block index, got {tuple(value)}")
+    if list(value) != sorted(set(value)):
+        raise ValueError(f"{name} must be strictly increasing, got {tuple(value)}")
+    outside = [i for i in value if not 0 <= i < depth]
+    if outside:
+        raise ValueError(f"{name}={tuple(value)} names blocks {outside} outside [0, depth) = [0, {depth}): "
+                         "they would never run")
+
+
+def _pair_of_ratios(name: str, value) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (spatial, spatio-temporal) of merge ratios, got {value!r}")
+    for i, r in enumerate(value):
+        if not 0 <= checks.finite(f"{name}[{i}]", r) < 1:
+            raise ValueError(f"{name}[{i}] must be a merge ratio in [0, 1), got {r}")
+
+
+def check_config(cfg: ViTConfig) -> ViTConfig:
+    """Every rule a :class:`ViTConfig` must satisfy to build a model whose every entry takes effect:
+    a ``TypeError``/``ValueError`` naming the field, the expected and the actual value. Entries
+    that can never run are errors (``sttm_blocks``/``team_blocks`` beyond ``depth``, a grid
+    attention or TGI with no block before the first merge). Returns ``cfg``."""
+    for name in ("embed_dim", "depth", "num_heads", "num_classes", "num_frames", "img_size", "patch_size",
+                 "tubelet_size"):
+        _checks.positive_int(name, getattr(cfg, name))
+    _checks.positive_float("mlp_ratio", cfg.mlp_ratio)
+    _checks.positive_float("norm_eps", cfg.norm_eps)
+    _checks.probability("drop_path_rate", cfg.drop_path_rate)
+    _checks.probability("head_drop_rate", cfg.head_drop_rate)
+    checks.finite("head_init_scale", cfg.head_init_scale)
+    _checks.backend(cfg.backend)
+    if cfg.embed_dim % cfg.num_heads:
+        raise ValueError(f"embed_dim={cfg.embed_dim} must be divisible by num_heads={cfg.num_heads}")
+    if cfg.num_frames % cfg.tubelet_size or cfg.img_size % cfg.patch_size:
+        raise ValueError(f"num_frames={cfg.num_frames} and img_size={cfg.img_size} must be multiples of "
+                         f"tubelet_size={cfg.tubelet_size} and patch_size={cfg.patch_size}")
+    for name, allowed in (("attention", tuple(sorted(ATTENTION_KINDS))), ("classifier", CLASSIFIERS),
+                          ("classifier_combine", ("concat", "mean")), ("pos_embed", POS_EMBEDS),
+                          ("qkv_bias", QKV_BIASES)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    if cfg.tgi_groups is not None:
+        _checks.positive_int("tgi_groups", cfg.tgi_groups)
     if cfg.classifier == "cls" and not cfg.cls_token:
         raise ValueError("classifier='cls' needs cls_token=True")
     if cfg.classifier == "group_mean" and cfg.cls_token:
@@ -119,9 +178,22 @@ def config(name: str, **overrides) -> ViTConfig:
     if cfg.cls_token and (cfg.attention != "global" or cfg.token_group_interaction):
         raise ValueError("a CLS token belongs to no grid group: use attention='global' and no "
                          f"token_group_interaction with cls_token=True (got attention={cfg.attention!r})")
-    if cfg.num_frames % cfg.tubelet_size or cfg.img_size % cfg.patch_size:
-        raise ValueError(f"num_frames={cfg.num_frames} and img_size={cfg.img_size} must be multiples of "
-                         f"tubelet_size={cfg.tubelet_size} and patch_size={cfg.patch_size}")
+    if cfg.team:
+        _block_indices("team_blocks", cfg.team_blocks, cfg.depth)
+        ratios = cfg.team_ratios if cfg.team_ratios is not None else TEAM_RATIOS.get(cfg.embed_dim)
+        if ratios is None:
+            raise ValueError(f"team_ratios are needed for embed_dim={cfg.embed_dim} (SPEC §2 gives them for "
+                             f"{sorted(TEAM_RATIOS)})")
+        if not isinstance(ratios, dict) or set(ratios) != {"early", "late"}:
+            raise ValueError("team_ratios must be a dict {'early': (r1, r2, r3), 'late': (r1, r2, r3)}, "
+                             f"got {ratios!r}")
+    if cfg.sttm:
+        _block_indices("sttm_blocks", cfg.sttm_blocks, cfg.depth, count=2)
+        _pair_of_ratios("sttm_ratios", cfg.sttm_ratios)
+        if cfg.sttm_blocks[0] == 0 and (cfg.attention != "global" or cfg.token_group_interaction):
+            raise ValueError(f"attention={cfg.attention!r} and token_group_interaction act on the token grid, "
+                             "i.e. in the blocks before the first STTM merge; sttm_blocks[0]=0 leaves none "
+                             "(they would never run)")
     return cfg
 
 
@@ -135,7 +207,10 @@ def from_transformers(hf_model, **overrides) -> "VideoViT":
     with every weight loaded, then ``overrides`` applied (``attention="hsda"``,
     ``token_group_interaction=True``, ``classifier="group_mean"``, ``team=True``, ``sttm=True``, ...).
 
-    Sizes, heads, patch/tubelet, frames, labels, LayerNorm eps and pooling come from the HF config.
+    Sizes, heads, patch/tubelet, frames, labels, LayerNorm eps and pooling come from the HF config;
+    an override of what the weights fix (``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``,
+    ``patch_size``, ``tubelet_size``, ``qkv_bias``, ``norm_eps``, ``pos_embed``)
+    that differs from the pretrained value raises ``ValueError`` naming both.
     HF keeps query/key/value separate (the key without bias); vidkern fuses them into ``qkv``. New
     modules are freshly initialised, token-group interaction with its last projection zeroed, so
     the converted network starts as the pretrained one. Without overrides its logits equal the HF
@@ -151,10 +226,19 @@ def from_transformers(hf_model, **overrides) -> "VideoViT":
         raise NotImplementedError(f"hidden_act={c.hidden_act!r}, num_channels={c.num_channels}: vidkern's ViT "
                                   "uses exact GELU and RGB clips")
     qv_bias = getattr(c, "qv_bias", getattr(c, "qkv_bias", True))
-    fields = dict(embed_dim=c.hidden_size, depth=c.num_hidden_layers, num_heads=c.num_attention_heads,
-                  mlp_ratio=c.intermediate_size / c.hidden_size, num_classes=getattr(c, "num_labels", 0) or 1,
-                  num_frames=c.num_frames, img_size=c.image_size, patch_size=c.patch_size,
-                  tubelet_size=c.tubelet_size, qkv_bias="qv" if qv_bias else "none", norm_eps=c.layer_norm_eps)
+    # What the pretrained weights fix: an override that differs would leave a mostly random model.
+    pretrained = dict(embed_dim=c.hidden_size, depth=c.num_hidden_layers, num_heads=c.num_attention_heads,
+                      mlp_ratio=c.intermediate_size / c.hidden_size, patch_size=c.patch_size,
+                      tubelet_size=c.tubelet_size, qkv_bias="qv" if qv_bias else "none", norm_eps=c.layer_norm_eps,
+                      pos_embed="sincos")
+    for key, value in overrides.items():
+        if key in pretrained and value != pretrained[key]:
+            raise ValueError(f"override {key}={value!r} does not match the pretrained model's {key}="
+                             f"{pretrained[key]!r} (from its config): the weights would not fit. Overrides may "
+                             "change num_classes, num_frames and img_size, and add modules (attention, "
+                             "token_group_interaction, classifier, team, sttm, ...)")
+    fields = dict(pretrained, num_classes=getattr(c, "num_labels", 0) or 1, num_frames=c.num_frames,
+                  img_size=c.image_size)
     model = VideoViT(config("videomae_s", **{**fields, **overrides}))
     report = load_checkpoint(model, from_hf_state_dict(hf_model.state_dict()))
     if report.unexpected:
@@ -190,7 +274,7 @@ class VideoViT(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = check_config(cfg)
         self.grad_checkpointing = False
         d, grid = cfg.embed_dim, cfg.grid
         n = grid[0] * grid[1] * grid[2]
@@ -198,25 +282,19 @@ class VideoViT(nn.Module):
                                      stride=(cfg.tubelet_size, cfg.patch_size, cfg.patch_size))
         if cfg.pos_embed == "sincos":
             self.register_buffer("pos_embed", sincos_table(n, d), persistent=False)
-        elif cfg.pos_embed == "learned_st":
+        else:                               # "learned_st"
             self.pos_spatial = nn.Parameter(torch.zeros(1, grid[1] * grid[2], d))
             self.pos_temporal = nn.Parameter(torch.zeros(1, grid[0], d))
             nn.init.trunc_normal_(self.pos_spatial, std=0.02)
             nn.init.trunc_normal_(self.pos_temporal, std=0.02)
-        else:
-            raise ValueError(f"pos_embed must be 'sincos' or 'learned_st', got {cfg.pos_embed!r}")
         if cfg.cls_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
             self.cls_pos = nn.Parameter(torch.zeros(1, 1, d))
             nn.init.trunc_normal_(self.cls_token, std=0.02)
             nn.init.trunc_normal_(self.cls_pos, std=0.02)
-        if cfg.qkv_bias not in ("qv", "qkv", "none"):
-            raise ValueError(f"qkv_bias must be 'qv', 'qkv' or 'none', got {cfg.qkv_bias!r}")
 
         first_merge = cfg.sttm_blocks[0] if cfg.sttm else cfg.depth
-        ratios = cfg.team_ratios or TEAM_RATIOS.get(d)
-        if cfg.team and ratios is None:
-            raise ValueError(f"team_ratios are needed for embed_dim={d} (SPEC §2 gives them for 384 and 768)")
+        ratios = cfg.team_ratios if cfg.team_ratios is not None else TEAM_RATIOS.get(d)
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear schedule
         blocks = []
         for i in range(cfg.depth):
@@ -249,6 +327,28 @@ class VideoViT(nn.Module):
             head.weight.mul_(cfg.head_init_scale)
             head.bias.mul_(cfg.head_init_scale)
 
+    def check_clips(self, clips) -> torch.Tensor:
+        """``clips`` must be ``(B, 3, num_frames, img_size, img_size)`` exactly: the position
+        embedding (a fixed sin-cos table or learned tables) has one entry per token of the
+        configured grid, so a clip of another size (even one whose size rounds to the grid,
+        which the tubelet convolution would silently crop) is refused. For another size build the
+        model with that ``num_frames``/``img_size``; ``load_checkpoint`` interpolates learned
+        position embeddings to it."""
+        cfg = self.cfg
+        clips = checks.tensor("clips", clips, 5, "(B, 3, T, H, W)")
+        _, c, t, h, w = clips.shape
+        if c != 3:
+            raise ValueError(f"clips must have shape (B, 3, T, H, W) with 3 channels, got {tuple(clips.shape)}")
+        if t != cfg.num_frames:
+            raise ValueError(f"clips must have T = num_frames = {cfg.num_frames} frames (the model's configured "
+                             f"size), got T={t} in shape {tuple(clips.shape)}; build the model with "
+                             f"num_frames={t} for such clips")
+        if (h, w) != (cfg.img_size, cfg.img_size):
+            raise ValueError(f"clips must have H = W = img_size = {cfg.img_size} (the model's configured size), "
+                             f"got H={h}, W={w} in shape {tuple(clips.shape)}; build the model with that img_size "
+                             "for such clips")
+        return clips
+
     def _tokens(self, clips):
         x = self.patch_embed(clips).flatten(2).transpose(1, 2)        # (B, N, D), natural grid order
         pos = self._positions()
@@ -272,8 +372,9 @@ class VideoViT(nn.Module):
         return module(*args, **kwargs)
 
     def forward_features(self, clips: torch.Tensor) -> torch.Tensor:
+        """``clips (B, 3, T, H, W)`` (see :meth:`check_clips`) -> final tokens ``(B, N', D)``."""
         cfg = self.cfg
-        b = clips.shape[0]
+        b = self.check_clips(clips).shape[0]
         t = cfg.grid[0]
         x, e = self._tokens(clips)
         cls = None

@@ -6,33 +6,46 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import _checks
 from .attention import HSDAttention, attention_kind
 from .far import TokenGroupInteraction
 from .team import TEAM
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch per sample with probability ``p`` in training."""
+    """Stochastic depth: drop the residual branch per sample with probability ``p`` in training.
+
+    ``forward(x (B, ...)) -> (B, ...)``: each sample's ``x`` is kept (scaled by ``1 / (1 - p)``)
+    or zeroed. With ``p = 1`` every branch is zeroed, so ``x + drop_path(branch)`` is the residual
+    alone (timm's behaviour; dividing by ``1 - p = 0`` would give NaN).
+    """
 
     def __init__(self, p: float = 0.0):
         super().__init__()
-        self.p = p
+        self.p = _checks.probability("p", p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        keep_prob = 1.0 - self.p
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
+        return x * (keep / keep_prob if keep_prob > 0.0 else keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class Mlp(nn.Module):
-    """``fc2(GELU(fc1(x)))`` with timm's parameter names."""
+    """``fc2(GELU(fc1(x)))`` with timm's parameter names. ``forward(x (B, N, D)) -> (B, N, D)``."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
+        _checks.positive_int("dim", dim)
+        _checks.positive_int("hidden", hidden)
         self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _checks.tokens(x, self.fc1.in_features)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -54,15 +67,21 @@ class Block(nn.Module):
                  tgi_groups: Optional[int] = None, team_ratios=None, drop_path: float = 0.0,
                  norm_eps: float = 1e-6, backend: Optional[str] = None):
         super().__init__()
-        hg, pattern = attention_kind(attention, num_heads)
-        self.grid = grid
-        self.tgi = (TokenGroupInteraction(dim, grid, tgi_groups or num_heads)
+        _checks.positive_int("dim", dim)
+        hg, pattern = attention_kind(attention, num_heads)        # checks num_heads and attention
+        hidden = int(dim * _checks.positive_float("mlp_ratio", mlp_ratio))
+        if hidden < 1:
+            raise ValueError(f"mlp_ratio={mlp_ratio} gives an empty MLP for dim={dim} "
+                             f"(int(dim * mlp_ratio) = {hidden})")
+        _checks.positive_float("norm_eps", norm_eps)
+        self.grid = _checks.grid(grid)
+        self.tgi = (TokenGroupInteraction(dim, grid, num_heads if tgi_groups is None else tgi_groups)
                     if token_group_interaction else None)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = HSDAttention(dim, num_heads, grid, hg, pattern, qkv_bias=qkv_bias, qv_bias=qv_bias,
                                  backend=backend)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, hidden)
         if team_ratios is not None:
             self.norm3 = nn.LayerNorm(dim, eps=norm_eps)
             self.team = TEAM(dim, team_ratios, backend=backend)
@@ -73,6 +92,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, grid=None, return_cls_attention: bool = False):
         """With ``return_cls_attention`` also returns the head-averaged attention of token 0 to the
         others, ``(B, N - 1)`` (see :meth:`HSDAttention.forward`)."""
+        x = _checks.tokens(x, self.norm1.normalized_shape[0])
         grid = grid if grid is not None else self.grid
         if self.tgi is not None:
             x = x + self.drop_path(self.tgi(x, grid))

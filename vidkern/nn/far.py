@@ -4,10 +4,36 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .. import checks, patterns
+from .. import patterns
 from ..ops import group_mean
+from . import _checks
+
+
+def _grouped_conv3d(conv: nn.Conv3d, u: torch.Tensor) -> torch.Tensor:
+    """``conv(u)``, except that where it would run in bfloat16 on the CPU it runs in float32.
+
+    Why: torch 2.14.1's oneDNN kernel for a *grouped* bfloat16 Conv3d on the CPU (used on CPUs
+    with native bf16, e.g. AVX-512-BF16/AMX) returns non-finite weight gradients in about 5-15%
+    of backward calls (``Conv3d(96, 96, 3, padding=1, groups=6)``: 2-10 of 60; ``groups=1``,
+    float16 and oneDNN off were clean). ``torch.backends.mkldnn.flags(enabled=False)`` would
+    only cover the forward: the backward runs later, outside the context. So input, weight and
+    bias are upcast (autocast off) and the result is cast back to bfloat16, the dtype autocast
+    or a bfloat16 module would have produced; gradients reach the weights in their own dtype.
+    GPUs (cuDNN) and every other dtype take ``conv`` unchanged.
+    """
+    if u.device.type == "cpu":
+        autocast = torch.is_autocast_enabled("cpu") and u.dtype != torch.float64   # autocast leaves fp64 alone
+        dtype = torch.get_autocast_dtype("cpu") if autocast else u.dtype
+        if dtype == torch.bfloat16:
+            bias = None if conv.bias is None else conv.bias.float()
+            with torch.autocast("cpu", enabled=False):
+                out = F.conv3d(u.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation,
+                               conv.groups)
+            return out.to(dtype)
+    return conv(u)
 
 
 class TokenGroupInteraction(nn.Module):
@@ -15,16 +41,21 @@ class TokenGroupInteraction(nn.Module):
 
     ``forward(x (B, N, D), grid=None) -> (B, N, D)`` returns the *branch*
     ``Linear(D/4 -> D)(GELU(Conv3d_{3x3x3, groups}(Linear(D -> D/4)(x))))``; the FAR block adds it
-    to ``x``. The convolution is PyTorch's (cuDNN on GPU). ``zero_init`` zeroes the last
-    projection so a pretrained network starts unchanged.
+    to ``x``. The convolution is PyTorch's (cuDNN on GPU; on the CPU a bfloat16 one runs in
+    float32, see :func:`_grouped_conv3d`). ``zero_init`` zeroes the last projection so a
+    pretrained network starts unchanged.
     """
 
     def __init__(self, dim: int, grid=None, num_groups: int = 6, reduction: int = 4, zero_init: bool = False):
         super().__init__()
+        _checks.positive_int("dim", dim)
+        _checks.positive_int("num_groups", num_groups)
+        _checks.positive_int("reduction", reduction)
         hidden = dim // reduction
-        if hidden % num_groups:
-            raise ValueError(f"dim // reduction = {hidden} must be divisible by num_groups, got num_groups={num_groups}")
-        self.grid = None if grid is None else checks.grid(grid)
+        if hidden == 0 or hidden % num_groups:
+            raise ValueError(f"dim // reduction = {dim} // {reduction} = {hidden} must be a positive multiple of "
+                             f"num_groups, got num_groups={num_groups}")
+        self.grid = _checks.grid(grid)
         self.fc1 = nn.Linear(dim, hidden)
         self.conv = nn.Conv3d(hidden, hidden, kernel_size=3, padding=1, groups=num_groups)
         self.act = nn.GELU()
@@ -34,10 +65,11 @@ class TokenGroupInteraction(nn.Module):
             nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: torch.Tensor, grid=None) -> torch.Tensor:
+        x = _checks.tokens(x, self.fc1.in_features)
         b, n, _ = x.shape
-        t, hp, wp = checks.grid(grid if grid is not None else self.grid, n)
+        t, hp, wp = _checks.forward_grid(grid, self.grid, n)
         u = self.fc1(x).transpose(1, 2).reshape(b, self.fc1.out_features, t, hp, wp)
-        u = self.act(self.conv(u)).flatten(2).transpose(1, 2)
+        u = self.act(_grouped_conv3d(self.conv, u)).flatten(2).transpose(1, 2)
         return self.fc2(u)
 
 
@@ -47,28 +79,46 @@ class GroupAveragedClassifier(nn.Module):
     Mean-pool each checkerboard group -> ``(B, G, D)``; ``fc_norm`` (LayerNorm) each; combine by
     concatenation (``combine="concat"``, ``head = Linear(G * D, classes)``, the default) or mean
     (``combine="mean"``, ``Linear(D, classes)``). ``forward(x (B, N, D), grid=None) -> (B, classes)``.
+
+    With ``"concat"`` the group count ``G`` is fixed by ``grid`` and ``pattern`` at construction
+    (2 for the checkerboard, 1 on a 1x1 spatial grid, ``Hp * Wp`` for ``"temporal"``), and a
+    forward grid with another ``G`` is refused; ``"mean"`` takes any grid.
     """
 
     def __init__(self, dim: int, num_classes: int, grid=None, pattern="checkerboard", combine: str = "concat",
                  eps: float = 1e-6, head_dropout: float = 0.0):
         super().__init__()
+        _checks.positive_int("dim", dim)
+        _checks.positive_int("num_classes", num_classes)
         if combine not in ("concat", "mean"):
             raise ValueError(f"combine must be 'concat' or 'mean', got {combine!r}")
-        self.grid = None if grid is None else checks.grid(grid)
-        if isinstance(pattern, torch.Tensor):  # a buffer, so it follows the module across devices
-            self.register_buffer("pattern", pattern.long(), persistent=False)
-        else:
-            self.pattern = pattern
+        self.grid = _checks.grid(grid)
+        _checks.set_pattern(self, pattern, self.grid)
         self.combine = combine
         if combine == "concat" and self.grid is None:
             raise ValueError("grid is required with combine='concat' (it fixes the number of groups G)")
-        self.num_groups = patterns.num_groups(pattern, self.grid) if self.grid is not None else None
-        self.fc_norm = nn.LayerNorm(dim, eps=eps)
-        self.head_dropout = nn.Dropout(head_dropout)
+        explicit = isinstance(self.pattern, torch.Tensor)
+        self.num_groups = (patterns.num_groups(self.pattern, self.grid) if explicit or self.grid is not None
+                           else None)
+        self.fc_norm = nn.LayerNorm(dim, eps=_checks.positive_float("eps", eps))
+        self.head_dropout = nn.Dropout(_checks.probability("head_dropout", head_dropout))
         self.head = nn.Linear(dim * (self.num_groups if combine == "concat" else 1), num_classes)
 
+    def _groups(self, grid: tuple) -> int:
+        """``G`` of the forward ``grid``; with ``"concat"`` it must be the one the head was built for."""
+        if isinstance(self.pattern, torch.Tensor):
+            return self.num_groups                  # fixed by the ids (group_mean checks N against them)
+        g = patterns.num_groups(self.pattern, grid)
+        if self.combine == "concat" and g != self.num_groups:
+            raise ValueError(f"grid={grid} gives G={g} {self.pattern!r} groups, but this classifier's head "
+                             f"(combine='concat') was built for num_groups={self.num_groups} (grid={self.grid}); "
+                             f"pass a grid with {self.num_groups} groups or use combine='mean'")
+        return g
+
     def forward(self, x: torch.Tensor, grid: Optional[tuple] = None) -> torch.Tensor:
-        pooled = self.fc_norm(group_mean(x, grid if grid is not None else self.grid, self.pattern, self.num_groups))
+        x = _checks.tokens(x, self.fc_norm.normalized_shape[0])
+        grid = _checks.forward_grid(grid, self.grid, x.shape[1])
+        pooled = self.fc_norm(group_mean(x, grid, self.pattern, self._groups(grid)))
         pooled = pooled.flatten(1) if self.combine == "concat" else pooled.mean(1)
         return self.head(self.head_dropout(pooled))
 

@@ -6,7 +6,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import checks
 from ..ops import feature_summary, team_gate
+from . import _checks
 
 #: SPEC §2 ratios (r1, r2, r3) by width and block range.
 TEAM_RATIOS = {
@@ -31,8 +33,10 @@ class TEAM(nn.Module):
 
     def __init__(self, dim: int, ratios=(0.2, 0.4, 0.6), backend: Optional[str] = None):
         super().__init__()
-        if len(ratios) != 3:
+        _checks.positive_int("dim", dim)
+        if isinstance(ratios, (str, bytes)) or not hasattr(ratios, "__len__") or len(ratios) != 3:
             raise ValueError(f"ratios must be (r1, r2, r3), got {ratios!r}")
+        ratios = tuple(checks.finite(f"ratios[{i}]", r, positive=True) for i, r in enumerate(ratios))
         widths = [dim] + [team_width(r, dim) for r in ratios] + [dim]
         if min(widths) < 1:
             raise ValueError(f"ratios {tuple(ratios)} give an empty hidden layer for dim={dim}: widths {widths}")
@@ -42,10 +46,11 @@ class TEAM(nn.Module):
                 layers.append(nn.GELU())
             layers.append(nn.Linear(w_in, w_out))
         self.mlp = nn.Sequential(*layers)
-        self.ratios = tuple(ratios)
-        self.backend = backend
+        self.ratios = ratios
+        self.backend = _checks.backend(backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _checks.tokens(x, self.mlp[0].in_features)
         h = self.mlp(feature_summary(x, backend=self.backend))
         return team_gate(x, h, backend=self.backend)
 
