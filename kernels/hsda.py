@@ -240,6 +240,8 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
+from .launch import batch_chunks, on_input_device  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Config:
@@ -371,7 +373,6 @@ def _arch(device) -> int:
 
 
 _INT32_MAX = 2**31 - 1
-_MAX_GRID_Y = 65535
 
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
@@ -387,17 +388,13 @@ def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.contiguous()
 
 
-def _batches(b: int):
-    """Batch slices that fit the grid's second axis."""
-    return [slice(s, min(b, s + _MAX_GRID_Y)) for s in range(0, b, _MAX_GRID_Y)]
-
-
 def _programs(tab, n, h, num_global_heads, block):
     tiles_global = triton.cdiv(n, block)
     sparse_tiles = tab.count if num_global_heads < h else 0
     return tiles_global, num_global_heads * tiles_global + (h - num_global_heads) * sparse_tiles
 
 
+@on_input_device
 def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config = None, debug: bool = False):
     """Launch the forward. ``q, k, v``: ``(B, H, N, d)`` any strides. Returns ``(out, lse)``
     (and the per-program ``(visits, wrong-group keys, is_global)`` counters with ``debug``)."""
@@ -410,7 +407,7 @@ def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config
     tiles_global, programs = _programs(tab, n, h, num_global_heads, cfg.block_m)
     count = (torch.zeros((b, programs, 3), dtype=torch.int32, device=q.device) if debug
              else torch.empty(1, dtype=torch.int32, device=q.device))
-    for bs in (_batches(b) if programs else []):
+    for bs in (batch_chunks(b) if programs else []):
         _hsda_fwd_kernel[(programs, bs.stop - bs.start)](
             q[bs], k[bs], v[bs], out[bs], lse[bs], tab.perm, tab.goff, tab.tiles, count[bs] if debug else count,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -420,6 +417,7 @@ def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config
     return (out, lse, count) if debug else (out, lse)
 
 
+@on_input_device
 def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, scale, config: Config = None):
     """Launch the backward: preprocess (delta), dK/dV per key tile, dQ per query tile."""
     b, h, n, d = q.shape
@@ -439,7 +437,7 @@ def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, 
     for kernel, block, outs in ((_hsda_bwd_dkdv_kernel, cfg.block_n, (dk, dv)), (_hsda_bwd_dq_kernel, cfg.block_m, (dq,))):
         tab = tables(pattern if num_global_heads < h else "checkerboard", grid, block, q.device)
         tiles_global, programs = _programs(tab, n, h, num_global_heads, block)
-        for bs in _batches(b):
+        for bs in batch_chunks(b):
             kernel[(programs, bs.stop - bs.start)](
                 q[bs], k[bs], v[bs], grad_out[bs], lse[bs], delta[bs], *(t[bs] for t in outs),
                 tab.perm, tab.goff, tab.tiles, *strides,

@@ -23,7 +23,10 @@ running max), ``C = W / colsum(W)``:
   channel tile) accumulates ``dU = dS V``, ``dX = C dA``, ``dE = C dP``; pass 3 per (meta tile,
   channel tile) accumulates ``dV = dS^T U``, which is added to the gathered rows of ``dU``.
   Every pass recomputes ``S`` (and ``G``) from the inputs, so memory stays ``O((L + L') D)``.
-fp32 accumulation throughout; fp32 inputs use tf32x3 products (as in the HSDA kernels).
+fp32 accumulation throughout; fp32 inputs use tf32x3 products (as in the HSDA kernels). The
+backward's ``dS`` and ``C`` are far below 1 (``|dS| ~ |dA| sqrt(D) / (L L')``), so before their cast to
+the inputs' dtype each row is scaled by an exact power of two (``_dot_rows_scaled``): in float16
+they would otherwise be subnormal and lose their digits.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .hsda import _precision
+from .launch import batch_chunks, on_input_device
 
 NORM_EPS = 1e-12   # vidkern.reference.NORM_EPS (this module must not import vidkern: it is vidkern.kernels)
 
@@ -90,8 +94,10 @@ def _select_kernel(X, START, OUT, WORK, sxb, sxl, sxd, L, D, K, EPS: tl.constexp
 SELECT_BLOCKS = (32, 64)   # (BLOCK_L, BLOCK_D), 4 warps: 128 registers, no spills (python -m vidkern.aot)
 
 
+@on_input_device
 def orthogonal_select(x, k, start):
-    """``x (B, L, D)`` any strides, ``start (B,)`` int64 -> int64 ``(B, k)`` in pick order."""
+    """``x (B, L, D)`` any strides, ``start (B,)`` int64 -> int64 ``(B, k)`` in pick order.
+    One program per problem on grid axis 0, which takes 2^31 - 1 programs: no batch chunks."""
     b, length, d = x.shape
     out = torch.empty((b, k), dtype=torch.long, device=x.device)
     work = torch.empty((b, 2, length), dtype=torch.float32, device=x.device)
@@ -113,6 +119,22 @@ def _rows_dot(PA, ra, ma, sar, sac, PB, rb, mb, sbr, sbc, K, BR: tl.constexpr, B
         b = tl.load(PB + rb[:, None] * sbr + ok[None, :] * sbc, mask=mb[:, None] & (ok < K)[None, :], other=0.0)
         acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def _dot_rows_scaled(a, b, PRECISION: tl.constexpr):
+    """``a @ b`` in fp32, ``a`` (fp32) cast to ``b``'s dtype for the tensor cores. Each row of ``a`` is
+    scaled by a power of two that puts its largest magnitude in [1, 2) before the cast, and the
+    product's row is scaled back after: both scalings are exact, so a float16 cast keeps float16's
+    *relative* accuracy at any magnitude. (The backward's ``dS ~ |dA| sqrt(D) / (L L')`` is below
+    float16's smallest normal, 6e-5, at ordinary sizes, and ``C ~ 1 / L`` at long clips; bfloat16 and
+    float32 have float32's range and lose nothing either way.) The powers of two are built from the
+    row maximum's exponent bits, not ``exp2``/``log2``, which are approximate on a GPU."""
+    expo = (tl.max(tl.abs(a), 1).to(tl.int32, bitcast=True) >> 23) & 0xFF    # biased exponent of the row max
+    expo = tl.minimum(tl.maximum(expo, 1), 253)      # zero rows (and absurd ones): keep both factors normal
+    scale = ((254 - expo) << 23).to(tl.float32, bitcast=True)                # 2^(127 - expo)
+    unscale = (expo << 23).to(tl.float32, bitcast=True)                      # 2^(expo - 127)
+    return tl.dot((a * scale[:, None]).to(b.dtype), b, input_precision=PRECISION) * unscale[:, None]
 
 
 @triton.jit
@@ -245,9 +267,9 @@ def _merge_bwd_tokens_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OU
                      mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
         dp = tl.load(DP + b * spb + offs_n[:, None] * spl + offs_d[None, :] * spd,
                      mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
-        acc_du += tl.dot(ds.to(v.dtype), v, input_precision=PRECISION)
-        acc_dx += tl.dot(c.to(da.dtype), da, input_precision=PRECISION)
-        acc_de += tl.dot(c.to(dp.dtype), dp, input_precision=PRECISION)
+        acc_du += _dot_rows_scaled(ds, v, PRECISION)
+        acc_dx += _dot_rows_scaled(c, da, PRECISION)
+        acc_de += _dot_rows_scaled(c, dp, PRECISION)
     rows = (b * L + offs_m)[:, None]
     tl.store(DU_OUT + rows * DU + offs_d[None, :], acc_du, mask=mask_m[:, None] & (offs_d < DU)[None, :])
     tile = mask_m[:, None] & (offs_d < D)[None, :]
@@ -277,7 +299,7 @@ def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DV,
         ds = c1 * (dc1 - delta[:, None]) * inv_tau                      # (BM, BN)
         u = tl.load(U + b * sub + offs_m[:, None] * sul + offs_d[None, :] * sud,
                     mask=mask_m[:, None] & (offs_d < DU)[None, :], other=0.0)
-        acc += tl.dot(tl.trans(ds).to(u.dtype), u, input_precision=PRECISION)
+        acc += _dot_rows_scaled(tl.trans(ds), u, PRECISION)
     tl.store(DV + (b * LP + offs_n[:, None]) * DU + offs_d[None, :], acc,
              mask=mask_n[:, None] & (offs_d < DU)[None, :])
 
@@ -293,6 +315,7 @@ def merge_blocks(dtype) -> tuple:
     return cfg["BM"], cfg["BN"], cfg["BK"], cfg["BD"]
 
 
+@on_input_device
 def soft_merge_forward(u, idx, x, e, tau):
     """``u (B, L, Du)``, ``idx (B, L')``, ``x, e (B, L, D)`` any strides (``e`` may be a stride-0
     broadcast) -> ``(A, P, row_lse (B, L) fp32, col_sum (B, L') fp32)``."""
@@ -307,14 +330,17 @@ def soft_merge_forward(u, idx, x, e, tau):
         return a, p, lse, col
     idx = idx.contiguous()
     prec = _precision(x.dtype)
-    _merge_lse_kernel[(triton.cdiv(length, bm), b)](u, idx, lse, *u.stride(), length, lp, du, 1.0 / tau,
-                                                    BM=bm, BN=bn, BK=bk, PRECISION=prec)
-    _merge_fwd_kernel[(triton.cdiv(lp, bn), triton.cdiv(d, bd), b)](
-        u, idx, x, e, lse, a, p, col, *u.stride(), *x.stride(), *e.stride(), length, lp, du, d, 1.0 / tau,
-        BM=bm, BN=bn, BK=bk, BD=bd, PRECISION=prec)
+    for bs in batch_chunks(b):
+        nb = bs.stop - bs.start
+        _merge_lse_kernel[(triton.cdiv(length, bm), nb)](u[bs], idx[bs], lse[bs], *u.stride(), length, lp, du,
+                                                         1.0 / tau, BM=bm, BN=bn, BK=bk, PRECISION=prec)
+        _merge_fwd_kernel[(triton.cdiv(lp, bn), triton.cdiv(d, bd), nb)](
+            u[bs], idx[bs], x[bs], e[bs], lse[bs], a[bs], p[bs], col[bs], *u.stride(), *x.stride(), *e.stride(),
+            length, lp, du, d, 1.0 / tau, BM=bm, BN=bn, BK=bk, BD=bd, PRECISION=prec)
     return a, p, lse, col
 
 
+@on_input_device
 def soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau):
     """Returns ``(du, dx, de)`` in the inputs' dtypes (contiguous)."""
     b, length, du_dim = u.shape
@@ -333,12 +359,15 @@ def soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, ta
     prec = _precision(x.dtype)
     common = (*u.stride(), *x.stride(), *e.stride(), *grad_a.stride(), *grad_p.stride(), length, lp, du_dim, d,
               1.0 / tau)
-    ins = (u, idx, x, e, grad_a, grad_p, row_lse, col_sum, gamma)
-    _merge_bwd_delta_kernel[(triton.cdiv(length, bm), b)](*ins, delta, *common, BM=bm, BN=bn, BK=bk, PRECISION=prec)
-    _merge_bwd_tokens_kernel[(triton.cdiv(length, bm), triton.cdiv(max(d, du_dim), bd), b)](
-        *ins, delta, du, dx, de, *common, BM=bm, BN=bn, BK=bk, BD=bd, PRECISION=prec)
-    _merge_bwd_meta_kernel[(triton.cdiv(lp, bn), triton.cdiv(du_dim, bd), b)](
-        *ins, delta, dv, *common, BM=bm, BN=bn, BK=bk, BD=bd, PRECISION=prec)
+    for bs in batch_chunks(b):
+        nb = bs.stop - bs.start
+        ins = tuple(t[bs] for t in (u, idx, x, e, grad_a, grad_p, row_lse, col_sum, gamma))
+        _merge_bwd_delta_kernel[(triton.cdiv(length, bm), nb)](*ins, delta[bs], *common,
+                                                               BM=bm, BN=bn, BK=bk, PRECISION=prec)
+        _merge_bwd_tokens_kernel[(triton.cdiv(length, bm), triton.cdiv(max(d, du_dim), bd), nb)](
+            *ins, delta[bs], du[bs], dx[bs], de[bs], *common, BM=bm, BN=bn, BK=bk, BD=bd, PRECISION=prec)
+        _merge_bwd_meta_kernel[(triton.cdiv(lp, bn), triton.cdiv(du_dim, bd), nb)](
+            *ins, delta[bs], dv[bs], *common, BM=bm, BN=bn, BK=bk, BD=bd, PRECISION=prec)
     rows = torch.arange(b, device=x.device)[:, None]
     du[rows, idx] += dv          # meta rows are distinct within a batch row: no accumulation races
     return du.to(u.dtype), dx, de

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 import torch
 
+from .launch import batch_chunks, on_input_device
+
 
 @triton.jit
 def _summary_fwd_kernel(X, F, STATS, sxb, sxn, sxd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -160,28 +162,32 @@ def _summary_blocks(d: int) -> tuple:
     return SUMMARY_BLOCKS
 
 
+@on_input_device
 def feature_summary_forward(x):
     """``x (B, N, D)`` any strides -> ``(f (B, D) in x's dtype, stats (B, 3, D) fp32)``."""
     b, n, d = x.shape
     f = torch.empty((b, d), dtype=x.dtype, device=x.device)
     stats = torch.empty((b, 3, d), dtype=torch.float32, device=x.device)
     block_n, block_d = _summary_blocks(d)
-    if b:
-        _summary_fwd_kernel[(triton.cdiv(d, block_d), b)](x, f, stats, *x.stride(), n, d,
-                                                          BLOCK_N=block_n, BLOCK_D=block_d)
+    for bs in batch_chunks(b):
+        _summary_fwd_kernel[(triton.cdiv(d, block_d), bs.stop - bs.start)](
+            x[bs], f[bs], stats[bs], *x.stride(), n, d, BLOCK_N=block_n, BLOCK_D=block_d)
     return f, stats
 
 
+@on_input_device
 def feature_summary_backward(grad_f, x, f, stats):
+    """``grad_f (B, D)`` any strides, and the forward's ``x``, ``f``, ``stats`` -> ``dx (B, N, D)``."""
     b, n, d = x.shape
     dx = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
     block_n, block_d = _summary_blocks(d)
-    if b:
-        _summary_bwd_kernel[(triton.cdiv(d, block_d), b)](x, stats, grad_f, dx, *x.stride(), *grad_f.stride(), n, d,
-                                                          BLOCK_N=block_n, BLOCK_D=block_d)
+    for bs in batch_chunks(b):
+        _summary_bwd_kernel[(triton.cdiv(d, block_d), bs.stop - bs.start)](
+            x[bs], stats[bs], grad_f[bs], dx[bs], *x.stride(), *grad_f.stride(), n, d, BLOCK_N=block_n, BLOCK_D=block_d)
     return dx
 
 
+@on_input_device
 def team_gate_forward(x, h):
     """``x (B, N, D)``, ``h (B, D)`` -> ``(y, tok_lse (B, N) fp32, s (B, N) fp32)``."""
     b, n, d = x.shape
@@ -189,31 +195,37 @@ def team_gate_forward(x, h):
     s0 = torch.empty((b, n), dtype=torch.float32, device=x.device)
     tok_lse = torch.empty_like(s0)
     y = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
-    if b == 0:
-        return y, tok_lse, s0
-    grid = (triton.cdiv(n, block_n), b)
-    _gate_rows_kernel[grid](x, h, s0, tok_lse, *x.stride(), *h.stride(), n, d,
-                            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    tiles = triton.cdiv(n, block_n)
+    for bs in batch_chunks(b):
+        _gate_rows_kernel[(tiles, bs.stop - bs.start)](x[bs], h[bs], s0[bs], tok_lse[bs], *x.stride(), *h.stride(),
+                                                       n, d, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
     s = torch.softmax(s0, dim=-1)   # (B, N): tiny next to the two passes over X
-    _gate_apply_kernel[grid](x, h, s, y, *x.stride(), *h.stride(), n, d,
-                             BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    for bs in batch_chunks(b):
+        _gate_apply_kernel[(tiles, bs.stop - bs.start)](x[bs], h[bs], s[bs], y[bs], *x.stride(), *h.stride(), n, d,
+                                                        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
     return y, tok_lse, s
 
 
+@on_input_device
 def team_gate_backward(grad_y, x, h, tok_lse, s):
+    """``grad_y (B, N, D)`` any strides, and the forward's inputs and ``s`` -> ``(dx, dh)``."""
     b, n, d = x.shape
     block_n, block_d, warps = rows_config(d)
     dx = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
     if b == 0:
         return dx, torch.zeros_like(h)
-    grid = (triton.cdiv(n, block_n), b)
+    tiles = triton.cdiv(n, block_n)
     ds = torch.empty((b, n), dtype=torch.float32, device=x.device)
-    _gate_bwd_rows_kernel[grid](x, h, grad_y, ds, *x.stride(), *h.stride(), *grad_y.stride(), n, d,
-                                BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    for bs in batch_chunks(b):
+        _gate_bwd_rows_kernel[(tiles, bs.stop - bs.start)](
+            x[bs], h[bs], grad_y[bs], ds[bs], *x.stride(), *h.stride(), *grad_y.stride(), n, d,
+            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
     ds0 = s * (ds - (s * ds).sum(-1, keepdim=True))      # through the token softmax: (B, N)
-    dg_parts = torch.empty((b, grid[0], d), dtype=torch.float32, device=x.device)
-    _gate_bwd_kernel[grid](x, h, grad_y, s, ds0, dx, dg_parts, *x.stride(), *h.stride(), *grad_y.stride(), n, d,
-                           BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    dg_parts = torch.empty((b, tiles, d), dtype=torch.float32, device=x.device)
+    for bs in batch_chunks(b):
+        _gate_bwd_kernel[(tiles, bs.stop - bs.start)](
+            x[bs], h[bs], grad_y[bs], s[bs], ds0[bs], dx[bs], dg_parts[bs], *x.stride(), *h.stride(),
+            *grad_y.stride(), n, d, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
     g = torch.sigmoid(h.float())
     dh = (dg_parts.sum(1) * g * (1 - g)).to(h.dtype)     # a fixed-order reduction: reproducible
     return dx, dh

@@ -2,7 +2,8 @@
 
 On a machine without CUDA the same kernels run in Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was imported — only when asked for by name
-(``backend="triton"``), never by automatic dispatch, since the interpreter is slow.
+(``backend="triton"``), never by automatic dispatch, since the interpreter is slow; and not for
+bfloat16 ``hsda``/``soft_merge``, whose ``tl.dot`` products the interpreter gets wrong.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from ..dispatch import Backend
 
 _KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 _HEAD_DIMS = (32, 64, 128)   # kernels.hsda.HEAD_DIMS (kept here too: this module must import without triton)
+_DOT_OPS = frozenset({"hsda", "soft_merge"})   # ops whose kernels use tl.dot (selection and TEAM use none)
+INTERPRETED_BF16_DOT = ("Triton's interpreter computes bf16 tl.dot wrongly (errors ~1e8); "
+                        "bf16 Triton kernels are checked on a GPU")
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,6 +58,8 @@ class TritonBackend(Backend):
         if dtype == torch.float32 and head_dim is not None and 64 < head_dim:
             reasons.append(f"float32 with head dim {head_dim} > 64: its backward spills registers (use bf16/fp16)")
         if device.type == "cpu":
+            if dtype == torch.bfloat16 and op in _DOT_OPS:
+                reasons.append(INTERPRETED_BF16_DOT)
             if not interpreting():
                 reasons.append("needs a CUDA device (on CPU only Triton's interpreter runs: TRITON_INTERPRET=1)")
             elif not forced:

@@ -1,0 +1,41 @@
+"""What every Triton launcher of ``vidkern.kernels`` shares: the device it launches on and the
+grid limit on the batch axis.
+
+*Device.* Triton launches on the *current* CUDA device and its current stream, not on the device
+of the tensors it is handed: inputs on ``cuda:1`` while ``cuda:0`` is current would run on device
+0 with device-1 pointers. Every launcher is decorated with :func:`on_input_device`, which makes the
+inputs' device current (and with it that device's current stream) for the launches inside.
+
+*Grid.* CUDA limits grid axes 1 and 2 to 65535 programs (axis 0 to 2^31 - 1). Launchers that put
+the batch on axis 1 or 2 launch once per slice of :func:`batch_chunks`; ``t[slice]`` keeps
+``t``'s strides and offsets its pointer, so the kernels index each chunk from batch row 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+MAX_GRID_YZ = 65535   # programs on grid axis 1 or 2 (read at call time: tests lower it)
+
+
+def device_guard(t: torch.Tensor):
+    """Context manager making ``t``'s CUDA device current; a no-op for CPU tensors (Triton's
+    interpreter has no devices, and ``torch.cuda.device`` rejects a CPU device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_input_device(launcher):
+    """Decorator for a launcher whose first argument is one of its input tensors (all inputs are on
+    one device: ``vidkern.checks`` validates that): every launch inside runs on that device."""
+    @functools.wraps(launcher)
+    def guarded(first, *args, **kwargs):
+        with device_guard(first):   # looked up per call, so a test can record it
+            return launcher(first, *args, **kwargs)
+    return guarded
+
+
+def batch_chunks(b: int) -> list:
+    """Slices of ``range(b)`` of at most :data:`MAX_GRID_YZ` rows each (none for ``b = 0``)."""
+    return [slice(s, min(b, s + MAX_GRID_YZ)) for s in range(0, b, MAX_GRID_YZ)]
