@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test bench clean
+.PHONY: install test bench gpu-check dist compat clean
 
 # torch must be installed before vidkern's build runs (setup.py compiles against it), so the
 # build-time packages come first and vidkern installs without build isolation.
@@ -27,5 +27,38 @@ test: install
 bench: install
 	$(PY) -m pytest benchmarks $(PYTEST_ARGS)
 
+# An sdist and a wheel built *from that sdist* (so the sdist must hold every source the CUDA build
+# needs), into dist/; the wheel must hold the extension and vidkern.kernels, no top-level kernels.
+dist: install
+	rm -rf dist
+	$(PY) -m pip install --quiet -c constraints.txt build
+	$(PY) -m build --sdist --no-isolation --outdir dist .
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist dist/vidkern-*.tar.gz
+	$(PY) .ci/check_dist.py dist
+
+# The compatibility leg: the oldest supported torch/triton (constraints-compat.txt) in a clean venv,
+# vidkern installed from the sdist; the Triton AOT check for sm_80/sm_90 and the interpreter and
+# CPU tests, run from outside the source tree against the installed package.
+# Left out there: the build and CUDA-resource tests (no CUDA torch), and those that run the source
+# tree itself in a subprocess (examples, benchmark harness, gpucheck), which the main leg covers.
+COMPAT_IGNORE := test_build.py test_aot.py test_examples.py test_benchmarks_smoke.py test_gpucheck.py
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY := $(COMPAT_VENV)/bin/python
+compat: dist
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --quiet -c constraints-compat.txt torch triton numpy setuptools wheel pytest hypothesis
+	$(COMPAT_PY) -m pip install --quiet --force-reinstall --no-deps --no-build-isolation dist/vidkern-*.tar.gz
+	cd $(COMPAT_VENV) && ./bin/python -m vidkern.info && ./bin/python -m vidkern.aot
+	cd $(COMPAT_VENV) && ./bin/python -m pytest $(CURDIR)/tests -p no:cacheprovider -q -ra \
+		-m "not slow" $(foreach t,$(COMPAT_IGNORE),--ignore=$(CURDIR)/tests/$(t)) $(COMPAT_PYTEST_ARGS)
+
+# On a GPU machine with torch/triton/nvcc preinstalled and no network: no virtualenv, the system
+# Python; builds vidkern._C for the local arch, runs the kernel tests, sanitizers and benchmarks
+# within a budget, and writes at most 8 files into OUT (python -m vidkern.gpucheck --help).
+OUT ?= gpu-check-out
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m vidkern.gpucheck --out $(OUT) $(GPUCHECK_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks vidkern/_C*.so
+	rm -rf $(VENV) $(COMPAT_VENV) build dist *.egg-info .pytest_cache .benchmarks vidkern/_C*.so
