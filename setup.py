@@ -103,12 +103,33 @@ setup(
     description="Fused GPU kernels for video transformers: FAR sparse-dense attention, TEAM, STTM",
     long_description=open(os.path.join(here, "README.md")).read(),
     long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: C++",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+    keywords=["pytorch", "triton", "cuda", "attention", "video transformer", "token merging"],
     python_requires=">=3.10",
     packages=["vidkern", "vidkern.backends", "vidkern.nn", "vidkern.kernels"],
     package_dir={"vidkern.kernels": "kernels"},
-    install_requires=["torch>=2.14", "triton>=3.8", "numpy"],
+    # The supported range (README "Supported versions"); `make test` pins the newest
+    # (constraints.txt), CI's compatibility leg the oldest this machine can install
+    # (constraints-compat.txt). Only what vidkern itself imports.
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis", "ninja"],
+        # numpy: Triton's interpreter (the kernel tests without a GPU) runs on it.
+        # timm: the HSDAttention.from_attention tests on timm's Attention and VisionTransformer
+        # (it needs torchvision, pinned in constraints.txt to the release built for the pinned torch).
+        "test": ["pytest>=8", "hypothesis", "ninja", "numpy", "timm"],
         "bench": ["pytest>=8", "pytest-benchmark", "matplotlib"],
         "hf": ["transformers"],
     },
