@@ -240,7 +240,7 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
-from .launch import batch_chunks, on_input_device  # noqa: E402
+from .launch import TRITON_VERSION, batch_chunks, for_triton, on_input_device  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -261,10 +261,11 @@ def block_d(head_dim: int) -> int:
     return max(32, triton.next_power_of_2(head_dim))
 
 
-#: (kind, half or fp32, padded head dim) -> config. Found by compiling candidates in order for
-#: sm_80 and sm_90, both sparse modes, and keeping the first without spills (``vidkern.aot``
-#: re-checks every entry). Gathered rows cost registers, hence smaller tiles than FlashAttention's;
-#: float32 (tf32x3 products) needs smaller tiles still, and has no spill-free backward at d = 128.
+#: (kind, half or fp32, padded head dim) -> config, for Triton 3.8. Found by compiling candidates
+#: in order for sm_80 and sm_90, both sparse modes, and keeping the first without spills
+#: (``vidkern.aot`` re-checks every entry the running Triton gets). Gathered rows cost registers,
+#: hence smaller tiles than FlashAttention's; float32 (tf32x3 products) needs smaller tiles still,
+#: and has no spill-free backward at d = 128.
 CONFIGS = {
     ("fwd", "half", 32): Config(128, 64, 8, 3), ("fwd", "half", 64): Config(128, 64, 8, 3),
     ("fwd", "half", 128): Config(128, 64, 8, 3),
@@ -274,7 +275,24 @@ CONFIGS = {
     ("fwd", "fp32", 128): Config(16, 16, 2, 1),
     ("bwd", "fp32", 32): Config(16, 32, 2, 2), ("bwd", "fp32", 64): Config(16, 16, 2, 1),
 }
+#: Entries for Triton older than the bound, laid over CONFIGS by ``kernels.launch.for_triton``
+#: (measured on 3.6.0): the same tiles with other launch parameters. Its ptxas (CUDA 12.8) puts a
+#: few row-mask registers that stay live across the key loop on the stack (registers / stack bytes):
+#: fwd fp32 d=64, 32x32 w=4 s=2: 168/16 (checkerboard, sm_80) -> s=1: 166-174, none;
+#: bwd fp32 d=64, 16x16 w=2 s=1: bwd_dq 168/8 (checkerboard, sm_90) -> w=4: dkdv 148-162, dq 126-128.
+#: Triton 3.8 keeps CONFIGS: its s=2 forward double-buffers K/V (cp.async) at 206-226 registers.
+CONFIGS_BEFORE = {
+    (3, 8): {("fwd", "fp32", 64): Config(32, 32, 4, 1), ("bwd", "fp32", 64): Config(16, 16, 4, 1)},
+}
 MAX_HEAD_DIM = {"half": 128, "fp32": 64}   # largest head dim with a verified forward and backward
+
+
+def configs(version: tuple = None) -> dict:
+    """The launch table of Triton ``version`` (default: the running one)."""
+    return for_triton(CONFIGS, CONFIGS_BEFORE, version)
+
+
+_ACTIVE_CONFIGS = configs(TRITON_VERSION)   # chosen once, at import
 
 
 def dtype_class(dtype: torch.dtype) -> str:
@@ -282,13 +300,14 @@ def dtype_class(dtype: torch.dtype) -> str:
 
 
 def pick_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> Config:
-    """Launch heuristics per kernel, padded head dim and dtype (the same for sm_80 and sm_90).
-    Head dims pad up to 32, 64 or 128; unsupported combinations never reach here (the backend
-    declares them, so dispatch falls back with the reason)."""
+    """Launch heuristics per kernel, padded head dim and dtype (the same for sm_80 and sm_90), from
+    the running Triton's table (:func:`configs`). Head dims pad up to 32, 64 or 128; unsupported
+    combinations never reach here (the backend declares them, so dispatch falls back with the
+    reason)."""
     key = (kind, dtype_class(dtype), block_d(head_dim))
-    if key not in CONFIGS:
+    if key not in _ACTIVE_CONFIGS:
         raise ValueError(f"no Triton HSDA config for {kind} with head dim {head_dim} in {dtype}")
-    return CONFIGS[key]
+    return _ACTIVE_CONFIGS[key]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""What every Triton launcher of ``vidkern.kernels`` shares: the device it launches on and the
-grid limit on the batch axis.
+"""What every Triton launcher of ``vidkern.kernels`` shares: the device it launches on, the
+grid limit on the batch axis, and the launch tables of the running Triton version.
 
 *Device.* Triton launches on the *current* CUDA device and its current stream, not on the device
 of the tensors it is handed: inputs on ``cuda:1`` while ``cuda:0`` is current would run on device
@@ -9,13 +9,22 @@ inputs' device current (and with it that device's current stream) for the launch
 *Grid.* CUDA limits grid axes 1 and 2 to 65535 programs (axis 0 to 2^31 - 1). Launchers that put
 the batch on axis 1 or 2 launch once per slice of :func:`batch_chunks`; ``t[slice]`` keeps
 ``t``'s strides and offsets its pointer, so the kernels index each chunk from batch row 0.
+
+*Triton version.* Register allocation differs between Triton releases (layouts, pipelining,
+the bundled ``ptxas``), so a configuration that compiles without spills on one may spill on
+another. A launch table is written for the newest supported Triton, with the entries that must
+differ on older ones beside it; :func:`for_triton` lays those over the table for the running
+version, read once (:data:`TRITON_VERSION`). ``python -m vidkern.aot`` asks the launchers for
+their configurations, so it checks exactly the table the running Triton gets.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import re
 
 import torch
+import triton
 
 MAX_GRID_YZ = 65535   # programs on grid axis 1 or 2 (read at call time: tests lower it)
 
@@ -39,3 +48,27 @@ def on_input_device(launcher):
 def batch_chunks(b: int) -> list:
     """Slices of ``range(b)`` of at most :data:`MAX_GRID_YZ` rows each (none for ``b = 0``)."""
     return [slice(s, min(b, s + MAX_GRID_YZ)) for s in range(0, b, MAX_GRID_YZ)]
+
+
+def version_tuple(text: str) -> tuple:
+    """``"3.6.0"`` -> ``(3, 6, 0)``; a local or pre-release suffix (``+git1a2b``, ``rc1``) is ignored."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if m is None:
+        raise ValueError(f"not a version: {text!r}")
+    return tuple(int(p) for p in m.groups(default="0"))
+
+
+TRITON_VERSION = version_tuple(triton.__version__)   # read once, at import
+
+
+def for_triton(table: dict, older: dict, version: tuple = None) -> dict:
+    """The launch table for Triton ``version`` (default: the running one): ``table`` (written for
+    the newest supported Triton) with the entries of ``older[bound]`` laid over it for every
+    ``bound`` (a version tuple such as ``(3, 8)``) that ``version`` predates; the oldest such
+    bound's entries win."""
+    version = TRITON_VERSION if version is None else tuple(version)
+    picked = dict(table)
+    for bound in sorted(older, reverse=True):
+        if version < tuple(bound):
+            picked.update(older[bound])
+    return picked

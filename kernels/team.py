@@ -155,11 +155,21 @@ def rows_config(d: int) -> tuple:
     return max(1, 2048 // bd), bd, 4 if bd <= 256 else 8
 
 
-SUMMARY_BLOCKS = (64, 64)   # (BLOCK_N, BLOCK_D) of the column kernels
+#: (BLOCK_N, BLOCK_D, num_warps) of the column kernels (``feature_summary`` forward and backward):
+#: 8 warps, 16 elements a thread. Where X has no unit stride for Triton to specialise on (the
+#: variant ``vidkern.aot`` compiles), Triton 3.6 lays a warp's lanes along the reduced token axis,
+#: so each thread carries 64 / (warps along the channels) channels of the online (max, sum-exp,
+#: weighted sum): 32 at 4 warps, where summary_fwd spilled (255 registers, 32-144 bytes), 16 at 8.
+#: Triton 3.8 lays the lanes along the channels. Registers, sm_80/sm_90, 4 -> 8 warps: 3.6 fwd
+#: 255 (spills) -> 243-244, bwd 166-255 -> 102-187; 3.8 fwd 113-155 -> 64-80, bwd 114-128 -> 63-70
+#: (a channel-contiguous X, 3.8: fwd 140-143 -> 80-93). Same tile, so the same work a program.
+SUMMARY_CONFIG = (64, 64, 8)
 
 
-def _summary_blocks(d: int) -> tuple:
-    return SUMMARY_BLOCKS
+def summary_config(d: int) -> tuple:
+    """(BLOCK_N, BLOCK_D, num_warps) of the column kernels for ``d`` channels (fixed: one channel
+    block of 64 per program, the launch grid covers ``d``)."""
+    return SUMMARY_CONFIG
 
 
 @on_input_device
@@ -168,10 +178,10 @@ def feature_summary_forward(x):
     b, n, d = x.shape
     f = torch.empty((b, d), dtype=x.dtype, device=x.device)
     stats = torch.empty((b, 3, d), dtype=torch.float32, device=x.device)
-    block_n, block_d = _summary_blocks(d)
+    block_n, block_d, warps = summary_config(d)
     for bs in batch_chunks(b):
         _summary_fwd_kernel[(triton.cdiv(d, block_d), bs.stop - bs.start)](
-            x[bs], f[bs], stats[bs], *x.stride(), n, d, BLOCK_N=block_n, BLOCK_D=block_d)
+            x[bs], f[bs], stats[bs], *x.stride(), n, d, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
     return f, stats
 
 
@@ -180,10 +190,11 @@ def feature_summary_backward(grad_f, x, f, stats):
     """``grad_f (B, D)`` any strides, and the forward's ``x``, ``f``, ``stats`` -> ``dx (B, N, D)``."""
     b, n, d = x.shape
     dx = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
-    block_n, block_d = _summary_blocks(d)
+    block_n, block_d, warps = summary_config(d)
     for bs in batch_chunks(b):
         _summary_bwd_kernel[(triton.cdiv(d, block_d), bs.stop - bs.start)](
-            x[bs], stats[bs], grad_f[bs], dx[bs], *x.stride(), *grad_f.stride(), n, d, BLOCK_N=block_n, BLOCK_D=block_d)
+            x[bs], stats[bs], grad_f[bs], dx[bs], *x.stride(), *grad_f.stride(), n, d, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=warps)
     return dx
 
 

@@ -56,6 +56,58 @@ def test_the_check_catches_spills():
     assert out.split() == ["True", "True", "False"]
 
 
+def test_launch_tables_per_triton_version():
+    """A launch table is written for the newest Triton, with the entries older ones need laid over
+    it (``kernels.launch.for_triton``); each launcher reads the running version's table."""
+    import torch
+
+    from vidkern.kernels import hsda as K
+    from vidkern.kernels import launch
+    assert launch.version_tuple("3.6.0") == (3, 6, 0) and launch.version_tuple("3.8.0+git1a2b") == (3, 8, 0)
+    assert launch.version_tuple("3.7") == (3, 7, 0) and launch.version_tuple("3.9.0rc1") == (3, 9, 0)
+    base, older = {"a": 1, "b": 2}, {(3, 8): {"a": 10}, (3, 7): {"a": 20, "b": 30}}
+    assert launch.for_triton(base, older, (3, 8, 0)) == base == {"a": 1, "b": 2}   # base left as it was
+    assert launch.for_triton(base, older, (3, 7, 1)) == {"a": 10, "b": 2}
+    assert launch.for_triton(base, older, (3, 6, 0)) == {"a": 20, "b": 30}        # the oldest bound wins
+    assert K.configs((3, 8, 0)) == K.CONFIGS and K.configs((3, 9, 1)) == K.CONFIGS
+    old = K.configs((3, 6, 0))
+    assert old != K.CONFIGS and all(old[key] == cfg for key, cfg in K.CONFIGS_BEFORE[(3, 8)].items())
+    for kind, d, dtype in ((kind, d, dtype) for kind in ("fwd", "bwd") for d in K.HEAD_DIMS
+                           for dtype in (torch.float16, torch.float32) if d <= K.MAX_HEAD_DIM[K.dtype_class(dtype)]):
+        assert K.pick_config(kind, d, dtype, 90) == K.configs()[(kind, K.dtype_class(dtype), d)]
+
+
+def test_the_check_compiles_what_the_launchers_launch():
+    """Tiles, warps and stages come from the launchers' own functions, on the running Triton
+    (compilation replaced by a recorder)."""
+    out = _python("""
+        import torch, triton
+        from vidkern import aot
+        from vidkern.kernels import hsda as K, team as T
+        seen = []
+        def record(src, target=None, options=None):
+            names = list(src.signature)   # src.constants: {(argument index,): value}
+            seen.append(({names[i]: v for (i,), v in src.constants.items()}, options))
+            raise RuntimeError("recorded")
+        triton.compile = record
+        n, d, w = T.summary_config(384)
+        for kernel in ("summary_fwd", "summary_bwd"):
+            r = aot.compile_team(kernel, torch.float16, d, 80)
+            print(r.config == f"fp16 BLOCK_N={n} BLOCK_D={d} w={w}", seen[-1][1] == dict(num_warps=w),
+                  (seen[-1][0]["BLOCK_N"], seen[-1][0]["BLOCK_D"]) == (n, d))
+        n, d, w = T.rows_config(1000)
+        r = aot.compile_team("gate_bwd", torch.float32, d, 90)
+        print(r.config == f"fp32 BLOCK_N={n} BLOCK_D={d} w={w}", seen[-1][1] == dict(num_warps=w))
+        for kernel, kind in (("fwd", "fwd"), ("bwd_dkdv", "bwd"), ("bwd_dq", "bwd")):
+            cfg = K.configs()[(kind, "fp32", 64)]
+            aot.compile_one(kernel, torch.float32, 64, 1, 80)
+            consts, options = seen[-1]
+            print(options == dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                  (consts["BLOCK_M"], consts["BLOCK_N"]) == (cfg.block_m, cfg.block_n))
+    """)
+    assert out.split() == ["True"] * (3 * 2 + 2 + 2 * 3)
+
+
 def test_the_check_requires_tensor_core_code():
     out = _python("""
         import torch

@@ -3,9 +3,10 @@
 memory and spills — and the same for every kernel of the built CUDA extension ``vidkern._C``.
 
 For each kernel x dtype x head dim (32, 64, 128) x sparse mode x arch it compiles exactly the configuration
-``vidkern.kernels.hsda.pick_config`` chooses, specialised the way Triton's JIT specialises a
-launch (unit head-dim stride and 16-divisible pointers and strides, which the launcher
-guarantees), plus the work-counting debug variant, and reads the cubin's resource usage with the
+``vidkern.kernels.hsda.pick_config`` chooses on the running Triton version (a launch table may
+differ per version: ``vidkern.kernels.launch.for_triton``), specialised the way Triton's JIT
+specialises a launch (unit head-dim stride and 16-divisible pointers and strides, which the
+launcher guarantees), plus the work-counting debug variant, and reads the cubin's resource usage with the
 ``cuobjdump`` shipped in the triton wheel. It exits non-zero on a compile error, a spill
 (``STACK``/``LOCAL`` > 0), shared memory over the architecture's limit, or a kernel whose code
 lacks the instructions it must hold (tensor-core ``mma`` for the attention kernels; a kernel the
@@ -91,19 +92,16 @@ TEAM_KERNELS = ("summary_fwd", "summary_bwd", "gate_rows", "gate_apply", "gate_b
 
 
 def compile_team(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> Result:
-    """Compile one TEAM kernel as launched (``block_d``: padded channels of a row kernel)."""
+    """Compile one TEAM kernel as launched (``block_d``: padded channels of a row kernel, the
+    channel block of a column kernel), at the launcher's ``summary_config``/``rows_config``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from .kernels import team as K
     fn = getattr(K, f"_{kernel}_kernel")
-    if kernel.startswith("summary"):
-        block_n, block_d = K.SUMMARY_BLOCKS
-        warps = 4
-    else:
-        block_n, bd, warps = K.rows_config(block_d)
-        assert bd == block_d
+    block_n, bd, warps = (K.summary_config if kernel.startswith("summary") else K.rows_config)(block_d)
+    assert bd == block_d
     consts = dict(BLOCK_N=block_n, BLOCK_D=block_d)
     pointer = {"STATS": "*fp32", "S0": "*fp32", "LSE": "*fp32", "S": "*fp32", "DS": "*fp32", "DS0": "*fp32",
                "DG": "*fp32"}
@@ -244,7 +242,7 @@ def team_configurations(archs=ARCHS, dtypes=tuple(DTYPES)):
     from .kernels import team as K
     for arch, dtype in itertools.product(archs, dtypes):
         for kernel in TEAM_KERNELS:
-            for block_d in ((K.SUMMARY_BLOCKS[1],) if kernel.startswith("summary") else K.ROW_BLOCK_DS):
+            for block_d in ((K.SUMMARY_CONFIG[1],) if kernel.startswith("summary") else K.ROW_BLOCK_DS):
                 yield kernel, dtype, block_d, arch
 
 
@@ -367,7 +365,9 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     bad = [r for r in results if not r.ok]
-    print(f"\n{len(results) - len(bad)} of {len(results)} configurations compile cleanly", file=sys.stderr)
+    import triton
+    print(f"\ntriton {triton.__version__}: {len(results) - len(bad)} of {len(results)} configurations compile cleanly",
+          file=sys.stderr)
     return 1 if bad else 0
 
 
