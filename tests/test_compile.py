@@ -121,3 +121,27 @@ def test_compiled_reference_asserts_on_bad_indices():
     merge(torch.tensor([[0, 3], [4, 5]]))
     with pytest.raises(RuntimeError, match=r"idx must hold token indices in \[0, 20\)"):
         merge(torch.tensor([[0, 3], [4, -1]]))
+
+
+def test_a_broken_extension_does_not_break_compilation(monkeypatch):
+    """Dispatch asks whether vidkern._C loads; torch.compile must take that answer as a constant
+    (tracing the failing import broke the graph: "Unsupported: Import failure")."""
+    import importlib.util
+    import sys
+
+    import vidkern
+    from vidkern.backends import cuda
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "vidkern._C" else find(n, *a))
+    monkeypatch.setitem(sys.modules, "vidkern._C", None)
+    monkeypatch.delattr(vidkern, "_C", raising=False)
+    cuda.extension_error.cache_clear()
+    try:
+        torch._dynamo.reset()
+        x = torch.randn(2, 5, 8)
+        out = torch.compile(lambda t: vidkern.feature_summary(t), fullgraph=True)(x)
+        torch.testing.assert_close(out, vidkern.feature_summary(x))
+        assert "is built but does not load" in cuda.extension_error()
+    finally:
+        monkeypatch.undo()
+        cuda.extension_error.cache_clear()

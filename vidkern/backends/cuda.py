@@ -25,7 +25,10 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 _emulator_loaded = False
 
 
+# torch.compile calls it at trace time and keeps the answer as a constant (dynamo looks through
+# the cache to the marked function): tracing an import, or its failure, would break the graph.
 @functools.lru_cache(maxsize=1)
+@torch.compiler.assume_constant_result
 def extension_error() -> Optional[str]:
     """Why ``vidkern._C`` cannot be used (None: it is loaded)."""
     import importlib.util

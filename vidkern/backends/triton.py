@@ -22,7 +22,10 @@ INTERPRETED_BF16_DOT = ("Triton's interpreter computes bf16 tl.dot wrongly (erro
                         "bf16 Triton kernels are checked on a GPU")
 
 
+# torch.compile calls it at trace time and keeps the answer as a constant (dynamo looks through
+# the cache to the marked function): tracing an import, or its failure, would break the graph.
 @functools.lru_cache(maxsize=1)
+@torch.compiler.assume_constant_result
 def _import_error() -> Optional[str]:
     try:
         import triton  # noqa: F401
