@@ -57,7 +57,7 @@ def test_forced_backend_that_cannot_run_raises_with_reasons(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="lists reasons only when no backend can run")
 def test_no_capable_backend_lists_every_reason():
-    with pytest.raises(NotImplementedError, match=r"no vidkern backend can run hsda on cuda.*\n  cuda: does not implement hsda.*\n  triton: .*\n  torch: .*\n  reference: "):
+    with pytest.raises(NotImplementedError, match=r"no vidkern backend can run hsda on cuda.*\n  cuda: .*does not implement hsda.*\n  triton: .*\n  torch: .*\n  reference: "):
         dispatch.select("hsda", CUDA, torch.float32)
 
 
@@ -93,9 +93,11 @@ def test_kernels_package_lives_under_vidkern():
 def test_soft_merge_prefers_triton_over_the_simt_cuda_kernels(monkeypatch):
     """On a GPU the cuda backend (first in priority) leaves soft_merge to Triton's tensor-core kernels
     when Triton can run it; asked for by name, or without Triton, it runs."""
+    from vidkern.backends import cuda as cuda_module
     cuda_backend, triton_backend = dispatch.get("cuda"), dispatch.get("triton")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(cuda_module, "extension_error", lambda: None)   # as if vidkern._C loaded
     monkeypatch.setattr(triton_backend, "not_supported_reasons", lambda *a, **k: [])
     why = cuda_backend.not_supported_reasons("soft_merge", CUDA, torch.bfloat16)
     assert any("prefers the triton backend" in r for r in why)
