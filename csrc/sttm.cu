@@ -8,7 +8,7 @@
 //     and takes the first minimum over warps — lowest index on ties (SPEC §3.1). The scores and
 //     inverse norms live in a (B, 2, L) fp32 scratch; each token's score is read and written by
 //     the same warp every step.
-//   soft_merge: the same passes as the Triton kernels (kernels/sttm.py) on 32 x 32 (token x meta)
+//   soft_merge: the same passes as the Triton kernels (kernels/merge.py) on 32 x 32 (token x meta)
 //     tiles staged in shared memory, 64 channels of the outputs per block; S and G are recomputed
 //     in every pass, so no L x L' matrix exists and memory is O((L + L') D).
 //

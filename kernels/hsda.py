@@ -240,7 +240,7 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
-from .launch import TRITON_VERSION, batch_chunks, for_triton, on_input_device  # noqa: E402
+from .launch import TRITON_VERSION, batch_chunks, dot_precision, for_triton, on_input_device  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -378,12 +378,6 @@ def _named_table_tables(pattern: str, grid: tuple, block: int, device: torch.dev
     return _table_tables(patterns.group_ids(pattern, grid, device), block)
 
 
-def _precision(dtype):
-    """float32: three TF32 products per product ("tf32x3": tensor cores, float32-level error; plain
-    IEEE products run on FMA units and spill); float16/bfloat16: native tensor-core products."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 def _arch(device) -> int:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -432,7 +426,7 @@ def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             n, h, num_global_heads, tiles_global, grid[0], grid[1], grid[2], scale,
             HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_MODE=tab.mode,
-            PRECISION=_precision(q.dtype), DEBUG=debug, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            PRECISION=dot_precision(q.dtype), DEBUG=debug, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (out, lse, count) if debug else (out, lse)
 
 
@@ -451,7 +445,7 @@ def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, 
     _hsda_bwd_preprocess_kernel[(b * h * triton.cdiv(n, pre_block),)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), n, h, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_block)
     common = dict(BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     for kernel, block, outs in ((_hsda_bwd_dkdv_kernel, cfg.block_n, (dk, dv)), (_hsda_bwd_dq_kernel, cfg.block_m, (dq,))):
         tab = tables(pattern if num_global_heads < h else "checkerboard", grid, block, q.device)

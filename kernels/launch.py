@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import re
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -72,3 +74,54 @@ def for_triton(table: dict, older: dict, version: tuple = None) -> dict:
         if version < tuple(bound):
             picked.update(older[bound])
     return picked
+
+
+def dot_precision(dtype) -> str:
+    """``input_precision`` of ``tl.dot`` for inputs of ``dtype``. float32: three TF32 products per
+    product ("tf32x3": tensor cores, float32-level error; plain IEEE products run on FMA units and
+    spill); float16/bfloat16: native tensor-core products (the argument is ignored for them)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    """One configuration a launcher can pick, as ``python -m vidkern.aot`` compiles it: the kernel
+    (``family`` and short ``name``, e.g. ``("team", "gate_bwd")``), its constexprs and warps, and
+    the types of the arguments that are not a pointer to the inputs' dtype. Every kernel module
+    exports ``aot_specs(dtype)``, built from the same functions its launchers call, so the check
+    compiles exactly what runs (no hand-kept lists in ``vidkern.aot``).
+
+    Signature rule: upper-case parameters are pointers to ``dtype`` unless named in ``types``,
+    lower-case ones ``i32`` unless named there; constexprs are compile-time constants. Pointers and
+    strides get the 16-divisibility hint Triton's JIT gives a contiguous launch."""
+    family: str
+    name: str
+    fn: object
+    dtype: torch.dtype
+    constexprs: dict
+    num_warps: int
+    types: dict = field(default_factory=dict)
+    num_stages: int = None
+
+    @property
+    def label(self) -> str:
+        shown = " ".join(f"{k}={v}" for k, v in self.constexprs.items() if k not in ("EPS", "PRECISION"))
+        stages = "" if self.num_stages is None else f" s={self.num_stages}"
+        return f"{_DTYPE_NAMES[self.dtype]} {shown} w={self.num_warps}{stages}".replace("  ", " ")
+
+    def signature(self) -> dict:
+        sig = {}
+        for name in inspect.signature(self.fn.fn).parameters:
+            if name in self.constexprs:
+                sig[name] = "constexpr"
+            elif name in self.types:
+                sig[name] = self.types[name]
+            else:
+                sig[name] = f"*{_DTYPE_NAMES[self.dtype]}" if name.isupper() else "i32"
+        return sig
+
+    def options(self) -> dict:
+        return dict(num_warps=self.num_warps, **({} if self.num_stages is None else dict(num_stages=self.num_stages)))

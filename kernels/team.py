@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .launch import batch_chunks, on_input_device
+from .launch import AotSpec, batch_chunks, on_input_device
 
 
 @triton.jit
@@ -240,3 +240,24 @@ def team_gate_backward(grad_y, x, h, tok_lse, s):
     g = torch.sigmoid(h.float())
     dh = (dg_parts.sum(1) * g * (1 - g)).to(h.dtype)     # a fixed-order reduction: reproducible
     return dx, dh
+
+
+TEAM_KERNELS = {"summary_fwd": _summary_fwd_kernel, "summary_bwd": _summary_bwd_kernel,
+                "gate_rows": _gate_rows_kernel, "gate_apply": _gate_apply_kernel,
+                "gate_bwd_rows": _gate_bwd_rows_kernel, "gate_bwd": _gate_bwd_kernel}
+
+
+def aot_specs(dtype) -> list:
+    """Every configuration the TEAM launchers can launch for inputs of ``dtype`` (``vidkern.aot``):
+    the column kernels at their one channel block, the row kernels at every padded row width."""
+    types = dict(STATS="*fp32", S0="*fp32", LSE="*fp32", S="*fp32", DS="*fp32", DS0="*fp32", DG="*fp32",
+                 N="i32", D="i32")
+    specs = []
+    for name, fn in TEAM_KERNELS.items():
+        if name.startswith("summary"):
+            configs = [summary_config(SUMMARY_CONFIG[1])]
+        else:
+            configs = [rows_config(bd) for bd in ROW_BLOCK_DS]
+        for block_n, block_d, warps in configs:
+            specs.append(AotSpec("team", name, fn, dtype, dict(BLOCK_N=block_n, BLOCK_D=block_d), warps, types))
+    return specs

@@ -30,8 +30,7 @@ def test_every_launcher_configuration_compiles_cleanly(tmp_path):
     run = aot.run_in_subprocess("--out", str(out))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and "kernel" not in ln]
-    expected = (len(list(aot.all_configurations())) + len(list(aot.team_configurations()))
-                + len(list(aot.sttm_configurations())))
+    expected = len(list(aot.all_configurations())) + len(list(aot.spec_configurations()))
     # HSDA: archs x (fp16, bf16: d<=128; fp32: d<=64) x (7 kernels + the debug forward);
     # TEAM: archs x 3 dtypes x (2 column kernels + 4 row kernels x 5 channel blocks);
     # STTM: archs x 3 dtypes x 6 kernels
@@ -91,12 +90,13 @@ def test_the_check_compiles_what_the_launchers_launch():
             raise RuntimeError("recorded")
         triton.compile = record
         n, d, w = T.summary_config(384)
+        specs = {(s.name, s.dtype, s.constexprs.get("BLOCK_D")): s for s in T.aot_specs(torch.float16) + T.aot_specs(torch.float32)}
         for kernel in ("summary_fwd", "summary_bwd"):
-            r = aot.compile_team(kernel, torch.float16, d, 80)
+            r = aot.compile_spec(specs[(kernel, torch.float16, d)], 80)
             print(r.config == f"fp16 BLOCK_N={n} BLOCK_D={d} w={w}", seen[-1][1] == dict(num_warps=w),
                   (seen[-1][0]["BLOCK_N"], seen[-1][0]["BLOCK_D"]) == (n, d))
         n, d, w = T.rows_config(1000)
-        r = aot.compile_team("gate_bwd", torch.float32, d, 90)
+        r = aot.compile_spec(specs[("gate_bwd", torch.float32, d)], 90)
         print(r.config == f"fp32 BLOCK_N={n} BLOCK_D={d} w={w}", seen[-1][1] == dict(num_warps=w))
         for kernel, kind in (("fwd", "fwd"), ("bwd_dkdv", "bwd"), ("bwd_dq", "bwd")):
             cfg = K.configs()[(kind, "fp32", 64)]

@@ -27,9 +27,9 @@ def kernels(request, monkeypatch):
     if reasons:
         pytest.skip("; ".join(reasons))
     if not GPU:
-        from vidkern.kernels import sttm
-        monkeypatch.setattr(sttm, "SELECT_BLOCKS", (16, 16))
-        monkeypatch.setattr(sttm, "merge_blocks", lambda dtype: (16, 16, 16, 16))
+        from vidkern.kernels import merge, selection
+        monkeypatch.setattr(selection, "SELECT_BLOCKS", (16, 16))
+        monkeypatch.setattr(merge, "merge_blocks", lambda dtype: (16, 16, 16, 16))
     return "triton", device
 
 
@@ -121,8 +121,8 @@ def test_half_soft_merge_backward_against_float64(dtype, kernels, monkeypatch):
     backend, dev = kernels
     skip_unsupported(backend, "soft_merge", dev, dtype)
     if backend == "triton" and dev.type == "cpu":
-        from vidkern.kernels import sttm
-        monkeypatch.setattr(sttm, "merge_blocks", lambda dtype: (64, 64, 64, 64))   # few interpreted tile ops
+        from vidkern.kernels import merge
+        monkeypatch.setattr(merge, "merge_blocks", lambda dtype: (64, 64, 64, 64))   # few interpreted tile ops
     b = 1 if (backend, dev.type) == ("cuda", "cpu") else 2   # the CPU emulator: about 8 s per batch row
     length, lp, d = 512, 256, 64
     u = R.normalize(torch.randn(b, length, d)).to(dtype)

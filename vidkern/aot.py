@@ -1,5 +1,5 @@
 """``python -m vidkern.aot``: compile every Triton kernel configuration the launchers can pick
-(HSDA attention and TEAM), for sm_80 and sm_90, without a GPU, and report registers, shared
+(HSDA attention, TEAM and STTM; each kernel module's ``aot_specs``), for sm_80 and sm_90, without a GPU, and report registers, shared
 memory and spills — and the same for every kernel of the built CUDA extension ``vidkern._C``.
 
 For each kernel x dtype x head dim (32, 64, 128) x sparse mode x arch it compiles exactly the configuration
@@ -88,84 +88,35 @@ def _signature(fn, dtype_name: str, constexprs: dict) -> dict:
     return sig
 
 
-TEAM_KERNELS = ("summary_fwd", "summary_bwd", "gate_rows", "gate_apply", "gate_bwd_rows", "gate_bwd")
+SPEC_MODULES = ("team", "selection", "merge")   # kernel modules whose aot_specs() this compiles
 
 
-def compile_team(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> Result:
-    """Compile one TEAM kernel as launched (``block_d``: padded channels of a row kernel, the
-    channel block of a column kernel), at the launcher's ``summary_config``/``rows_config``."""
+def compile_spec(spec, arch: int) -> Result:
+    """Compile one :class:`vidkern.kernels.launch.AotSpec` for ``arch``, with the 16-divisibility
+    hints Triton's JIT gives a launch on contiguous tensors (pointers)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernels import team as K
-    fn = getattr(K, f"_{kernel}_kernel")
-    block_n, bd, warps = (K.summary_config if kernel.startswith("summary") else K.rows_config)(block_d)
-    assert bd == block_d
-    consts = dict(BLOCK_N=block_n, BLOCK_D=block_d)
-    pointer = {"STATS": "*fp32", "S0": "*fp32", "LSE": "*fp32", "S": "*fp32", "DS": "*fp32", "DS0": "*fp32",
-               "DG": "*fp32"}
-    names = list(inspect.signature(fn.fn).parameters)
-    sig = {name: "constexpr" if name in consts else pointer.get(name, f"*{DTYPES[dtype]}" if name.isupper()
-                                                                 and name not in ("N", "D") else "i32")
-           for name in names}
+    sig = spec.signature()
+    names = list(sig)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if sig[name].startswith("*")}
-    res = Result(f"team {kernel}", f"{DTYPES[dtype]} BLOCK_N={block_n} BLOCK_D={block_d} w={warps}", arch)
+    res = Result(f"{spec.family} {spec.name}", spec.label, arch)
     try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+        compiled = triton.compile(ASTSource(fn=spec.fn, signature=sig, constexprs=spec.constexprs, attrs=attrs),
+                                  target=GPUTarget("cuda", arch, 32), options=spec.options())
     except Exception as exc:
         res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return res
     return _resources(res, compiled)
 
 
-STTM_KERNELS = ("select", "merge_lse", "merge_fwd", "merge_bwd_delta", "merge_bwd_tokens", "merge_bwd_meta")
-_STTM_POINTERS = {"IDX": "*i64", "START": "*i64", "OUT": "*i64", "WORK": "*fp32", "LSE": "*fp32", "COL": "*fp32",
-                  "GAMMA": "*fp32", "DELTA": "*fp32", "DU_OUT": "*fp32", "DV": "*fp32"}
-
-
-def compile_sttm(kernel: str, dtype: torch.dtype, arch: int) -> Result:
-    """Compile one STTM kernel at the launcher's block sizes (``vidkern.kernels.sttm``)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from .kernels import sttm as K
-    from .kernels.hsda import _precision
-    fn = getattr(K, f"_{kernel}_kernel")
-    if kernel == "select":
-        consts = dict(EPS=K.NORM_EPS, BLOCK_L=K.SELECT_BLOCKS[0], BLOCK_D=K.SELECT_BLOCKS[1])
-    else:
-        blocks = dict(zip(("BM", "BN", "BK", "BD"), K.merge_blocks(dtype)))
-        consts = {k: v for k, v in blocks.items() if k in inspect.signature(fn.fn).parameters}
-        consts["PRECISION"] = _precision(dtype)
-    names = list(inspect.signature(fn.fn).parameters)
-    sig = {}
-    for name in names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in _STTM_POINTERS:
-            sig[name] = _STTM_POINTERS[name]
-        elif name.isupper() and name not in ("L", "LP", "D", "DU", "K"):
-            sig[name] = f"*{DTYPES[dtype]}"
-        else:
-            sig[name] = "fp32" if name == "inv_tau" else "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if sig[name].startswith("*")}
-    label = " ".join(f"{k}={v}" for k, v in consts.items() if k not in ("EPS", "PRECISION"))
-    res = Result(f"sttm {kernel}", f"{DTYPES[dtype]} {label} w=4", arch)
-    try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
-    except Exception as exc:
-        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        return res
-    return _resources(res, compiled)
-
-
-def sttm_configurations(archs=ARCHS, dtypes=tuple(DTYPES)):
-    for arch, dtype, kernel in itertools.product(archs, dtypes, STTM_KERNELS):
-        yield kernel, dtype, arch
+def spec_configurations(archs=ARCHS, dtypes=tuple(DTYPES)):
+    """(spec, arch) for every configuration the TEAM and STTM launchers declare (``aot_specs``)."""
+    import importlib
+    for arch, dtype, module in itertools.product(archs, dtypes, SPEC_MODULES):
+        for spec in importlib.import_module(f"vidkern.kernels.{module}").aot_specs(dtype):
+            yield spec, arch
 
 
 def _resources(res: Result, compiled) -> Result:
@@ -191,6 +142,7 @@ def compile_one(kernel: str, dtype: torch.dtype, head_dim: int, mode: int, arch:
     from triton.compiler import ASTSource
 
     from .kernels import hsda as K
+    from .kernels.launch import dot_precision
     fn = {"fwd": K._hsda_fwd_kernel, "bwd_preprocess": K._hsda_bwd_preprocess_kernel,
           "bwd_dkdv": K._hsda_bwd_dkdv_kernel, "bwd_dq": K._hsda_bwd_dq_kernel}[kernel]
     cfg = K.pick_config("fwd" if kernel == "fwd" else "bwd", head_dim, dtype, arch)
@@ -201,7 +153,7 @@ def compile_one(kernel: str, dtype: torch.dtype, head_dim: int, mode: int, arch:
         label = f"{DTYPES[dtype]} d={head_dim} M=64{variant}"
         options = {}
     else:
-        consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_MODE=mode, PRECISION=K._precision(dtype),
+        consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_MODE=mode, PRECISION=dot_precision(dtype),
                       sqd=1, skd=1, svd=1)
         consts.update({"sod": 1, "DEBUG": debug} if kernel == "fwd" else {"sdd": 1})
         label = (f"{DTYPES[dtype]} d={head_dim} mode={mode} M={cfg.block_m} N={cfg.block_n} "
@@ -235,15 +187,6 @@ def all_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=None):
         for kernel, mode in itertools.product(("fwd", "bwd_dkdv", "bwd_dq"), MODES):
             yield kernel, dtype, d, mode, arch, True, False
         yield "fwd", dtype, d, 1, arch, True, True     # the work-counting variant the tests launch
-
-
-def team_configurations(archs=ARCHS, dtypes=tuple(DTYPES)):
-    """Every TEAM kernel x dtype x padded channel block (row kernels) x arch."""
-    from .kernels import team as K
-    for arch, dtype in itertools.product(archs, dtypes):
-        for kernel in TEAM_KERNELS:
-            for block_d in ((K.SUMMARY_CONFIG[1],) if kernel.startswith("summary") else K.ROW_BLOCK_DS):
-                yield kernel, dtype, block_d, arch
 
 
 # ------------------------------------------------------------------------ the CUDA extension
@@ -353,8 +296,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     archs = tuple(args.arch or ARCHS)
     results = [compile_one(*c) for c in all_configurations(archs, tuple(DTYPES), tuple(args.head_dim or ()))]
-    results += [compile_team(*c) for c in team_configurations(archs)]
-    results += [compile_sttm(*c) for c in sttm_configurations(archs)]
+    results += [compile_spec(*c) for c in spec_configurations(archs)]
     cuda = [r for r in cuda_resources() if r.arch in archs]
     results += cuda
     text = table(results)

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: fused Triton kernels (``vidkern.kernels``: ``hsda``, ``team``, ``sttm``), CUDA devices.
+"""The ``triton`` backend: fused Triton kernels (``vidkern.kernels``: ``hsda``, ``team``, ``selection``, ``merge``), CUDA devices.
 
 On a machine without CUDA the same kernels run in Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was imported — only when asked for by name
@@ -94,13 +94,13 @@ class TritonBackend(Backend):
         return team.team_gate_backward(grad_y, x, h, tok_lse, s)
 
     def orthogonal_select(self, x, k, start):
-        from ..kernels import sttm
-        return sttm.orthogonal_select(x, k, start)
+        from ..kernels import selection
+        return selection.orthogonal_select(x, k, start)
 
     def soft_merge_forward(self, u, idx, x, e, tau):
-        from ..kernels import sttm
-        return sttm.soft_merge_forward(u, idx, x, e, tau)
+        from ..kernels import merge
+        return merge.soft_merge_forward(u, idx, x, e, tau)
 
     def soft_merge_backward(self, grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau):
-        from ..kernels import sttm
-        return sttm.soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau)
+        from ..kernels import merge
+        return merge.soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau)
