@@ -6,6 +6,7 @@ shape or value) naming the argument, the expected and the actual value (SPEC §5
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -20,6 +21,15 @@ def can_read_values(t: torch.Tensor) -> bool:
     return t.device.type != "meta" and not torch.compiler.is_compiling()
 
 
+def sync_checks() -> bool:
+    """Whether value checks on CUDA tensors may synchronise with the host to raise a ``ValueError``
+    (``VIDKERN_SYNC_CHECKS=1``, read per call: a debugging aid). By default they do not: a
+    device-to-host copy inside an op drains the launch queue and breaks CUDA-graph capture, so on
+    CUDA an index range becomes a device-side assert queued ahead of the kernels (the kernels still
+    never read outside a tensor; the error surfaces at the next synchronisation)."""
+    return os.environ.get("VIDKERN_SYNC_CHECKS") == "1"
+
+
 def index_range(name: str, t: torch.Tensor, high: int, what: str = "indices", asynchronous: bool = False) -> bool:
     """Require every entry of the int tensor ``t`` in ``[0, high)``; a ``ValueError`` naming ``name``.
 
@@ -27,12 +37,13 @@ def index_range(name: str, t: torch.Tensor, high: int, what: str = "indices", as
     the caller must then make the check at run time — the custom ops take ``check_values=True``
     and call this again on real data before any kernel runs; traced code calls
     :func:`assert_index_range`. So no kernel reads outside a tensor, compiled or not.
-    ``asynchronous`` (the run-time check inside a compiled graph): CUDA tensors get a device-side
-    assert queued ahead of the kernels instead of a host sync; CPU tensors still raise ValueError.
+    CUDA tensors get a device-side assert queued ahead of the kernels instead of a host sync
+    (unless :func:`sync_checks`; ``asynchronous``, the run-time check inside a compiled graph, never
+    syncs); CPU tensors raise the ValueError.
     """
     if not can_read_values(t):
         return False
-    if asynchronous and t.device.type != "cpu":
+    if t.device.type != "cpu" and (asynchronous or not sync_checks()):
         assert_index_range(name, t, high, what)
         return True
     if t.numel() and not bool(((t >= 0) & (t < high)).all()):
@@ -89,9 +100,11 @@ def pattern(value, num_tokens: int, device: torch.device):
             raise ValueError(f"pattern tensor must have shape (N,) = ({num_tokens},), got {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"pattern tensor must be on the inputs' device {device}, got {value.device}")
-        if can_read_values(value) and num_tokens and int(value.min()) < 0:
-            raise ValueError(f"pattern tensor must hold non-negative group ids, got min {int(value.min())}")
-        return "explicit", value.long()
+        if can_read_values(value) and num_tokens and patterns.host_ids(value).min < 0:
+            raise ValueError(f"pattern tensor must hold non-negative group ids, got min {patterns.host_ids(value).min}")
+        # the caller's own tensor, not a converted copy: the host copy above and the kernels' group
+        # tables are cached per tensor object (a new .long() each call would miss every time)
+        return "explicit", value
     if value not in patterns.PATTERN_NAMES:
         raise ValueError(f"pattern must be one of {patterns.PATTERN_NAMES} or an int tensor of shape (N,), got {value!r}")
     return value, None

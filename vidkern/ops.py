@@ -142,12 +142,12 @@ def group_mean(x: Tensor, grid, pattern="checkerboard", num_groups: Optional[int
             raise ValueError(f"num_groups={num_groups} must equal the {name!r} pattern's group count on grid "
                              f"{grid}: {patterns.num_groups(name, grid)}")
     if ids is not None and checks.can_read_values(ids):
-        present = torch.bincount(ids)
-        if num_groups is not None and present.numel() != num_groups:
-            raise ValueError(f"num_groups={num_groups} must equal max id + 1 = {present.numel()} of the pattern")
-        if bool((present == 0).any()):
-            raise ValueError(f"pattern tensor must use every group id in [0, {present.numel()}); "
-                             f"missing {torch.nonzero(present == 0).flatten().tolist()}")
+        facts = patterns.host_ids(ids)     # cached per pattern tensor: no sync per call
+        if num_groups is not None and facts.counts.numel() != num_groups:
+            raise ValueError(f"num_groups={num_groups} must equal max id + 1 = {facts.counts.numel()} of the pattern")
+        if facts.missing:
+            raise ValueError(f"pattern tensor must use every group id in [0, {facts.counts.numel()}); "
+                             f"missing {list(facts.missing)}")
     be = dispatch.select("group_mean", x.device, x.dtype, backend)
     return be.group_mean(x, grid, _pattern_arg(name, ids), num_groups)
 

@@ -11,6 +11,7 @@ A pattern assigns each token a group id; a token attends only within its group.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Union
 
@@ -46,7 +47,7 @@ def group_ids(pattern: Pattern, grid, device=None) -> torch.Tensor:
 def num_groups(pattern: Pattern, grid) -> int:
     """Number of group ids (``max id + 1``; for named patterns, without looking at data)."""
     if isinstance(pattern, torch.Tensor):
-        return int(pattern.max().item()) + 1 if pattern.numel() else 0
+        return host_ids(pattern).counts.numel() if pattern.numel() else 0
     _, hp, wp = grid
     return {"checkerboard": min(2, hp * wp), "temporal": hp * wp, "global": 1}[pattern]
 
@@ -72,8 +73,48 @@ class GroupLayout:
     buckets: tuple
 
 
-def _layout_from_ids(ids: torch.Tensor) -> GroupLayout:
-    ids_cpu = ids.detach().cpu()
+@dataclass(frozen=True)
+class HostIds:
+    """An explicit pattern's group ids on the host, with the facts the checks need."""
+
+    ids: torch.Tensor     # int64, CPU, (N,)
+    min: int              # smallest id (0 for an empty pattern)
+    counts: torch.Tensor  # int64 (max id + 1,): tokens per id (empty if min < 0)
+    missing: tuple        # ids in [0, max id] that no token has
+
+
+_HOST_IDS: dict = {}   # id(tensor) -> (weakref to it, its version, HostIds)
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:   # an inference-mode tensor tracks no version: never cached
+        return None
+
+
+def host_ids(t: torch.Tensor) -> HostIds:
+    """The host copy of the explicit pattern ``t``, made once per tensor object and version (for a
+    CUDA pattern, one device-to-host copy when it is first seen, none on later calls — a pattern is
+    typically a module buffer), so the per-call value checks never synchronise."""
+    key = id(t)
+    hit = _HOST_IDS.get(key)
+    version = _version(t)
+    if hit is not None and hit[0]() is t and version is not None and hit[1] == version:
+        return hit[2]
+    ids = t.detach().to("cpu", torch.long)
+    lo = int(ids.min()) if ids.numel() else 0
+    counts = torch.bincount(ids) if lo >= 0 else torch.zeros(0, dtype=torch.long)
+    facts = HostIds(ids, lo, counts, tuple(torch.nonzero(counts == 0).flatten().tolist()))
+    if version is not None:
+        if len(_HOST_IDS) > 256:
+            _HOST_IDS.clear()
+        _HOST_IDS[key] = (weakref.ref(t, lambda _, key=key: _HOST_IDS.pop(key, None)), version, facts)
+    return facts
+
+
+def _layout_from_ids(ids: torch.Tensor, ids_cpu: torch.Tensor = None) -> GroupLayout:
+    ids_cpu = ids.detach().cpu() if ids_cpu is None else ids_cpu
     order = torch.argsort(ids_cpu, stable=True)  # tokens of each group, ascending within the group
     uniq, counts = torch.unique_consecutive(ids_cpu[order], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
@@ -87,13 +128,29 @@ def _layout_from_ids(ids: torch.Tensor) -> GroupLayout:
     return GroupLayout(num_tokens=ids.numel(), buckets=buckets)
 
 
+_EXPLICIT_LAYOUTS: dict = {}   # (id(tensor), device) -> (weakref, version, GroupLayout)
+
+
 @functools.lru_cache(maxsize=256)
 def _named_layout(pattern: str, grid: tuple, device: torch.device) -> GroupLayout:
     return _layout_from_ids(group_ids(pattern, grid, device))
 
 
 def layout(pattern: Pattern, grid, device) -> GroupLayout:
-    """Bucketed group layout; cached for named patterns (one host sync for explicit ones)."""
+    """Bucketed group layout; cached for named patterns, and for explicit ones per tensor object
+    and version (the host copy is made once: :func:`host_ids`)."""
     if isinstance(pattern, torch.Tensor):
-        return _layout_from_ids(pattern.to(device=device, dtype=torch.long))
+        device = torch.device(device)
+        key = (id(pattern), device)
+        hit = _EXPLICIT_LAYOUTS.get(key)
+        version = _version(pattern)
+        if hit is not None and hit[0]() is pattern and version is not None and hit[1] == version:
+            return hit[2]
+        made = _layout_from_ids(pattern.to(device=device, dtype=torch.long), host_ids(pattern).ids)
+        if version is not None:
+            if len(_EXPLICIT_LAYOUTS) > 256:
+                _EXPLICIT_LAYOUTS.clear()
+            _EXPLICIT_LAYOUTS[key] = (weakref.ref(pattern, lambda _, key=key: _EXPLICIT_LAYOUTS.pop(key, None)),
+                                      version, made)
+        return made
     return _named_layout(pattern, tuple(int(g) for g in grid), torch.device(device))

@@ -51,7 +51,9 @@ def hsda(q, k, v, grid, num_global_heads=None, pattern="checkerboard", scale=Non
 def group_mean(x, grid, pattern="checkerboard", num_groups=None):
     """Mean of the tokens of each group, SPEC §1.4. ``x``: ``(B, N, D)`` -> ``(B, G, D)``."""
     ids = patterns.group_ids(pattern, grid, x.device)
-    one_hot = F.one_hot(ids, num_groups or patterns.num_groups(pattern, grid)).to(x.dtype)    # (N, G)
+    groups = num_groups or patterns.num_groups(pattern, grid)
+    # the one-hot matrix by comparison: F.one_hot checks the ids' range on the host (a sync on CUDA)
+    one_hot = (ids[:, None] == torch.arange(groups, device=x.device)).to(x.dtype)          # (N, G)
     return torch.einsum("bnd,ng->bgd", x, one_hot / one_hot.sum(0))
 
 

@@ -1,0 +1,142 @@
+"""The counted work model (vidkern.work): its framework, CLI and the HSDA formulas against the
+interpreter's counts. The other kernel families' agreement tests sit beside their kernels'
+tests (test_work_team.py, test_work_selection.py, test_work_merge.py, test_work_cuda.py)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from vidkern import work as W
+from vidkern.work import count
+from vidkern.work import Launch, Shape
+from vidkern.work.__main__ import main, parse_shape
+
+REQUIRED = {"op", "direction", "backend", "kernel", "programs", "bytes", "macs", "steps", "model_us"}
+SHAPE_KEYS = {"B", "H", "N", "L", "D", "d", "num_out", "grid", "pattern", "num_global_heads", "dtype"}
+
+
+def agree(formula: list, counted: list, rel: float = 0.02) -> None:
+    """Formula and counted launches of the Triton kernels: same kernels in the same order, programs
+    exact, bytes and MACs within ``rel`` (torch ops the launchers call are estimates: not held)."""
+    f = [r for r in formula if not r.kernel.startswith("aten.")]
+    c = [r for r in counted if not r.kernel.startswith("aten.")]
+    assert [r.kernel for r in f] == [r.kernel for r in c]
+    for a, b in zip(f, c):
+        assert a.programs == b.programs, (a.kernel, a.programs, b.programs)
+        assert a.bytes == pytest.approx(b.bytes, rel=rel), (a.kernel, a.bytes, b.bytes)
+        assert a.macs == pytest.approx(b.macs, rel=rel, abs=0), (a.kernel, a.macs, b.macs)
+
+
+def test_model_us_is_the_stated_formula():
+    # one full wave: bandwidth-bound or MAC-bound, whichever is slower
+    assert W.model_us(132, 3.7e12 * 1e-6, 0) == pytest.approx(1.0)
+    assert W.model_us(132, 0, 395e12 * 2e-6, rate="bf16") == pytest.approx(2.0)
+    # 66 programs use half the machine; 133 programs take two waves at 133/264 of it
+    assert W.model_us(66, 3.7e12 * 1e-6, 0) == pytest.approx(2.0)
+    assert W.model_us(133, 3.7e12 * 1e-6, 0) == pytest.approx(264 / 133)
+    # each sequential step after the first costs STEP_US
+    assert W.model_us(1, 0, 0, steps=101) == pytest.approx(100 * W.STEP_US)
+    assert W.model_us(0, 1e9, 1e9) == 0.0
+    assert W.MAC_RATE["tf32x3"] == pytest.approx(W.MAC_RATE["tf32"] / 3)
+    assert Launch("k", 132, int(3.7e6)).model_us == pytest.approx(1.0)
+
+
+def test_records_carry_the_issue_keys():
+    shape = Shape(B=2, H=12, N=1568, grid=(8, 14, 14))
+    recs = W.records("hsda", "backward", "triton", shape)
+    assert [r["kernel"] for r in recs] == ["_hsda_bwd_preprocess_kernel", "_hsda_bwd_dkdv_kernel",
+                                           "_hsda_bwd_dq_kernel", "total"]
+    for r in recs:
+        assert REQUIRED | SHAPE_KEYS <= set(r)
+    tot = recs[-1]
+    assert {"min_bytes", "useful_macs"} <= set(tot)
+    assert tot["bytes"] == sum(r["bytes"] for r in recs[:-1])
+    assert tot["model_us"] == pytest.approx(sum(r["model_us"] for r in recs[:-1]))
+    assert tot["grid"] == "8,14,14" and tot["dtype"] == "bf16"
+
+
+def test_unknown_op_backend_and_keys_are_refused():
+    with pytest.raises(ValueError, match="op must be one of"):
+        W.launches("attention", "forward", "triton", Shape())
+    with pytest.raises(ValueError, match="no work model of 'hsda' on backend 'cuda'"):
+        W.launches("hsda", "forward", "cuda", Shape())
+    with pytest.raises(SystemExit, match="unknown key"):
+        parse_shape("hsda", ["heads=3"])
+    with pytest.raises(SystemExit, match="must equal T\\*Hp\\*Wp"):
+        parse_shape("hsda", ["N=100"])
+    s = parse_shape("soft_merge", ["L=100", "D=64", "dtype=fp16"])
+    assert (s.N, s.L, s.num_out, s.D, s.itemsize) == (100, 100, 50, 64, 2)
+    assert parse_shape("hsda", ["grid=2,3,5"]).N == 30
+
+
+def test_cli_json(capsys):
+    assert main(["hsda", "B=1", "grid=2,14,14", "--json"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    assert {r["direction"] for r in recs} == {"forward", "backward"}
+    assert sum(r["kernel"] == "total" for r in recs) == 2 and all(REQUIRED <= set(r) for r in recs)
+
+
+def test_hsda_useful_work_counts_attended_pairs():
+    # checkerboard on an odd grid: unequal groups (T*25, T*24), every sparse head attends sum |G|^2 pairs
+    s = Shape(B=1, H=4, N=2 * 49, grid=(2, 7, 7), d=64, num_global_heads=1, dtype="fp16")
+    from vidkern.work import hsda as M
+    assert M.group_sizes(s) == [50, 48]
+    assert M.attended_pairs(s) == 98 ** 2 + 3 * (50 ** 2 + 48 ** 2)
+    _, useful = M.hsda_minimum("forward", s)
+    assert useful == 2 * 64 * M.attended_pairs(s)
+    temporal = Shape(B=1, H=2, N=8 * 4, grid=(8, 2, 2), num_global_heads=0, pattern="temporal")
+    assert M.group_sizes(temporal) == [8] * 4
+
+
+HSDA_SHAPES = [
+    Shape(B=1, H=4, N=30, grid=(2, 3, 5), d=32, dtype="fp32", num_global_heads=2),               # odd grid
+    Shape(B=2, H=3, N=18, grid=(2, 3, 3), d=32, dtype="fp16", num_global_heads=1, pattern="temporal"),
+    Shape(B=1, H=2, N=49, grid=(1, 7, 7), d=64, dtype="fp32", num_global_heads=0),               # T = 1
+]
+
+
+@pytest.mark.parametrize("shape", HSDA_SHAPES, ids=["odd-grid", "temporal-table", "sparse-only"])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_hsda_formula_matches_the_interpreters_count(shape, direction):
+    if not count.interpreting():
+        pytest.skip("counting needs the Triton interpreter (TRITON_INTERPRET=1)")
+    W._load_formulas()
+    counted = W.MEASURES[("hsda", "triton")](direction, shape)
+    agree(W.launches("hsda", direction, "triton", shape), counted, rel=0.0)   # exact, as it happens
+
+
+def test_the_agreement_check_can_fail(monkeypatch):
+    """A formula that forgets the PERM table loads of mode 2 is caught."""
+    if not count.interpreting():
+        pytest.skip("counting needs the Triton interpreter (TRITON_INTERPRET=1)")
+    from vidkern.work import hsda as M
+    shape = HSDA_SHAPES[1]
+    counted = W.MEASURES[("hsda", "triton")]("forward", shape)
+    monkeypatch.setattr(M, "_span_bytes", lambda mode, block: 0)
+    with pytest.raises(AssertionError):
+        agree(W.launches("hsda", "forward", "triton", shape), counted)
+
+
+def test_reference_table_lists_every_modelled_op():
+    from vidkern.work import report
+    rows = report.reference_rows()
+    text = report.markdown(rows)
+    modelled = {op for op, _ in W.FORMULAS}
+    assert {r["op"] for r in rows} == modelled and "hsda" in modelled
+    assert text.count("\n| ") == len(rows) + 1
+    for r in rows:
+        assert r["model_us"] > 0 and r["bytes"] >= (r["min_bytes"] or 0) * 0.999
+
+
+def test_cli_measure_runs_in_the_interpreter():
+    run = subprocess.run([sys.executable, "-m", "vidkern.work", "hsda", "B=1", "H=2", "grid=1,3,3", "d=32",
+                          "dtype=fp32", "--direction", "forward", "--measure"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "counted" in run.stdout and "_hsda_fwd_kernel" in run.stdout
+    lines = [ln.split() for ln in run.stdout.splitlines() if "programs" in ln and "bytes" in ln]
+    formula, counted = lines[0], lines[1]
+    assert formula[formula.index("bytes") + 1] == counted[counted.index("bytes") + 1]
+    assert math.isfinite(float(formula[formula.index("model") + 1].replace(",", "")))

@@ -1,0 +1,168 @@
+"""Work model of the HSDA Triton kernels (``vidkern.kernels.hsda``), forward and backward.
+
+Mirrors the launchers: the launch table (``pick_config``), the tile list (one tile per
+``BLOCK`` rows of each group; global heads' tiles first), the sparse mode (1: checkerboard by
+index arithmetic, no table loads; 2: a group-major ``PERM`` table read once per gathered row),
+and per program every ``tl.load``/``tl.store`` the kernel issues: the few scalars of the tile map,
+the gathered row tiles (valid rows only: masked-off lanes issue nothing) and the per-row
+statistics. MACs are the ``tl.dot`` tiles issued, ``BLOCK_M x BLOCK_N x BLOCK_D`` each, padding
+included: 2 per (query tile, key tile) forward, 4 in the dK/dV kernel and 3 in the dQ kernel
+backward (the backward recomputes ``QK^T`` and ``dO V^T`` in both; FlashAttention-2 needs 5).
+
+Useful MACs count the pairs actually attended: ``2 d`` per pair forward (``QK^T``, ``PV``), ``5 d``
+backward (``QK^T`` recomputed once, ``dV``, ``dP``, ``dQ``, ``dK``).
+"""
+from __future__ import annotations
+
+import math
+
+from . import Launch, Shape, formula, measure, minimum
+
+_TORCH_DTYPES = {}
+
+
+def _torch_dtype(name: str):
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def group_sizes(shape: Shape) -> list:
+    """Sizes of the sparse heads' groups in the launcher's order (present groups, by id)."""
+    t, hp, wp = shape.grid
+    if shape.pattern == "checkerboard":
+        hw = hp * wp
+        return [s for s in (t * ((hw + 1) // 2), t * (hw // 2)) if s] if hw > 1 else [t * hw]
+    import torch
+
+    from .. import patterns
+    ids = patterns.group_ids(shape.pattern, shape.grid, "cpu")
+    return [int(c) for c in torch.bincount(ids) if c]
+
+
+def _mode(shape: Shape) -> int:
+    return 1 if shape.pattern == "checkerboard" or shape.global_heads >= shape.H else 2
+
+
+def _config(kind: str, shape: Shape):
+    from ..kernels import hsda as K
+    return K.pick_config(kind, shape.d, _torch_dtype(shape.dtype), 90), K.block_d(shape.d)
+
+
+def _tiles(sizes, block):
+    """(group length, valid rows) of every tile of groups of ``sizes``."""
+    return [(size, min(block, size - s)) for size in sizes for s in range(0, size, block)]
+
+
+def _program_kinds(shape: Shape, block: int):
+    """[(count, group length, valid rows, is_global)] of the programs of one batch row."""
+    n, h, hg = shape.N, shape.H, shape.global_heads
+    kinds = [(hg, n, rows, True) for _, rows in _tiles([n], block)]
+    if hg < h:
+        kinds += [(h - hg, glen, rows, False) for glen, rows in _tiles(group_sizes(shape), block)]
+    return kinds
+
+
+def _tile_map_bytes(is_global: bool) -> int:
+    """``_tile``: the tile count, (group, start) for a sparse program, two group offsets."""
+    return 4 + (0 if is_global else 8) + 8
+
+
+def _span_bytes(mode: int, block: int) -> int:
+    """``_span`` over ``block`` positions: mode 2 loads ``GOFF[g]`` and ``block`` PERM entries
+    (unmasked: positions past the group end read entry 0)."""
+    return 4 + 4 * block if mode == 2 else 0
+
+
+def forward_launch(shape: Shape) -> Launch:
+    cfg, bd = _config("fwd", shape)
+    bm, bn, isz, d, mode = cfg.block_m, cfg.block_n, shape.itemsize, shape.d, _mode(shape)
+    nbytes = macs = programs = 0
+    for count, glen, rows, is_global in _program_kinds(shape, bm):
+        key_tiles = math.ceil(glen / bn)
+        per = _tile_map_bytes(is_global) + _span_bytes(mode, bm) + rows * d * isz        # Q tile
+        per += key_tiles * _span_bytes(mode, bn) + 2 * glen * d * isz                    # K, V tiles
+        per += rows * d * isz + rows * 4                                                 # O, LSE
+        nbytes += count * per
+        macs += count * key_tiles * 2 * bm * bn * bd
+        programs += count
+    return Launch("_hsda_fwd_kernel", programs * shape.B, nbytes * shape.B, macs * shape.B, rate=shape.rate,
+                  config=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                              SPARSE_MODE=mode))
+
+
+def backward_launches(shape: Shape) -> list:
+    cfg, bd = _config("bwd", shape)
+    bm, bn, isz, d, mode = cfg.block_m, cfg.block_n, shape.itemsize, shape.d, _mode(shape)
+    b, h, n = shape.B, shape.H, shape.N
+    pre = Launch("_hsda_bwd_preprocess_kernel", b * h * math.ceil(n / 64), b * h * n * (2 * d * isz + 4),
+                 config=dict(BLOCK_M=64))
+    out = [pre]
+    config = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, SPARSE_MODE=mode)
+    # dK/dV: a program per key tile, looping over the group's query tiles (Q, dO, lse, delta)
+    nbytes = macs = programs = 0
+    for count, glen, rows, is_global in _program_kinds(shape, bn):
+        q_tiles = math.ceil(glen / bm)
+        per = _tile_map_bytes(is_global) + _span_bytes(mode, bn) + 2 * rows * d * isz          # K, V
+        per += q_tiles * _span_bytes(mode, bm) + glen * (2 * d * isz + 8)                      # Q, dO, lse, delta
+        per += 2 * rows * d * isz                                                              # dK, dV
+        nbytes += count * per
+        macs += count * q_tiles * 4 * bm * bn * bd
+        programs += count
+    out.append(Launch("_hsda_bwd_dkdv_kernel", programs * b, nbytes * b, macs * b, rate=shape.rate, config=config))
+    # dQ: a program per query tile, looping over the group's key tiles (K, V)
+    nbytes = macs = programs = 0
+    for count, glen, rows, is_global in _program_kinds(shape, bm):
+        k_tiles = math.ceil(glen / bn)
+        per = _tile_map_bytes(is_global) + _span_bytes(mode, bm) + rows * (2 * d * isz + 8)    # Q, dO, lse, delta
+        per += k_tiles * _span_bytes(mode, bn) + 2 * glen * d * isz                            # K, V
+        per += rows * d * isz                                                                  # dQ
+        nbytes += count * per
+        macs += count * k_tiles * 3 * bm * bn * bd
+        programs += count
+    out.append(Launch("_hsda_bwd_dq_kernel", programs * b, nbytes * b, macs * b, rate=shape.rate, config=config))
+    return out
+
+
+@formula("hsda", "triton")
+def hsda_triton(direction: str, shape: Shape) -> list:
+    return [forward_launch(shape)] if direction == "forward" else backward_launches(shape)
+
+
+def attended_pairs(shape: Shape) -> int:
+    """Query-key pairs attended by one batch row, over all heads."""
+    n, h, hg = shape.N, shape.H, shape.global_heads
+    return hg * n * n + (h - hg) * sum(s * s for s in group_sizes(shape))
+
+
+@minimum("hsda")
+def hsda_minimum(direction: str, shape: Shape) -> tuple:
+    """Forward: q, k, v read once, out and lse written once; backward: dO, q, k, v, out, lse read
+    once, dq, dk, dv written once. Useful MACs: 2d (forward) or 5d (backward) per attended pair."""
+    b, h, n, d, isz = shape.B, shape.H, shape.N, shape.d, shape.itemsize
+    slab = b * h * n * d * isz
+    stats = b * h * n * 4
+    pairs = b * attended_pairs(shape)
+    if direction == "forward":
+        return 4 * slab + stats, 2 * d * pairs
+    return 8 * slab + stats, 5 * d * pairs
+
+
+@measure("hsda", "triton")
+def hsda_measure(direction: str, shape: Shape) -> list:
+    """Run the Triton launchers at ``shape`` under the interpreter's counters."""
+    import torch
+
+    from ..kernels import hsda as K
+    from .count import dot_rate, triton_counts
+    dtype = _torch_dtype(shape.dtype)
+    q, k, v = (torch.randn(shape.B, shape.H, shape.N, shape.d).to(dtype) for _ in range(3))
+    scale = shape.d ** -0.5
+    pattern, hg = shape.pattern, shape.global_heads
+    if direction == "forward":
+        with triton_counts(torch_ops=False) as counted:
+            K.hsda_forward(q, k, v, shape.grid, pattern, hg, scale)
+    else:
+        out, lse = K.hsda_forward(q, k, v, shape.grid, pattern, hg, scale)
+        with triton_counts(torch_ops=False) as counted:
+            K.hsda_backward(torch.randn_like(out), q, k, v, out, lse, shape.grid, pattern, hg, scale)
+    return [Launch(c.kernel, c.programs, c.bytes, c.macs, rate=dot_rate(c)) for c in counted]
