@@ -119,7 +119,7 @@ setup(
     ],
     keywords=["pytorch", "triton", "cuda", "attention", "video transformer", "token merging"],
     python_requires=">=3.10",
-    packages=["vidkern", "vidkern.backends", "vidkern.nn", "vidkern.kernels"],
+    packages=["vidkern", "vidkern.backends", "vidkern.nn", "vidkern.work", "vidkern.kernels"],
     package_dir={"vidkern.kernels": "kernels"},
     # The supported range (README "Supported versions"); `make test` pins the newest
     # (constraints.txt), CI's compatibility leg the oldest this machine can install

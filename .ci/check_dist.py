@@ -21,8 +21,10 @@ with zipfile.ZipFile(wheel) as z:
 problems = [f"sdist lacks {m}" for m in missing]
 if not any(f.startswith("vidkern/_C") and f.endswith(".so") for f in files):
     problems.append("wheel lacks the CUDA extension vidkern/_C*.so")
-if not any(f == "vidkern/kernels/hsda.py" for f in files):
-    problems.append("wheel lacks vidkern/kernels/hsda.py")
+# every module of the source tree, as users import it (a package left out of setup.py is caught here)
+modules = {str(p.relative_to(root)) for p in root.glob("vidkern/**/*.py")}
+modules |= {"vidkern/kernels/" + p.name for p in root.glob("kernels/*.py")}
+problems += [f"wheel lacks {m}" for m in sorted(modules - set(files))]
 if any(f.startswith("kernels/") for f in files):
     problems.append("wheel ships a top-level 'kernels' package")
 for p in problems:

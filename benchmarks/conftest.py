@@ -168,14 +168,16 @@ def _sync():
 
 @pytest.fixture
 def measure(benchmark):
-    """``measure(forward, inputs, case=, provider=, mode=, flops=, nbytes=, dtype=)``.
+    """``measure(forward, inputs, case=, provider=, mode=, flops=, nbytes=, dtype=, work=)``.
 
     ``forward(*inputs)`` returns a tensor or tuple; ``mode`` is ``fwd`` (no grad), ``bwd``
     (backward of a forward run untimed in the setup) or ``fwd+bwd``. ``flops``/``nbytes`` are
-    dicts with ``fwd`` and ``bwd`` entries (the forward+backward figure is their sum).
+    dicts with ``fwd`` and ``bwd`` entries (the forward+backward figure is their sum). ``work``:
+    the ``(op, vidkern.work.Shape)`` calls the case makes, so the report puts the work model's
+    ``model_us`` (for the ``triton``/``cuda`` providers) beside the measured time.
     """
 
-    def run(forward, inputs, *, case, provider, mode, flops, nbytes, dtype=torch.float32, budget_s=None):
+    def run(forward, inputs, *, case, provider, mode, flops, nbytes, dtype=torch.float32, budget_s=None, work=()):
         budget_s = budget_s or (0.05 if QUICK else 1.0)
         grads = None
 
@@ -208,7 +210,8 @@ def measure(benchmark):
         total_bytes = nbytes["fwd"] * (mode != "bwd") + nbytes["bwd"] * (mode != "fwd")
         benchmark.group = case
         benchmark.extra_info.update(case=case, provider=provider, mode=mode, flops=total_flops, bytes=total_bytes,
-                                    saved_mib=saved, dtype=str(dtype).replace("torch.", ""))
+                                    saved_mib=saved, dtype=str(dtype).replace("torch.", ""),
+                                    model_us=model_us(work, provider, mode))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -234,6 +237,28 @@ def measure(benchmark):
     return run
 
 
+def model_us(work, provider: str, mode: str):
+    """The work model's H200 time of a case's op calls on ``provider``'s kernels (``None`` when the
+    provider has no model: the reference, torch, baselines)."""
+    if not work or provider not in ("triton", "cuda"):
+        return None
+    from vidkern import work as W
+    directions = {"fwd": ("forward",), "bwd": ("backward",), "fwd+bwd": ("forward", "backward")}[mode]
+    try:
+        return sum(W.total(op, direction, provider, shape)["model_us"] for op, shape in work
+                   for direction in directions if W.launches(op, direction, provider, shape))
+    except ValueError:   # an op this backend has no model for
+        return None
+
+
+def work_shape(**keys):
+    """A ``vidkern.work.Shape`` with the benchmark dtype's name."""
+    from vidkern.work import Shape
+    dtype = keys.pop("dtype", torch.float32)
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    return Shape(dtype=name, **keys)
+
+
 # --------------------------------------------------------------------------- report
 def _rows(session) -> list:
     bs = getattr(session.config, "_benchmarksession", None)
@@ -248,7 +273,7 @@ def _rows(session) -> list:
                          median_ms=median * 1e3, iqr_ms=b.stats.iqr * 1e3, rounds=b.stats.rounds,
                          tflops=info["flops"] / median / 1e12, gbps=info["bytes"] / median / 1e9,
                          roofline_pct=100 * roofline_s / median, saved_mib=info["saved_mib"],
-                         peak_mem_mib=info.get("peak_mem_mib", float("nan"))))
+                         peak_mem_mib=info.get("peak_mem_mib", float("nan")), model_us=info.get("model_us")))
     for r in rows:
         ref = next((x for x in rows if x["case"] == r["case"] and x["provider"] == "reference"), None)
         r["x_reference"] = ref["median_ms"] / r["median_ms"] if ref else None
@@ -280,6 +305,20 @@ def _aot_table() -> str:
         run = aot.run_in_subprocess()
         return run.stdout.strip() + "\n\n" + run.stderr.strip().splitlines()[-1]
     except Exception as exc:  # no toolchain: say so instead of losing the report
+        return f"not available: {type(exc).__name__}: {exc}"
+
+
+def _model_cells(r) -> str:
+    if r.get("model_us") is None:
+        return "- | -"
+    return f"{r['model_us']:,.1f} | {r['median_ms'] * 1e3 / r['model_us']:.2f}"
+
+
+def _work_table() -> str:
+    try:
+        from vidkern.work import report
+        return report.markdown()
+    except Exception as exc:   # the timings must be written even if the model fails
         return f"not available: {type(exc).__name__}: {exc}"
 
 
@@ -361,17 +400,20 @@ def pytest_sessionfinish(session, exitstatus):
              "roofline allows over the measured median. `saved MiB`: activation memory autograd keeps from one "
              "forward. `peak MiB`: GPU allocator peak; on CPU the peak of the tensors allocated during one call "
              "(inputs excluded), tracked per ATen op. "
-             "`x ref`: the reference provider's median over this one's, same case, same run."
+             "`x ref`: the reference provider's median over this one's, same case, same run. "
+             "`model us`: the counted work model's H200 lower bound for the triton/cuda kernels "
+             "(vidkern.work; a model, not a measurement — on another device it is only a scale)."
              + (" QUICK run: tiny shapes, one round — not a measurement." if QUICK else ""), ""]
     for case in dict.fromkeys(r["case"] for r in rows):
         lines += [f"## {case}", "",
-                  "| provider | median ms | IQR ms | rounds | TFLOP/s | GB/s | roofline % | saved MiB | peak MiB | x ref |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| provider | median ms | IQR ms | rounds | TFLOP/s | GB/s | roofline % | saved MiB | peak MiB | x ref "
+                  "| model us | measured/model |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["case"] == case):
             ref = f"{r['x_reference']:.2f}" if r["x_reference"] else "-"
             lines.append(f"| {r['provider']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {r['rounds']} | "
                          f"{r['tflops']:.4f} | {r['gbps']:.2f} | {r['roofline_pct']:.1f} | {r['saved_mib']:.1f} | "
-                         f"{r['peak_mem_mib']:.0f} | {ref} |")
+                         f"{r['peak_mem_mib']:.0f} | {ref} | {_model_cells(r)} |")
         lines.append("")
     lines += ["## Providers that compute something else", "",
               "They answer what the case would cost done another way; their 'x ref' compares latency only.", ""]
@@ -384,6 +426,8 @@ def pytest_sessionfinish(session, exitstatus):
         lines += [f"FLOP table failed: {meta['flop_table_error']}", ""]
     lines += ["| model | GMACs | params (M) |", "|---|---|---|"]
     lines += [f"| {t['model']} | {t['gmacs']:.2f} | {t['params_m']:.2f} |" for t in flop_table]
+    lines += ["", "## Work model at the reference shapes (python -m vidkern.work --reference)", ""]
+    lines += [_work_table(), ""]
     lines += ["", "## Triton kernels compiled ahead of time (python -m vidkern.aot)", ""]
     lines += [_aot_table() if not QUICK else "skipped in a QUICK run", ""]
     lines += ["", "Plots: " + ", ".join(plots), ""]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import vidkern
 from vidkern import patterns, reference as R
 from cases import BATCH, DEVICE, DTYPE, GRID, N, SIZES
-from conftest import INTERPRET, MODES, note_provider, skip_provider
+from conftest import INTERPRET, MODES, note_provider, skip_provider, work_shape
 
 # "global": every head global — the triton kernel's own global-head TFLOP/s, against which its
 # sparse-dense heads are judged (issue goal: >= 85%).
@@ -166,4 +166,5 @@ def test_attention(measure, provider, size, split, mode):
     fwd = 4 * d * pairs(heads if provider in GLOBAL_ONLY else hg, heads)   # each provider's own work
     elt = q.element_size() * q.numel()
     measure(fn, (q, k, v), case=f"attention {split} ViT-{size} B={BATCH} {mode}", provider=provider, mode=mode,
-            flops={"fwd": fwd, "bwd": 2.5 * fwd}, nbytes={"fwd": 4 * elt, "bwd": 8 * elt}, dtype=DTYPE)
+            flops={"fwd": fwd, "bwd": 2.5 * fwd}, nbytes={"fwd": 4 * elt, "bwd": 8 * elt}, dtype=DTYPE,
+            work=[("hsda", work_shape(B=BATCH, H=heads, N=N, d=d, grid=GRID, num_global_heads=hg, dtype=DTYPE))])

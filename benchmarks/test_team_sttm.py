@@ -16,7 +16,7 @@ import torch
 import vidkern
 from vidkern import reference as R
 from cases import BATCH, DEVICE, DTYPE, GPU, N, SIZES
-from conftest import INTERPRET, MODES, QUICK, note_provider, skip_provider
+from conftest import INTERPRET, MODES, QUICK, note_provider, skip_provider, work_shape
 
 TEAM_BATCHES = (8, 32) if GPU and not QUICK else (BATCH,)
 TEAM_OPS = ("feature_summary", "team_gate", "team") if GPU and not QUICK else ("team",)
@@ -70,9 +70,11 @@ def test_team(measure, provider, op, size, batch, mode):
     h = torch.randn(batch, d, device=DEVICE, dtype=DTYPE, requires_grad=grad and op == "team_gate")
     elt = x.numel() * x.element_size()
     fwd, bwd = TEAM_TRAFFIC[op]
+    shape = work_shape(B=batch, N=N, L=N, D=d, dtype=DTYPE)
+    calls = [(o, shape) for o in (("feature_summary", "team_gate") if op == "team" else (op,))]
     measure(lambda a, b: team(op, a, b, provider), (x, h), case=f"{op} ViT-{size} B={batch} {mode}",
             provider=provider, mode=mode, flops={"fwd": 0, "bwd": 0}, nbytes={"fwd": fwd * elt, "bwd": bwd * elt},
-            dtype=DTYPE)
+            dtype=DTYPE, work=calls)
 
 
 # STTM stages: (problems, L, L', D). ViT's two stages (spatial: each frame's Hp*Wp tokens -> half;
@@ -130,7 +132,7 @@ def test_soft_merge(measure, provider, stage, mode):
             case=f"soft_merge {stage} {b}x{length}->{lp} D={d} {mode}", provider=provider, mode=mode,
             flops={"fwd": 2 * macs, "bwd": 2 * macs * 7 / 3}, nbytes={"fwd": 3 * elt + 2 * out,
                                                                       "bwd": 6 * elt + 4 * out},
-            dtype=DTYPE)
+            dtype=DTYPE, work=[("soft_merge", work_shape(B=b, L=length, N=length, num_out=lp, D=d, dtype=DTYPE))])
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -148,4 +150,5 @@ def test_select(measure, provider, stage):
           else (lambda a: vidkern.select_meta_tokens(a, lp, backend=provider)))
     measure(fn, (x,), case=f"select {stage} {b}x{length}->{lp} D={d} fwd", provider=provider, mode="fwd",
             flops={"fwd": 2 * b * (lp - 1) * length * d, "bwd": 0},
-            nbytes={"fwd": x.numel() * x.element_size(), "bwd": 0}, dtype=DTYPE)
+            nbytes={"fwd": x.numel() * x.element_size(), "bwd": 0}, dtype=DTYPE,
+            work=[("select_meta_tokens", work_shape(B=b, L=length, N=length, num_out=lp, D=d, dtype=DTYPE))])

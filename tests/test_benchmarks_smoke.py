@@ -26,5 +26,7 @@ def test_benchmark_harness_writes_the_report(tmp_path):
         assert r["x_reference"] is not None, f"{r['case']} has no reference provider"
     text = md.read_text()
     for needle in ("## attention hsda", "## team", "## soft_merge", "## select", "## model videomae_s",
-                   "## Skipped providers", "| videomae_s | 56.88 | 21.95 |", "roofline %"):
+                   "## Skipped providers", "| videomae_s | 56.88 | 21.95 |", "roofline %",
+                   "## Work model at the reference shapes", "| hsda | ViT-B B=32 checkerboard 6+6 | for | triton |",
+                   "measured/model"):
         assert needle in text, needle
