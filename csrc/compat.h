@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #ifdef VIDKERN_EMULATE
@@ -16,8 +17,10 @@
 #define VK_DISPATCH_KEY CPU
 #define VK_DEVICE_GUARD(tensor) (void)0
 #define VK_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(vk_emu::dynamic_shared())
+// `kernel` names the launch in the emulator's work log (vidkern.work.emulator): launchers keep
+// the kernel's pointer in a variable named after the kernel, less its `_kernel` suffix.
 #define VK_LAUNCH(kernel, grid, block, dynamic_bytes, ...) \
-  vk_emu::launch(grid, block, dynamic_bytes, kernel, __VA_ARGS__)
+  vk_emu::launch(#kernel, grid, block, dynamic_bytes, kernel, __VA_ARGS__)
 #else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -50,6 +53,29 @@ inline int multiprocessors() {
 #endif
 }
 
+// The most dynamic shared memory one block may opt in to (the emulator: an H100's 227 KiB, or
+// VIDKERN_EMU_SMEM_LIMIT bytes, so tests can take the paths for GPUs with less).
+inline size_t max_dynamic_shared() {
+#ifdef VIDKERN_EMULATE
+  const char* limit = std::getenv("VIDKERN_EMU_SMEM_LIMIT");
+  return limit ? static_cast<size_t>(std::atoll(limit)) : 227 * 1024;
+#else
+  return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+#endif
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory (above 48 KiB needs the opt-in).
+template <typename Kernel>
+inline void allow_dynamic_shared(Kernel kernel, size_t bytes) {
+#ifndef VIDKERN_EMULATE
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+#else
+  (void)kernel;
+  (void)bytes;
+#endif
+}
+
 template <typename T>
 __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
 
@@ -64,9 +90,50 @@ struct alignas(sizeof(T) * V) Pack {
 };
 
 // Loads V consecutive elements (one 16-byte transaction when V > 1; the launcher checks alignment).
+// Global-memory accesses go through ld / st / load / store (load_row below), so the emulator can
+// tally the bytes each launch moves (vk_emu::count_*); in the GPU build they are plain accesses.
+// Shared memory is accessed directly (it is not counted).
+#ifdef VIDKERN_EMULATE
+#define VK_COUNT_LOAD(bytes) vk_emu::count_load(bytes)
+#define VK_COUNT_STORE(bytes) vk_emu::count_store(bytes)
+#define VK_COUNT_MACS(n) vk_emu::count_macs(n)
+#else
+#define VK_COUNT_LOAD(bytes) (void)0
+#define VK_COUNT_STORE(bytes) (void)0
+#define VK_COUNT_MACS(n) (void)0
+#endif
+
+// One scalar global load / store.
+template <typename T>
+__device__ __forceinline__ T ld(const T* p) {
+  VK_COUNT_LOAD(sizeof(T));
+  return *p;
+}
+
+template <typename T>
+__device__ __forceinline__ void st(T* p, T v) {
+  VK_COUNT_STORE(sizeof(T));
+  *p = v;
+}
+
+// A load every lane of a warp makes from the same address (a row's scalar): one transaction
+// per warp, so the emulator counts it once per warp (lane 0).
+template <typename T>
+__device__ __forceinline__ T ld_warp(const T* p) {
+#ifdef VIDKERN_EMULATE
+  if (vk_emu::linear_thread() % 32 == 0) VK_COUNT_LOAD(sizeof(T));
+#endif
+  return *p;
+}
+
+// A global element of storage type T, as float.
+template <typename T>
+__device__ __forceinline__ float ldf(const T* p) { return to_float(ld(p)); }
+
 template <typename T, int V>
 __device__ __forceinline__ void load(const T* p, float (&out)[V]) {
   Pack<T, V> pack;
+  VK_COUNT_LOAD(sizeof(pack));
 #ifdef VIDKERN_EMULATE
   std::memcpy(&pack, p, sizeof(pack));
 #else
@@ -81,6 +148,7 @@ __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
   Pack<T, V> pack;
 #pragma unroll
   for (int i = 0; i < V; ++i) pack.v[i] = from_float<T>(in[i]);
+  VK_COUNT_STORE(sizeof(pack));
 #ifdef VIDKERN_EMULATE
   std::memcpy(p, &pack, sizeof(pack));
 #else
@@ -173,7 +241,7 @@ __device__ __forceinline__ void load_row(const T* row, int c, int64_t stride, fl
   if constexpr (V > 1) {
     load<T, V>(row + c, v);
   } else {
-    v[0] = to_float(row[c * stride]);
+    v[0] = ldf(row + c * stride);
   }
 }
 

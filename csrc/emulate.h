@@ -8,6 +8,11 @@
 // exchange buffer between two warp barriers; atomics through std::atomic_ref. Launches are
 // serialised. A kernel must reach every `__syncthreads()` from every thread (no early return
 // before a barrier) — on a GPU that is undefined behaviour, here it deadlocks.
+//
+// Work counting (vidkern.work.emulator): every launch appends a WorkRecord to a log — its
+// name, grid, block, dynamic shared bytes, and the global-memory bytes loaded and stored and
+// the multiply-adds its threads reported (compat.h routes the kernels' global accesses through
+// vk::ld / vk::st / vk::load / vk::store, and their product loops call VK_COUNT_MACS).
 #pragma once
 
 #include <atomic>
@@ -17,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -55,6 +61,31 @@ struct BlockContext {
 
 inline thread_local BlockContext* current = nullptr;
 
+// Per-thread tallies of the running launch (summed over the block's threads when it ends).
+struct Tally {
+  uint64_t load = 0, store = 0, macs = 0;
+};
+inline thread_local Tally tally;
+inline void count_load(uint64_t bytes) { tally.load += bytes; }
+inline void count_store(uint64_t bytes) { tally.store += bytes; }
+inline void count_macs(uint64_t n) { tally.macs += n; }
+
+struct WorkRecord {
+  std::string kernel;
+  dim3 grid, block;
+  uint64_t dynamic_bytes, load_bytes, store_bytes, macs;
+};
+
+inline std::mutex& log_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+inline std::vector<WorkRecord>& work_log() {
+  static std::vector<WorkRecord> log;
+  return log;
+}
+
 inline unsigned linear_thread() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 
 inline void* dynamic_shared() { return current->dynamic.data(); }
@@ -62,17 +93,19 @@ inline void* dynamic_shared() { return current->dynamic.data(); }
 // Runs kernel(args...) over the grid. Arguments are copied once and shared by all threads,
 // as kernel parameters are.
 template <typename Kernel, typename... Args>
-void launch(dim3 grid, dim3 block, size_t dynamic_bytes, Kernel kernel, Args... args) {
+void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_bytes, Kernel kernel, Args... args) {
   static std::mutex serial;
   std::lock_guard<std::mutex> lock(serial);
   const unsigned threads = block.x * block.y * block.z;
   if (threads == 0 || grid.x * grid.y * grid.z == 0) return;
   BlockContext ctx(threads, dynamic_bytes);
+  std::atomic<uint64_t> loads{0}, stores{0}, macs{0};
   std::vector<std::thread> pool;
   pool.reserve(threads);
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
       current = &ctx;
+      tally = Tally{};
       blockDim = block;
       gridDim = grid;
       threadIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
@@ -84,9 +117,14 @@ void launch(dim3 grid, dim3 block, size_t dynamic_bytes, Kernel kernel, Args... 
             ctx.block_barrier.arrive_and_wait();  // the next block reuses the shared storage
           }
       current = nullptr;
+      loads += tally.load;
+      stores += tally.store;
+      macs += tally.macs;
     });
   }
   for (auto& th : pool) th.join();
+  std::lock_guard<std::mutex> log_lock(log_mutex());
+  work_log().push_back({name, grid, block, dynamic_bytes, loads.load(), stores.load(), macs.load()});
 }
 
 template <typename T>

@@ -1,13 +1,12 @@
 // STTM's ops (SPEC §3) in CUDA C++: greedy most-orthogonal selection and soft merging, forward
 // and backward. fp32 / fp16 / bf16 storage, fp32 arithmetic (SIMT: no tensor cores), any strides.
 //
-//   orthogonal_select: a persistent kernel, one block per problem (batch row). It computes every
-//     token's inverse norm, then makes the K - 1 greedy picks itself: per step it stages the last
-//     pick (normalised) in shared memory, streams the tokens (one warp per token, 16-byte packs
-//     when the channel axis allows), folds |cos| into each token's running max (+inf once picked)
-//     and takes the first minimum over warps — lowest index on ties (SPEC §3.1). The scores and
-//     inverse norms live in a (B, 2, L) fp32 scratch; each token's score is read and written by
-//     the same warp every step.
+//   orthogonal_select: per chunk of problems (batch rows; (P, L, L) fp32 within ~1 GiB), the Gram
+//     matrices G = X X^T in one batched matmul (cuBLAS, fp32 accumulation), then a persistent
+//     kernel, one block per problem, makes the K - 1 greedy picks: inverse norms from G's
+//     diagonal, and per step one row of G (O(L) global reads, not O(L D)) folded into each
+//     token's running max |cos| (+inf once picked), first minimum — lowest index on ties (SPEC
+//     §3.1). Scores and inverse norms in shared memory (8 L bytes; global scratch past the limit).
 //   soft_merge: the same passes as the Triton kernels (kernels/merge.py) on 32 x 32 (token x meta)
 //     tiles staged in shared memory, 64 channels of the outputs per block; S and G are recomputed
 //     in every pass, so no L x L' matrix exists and memory is O((L + L') D).
@@ -18,10 +17,6 @@
 namespace {
 
 using vk::cdiv;
-using vk::load_row;
-using vk::pack_width;
-using vk::packable;
-using vk::with_pack;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -30,72 +25,69 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMinBlocks = 2;
 
 // =================================================================================== selection
-template <typename T, int V>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-select_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxl, int64_t sxd, const int64_t* __restrict__ start,
-              int64_t* __restrict__ out, float* __restrict__ work, int L, int D, int K, float eps) {
-  VK_DYNAMIC_SHARED(float, pick);  // D floats: the last pick, normalised
-  __shared__ float warp_best[kWarps];
-  __shared__ int warp_arg[kWarps];
+// The greedy picks of a chunk of problems from their Gram matrices G = X X^T (fp32, (P, L, L),
+// computed by the launcher with one batched matmul): one block per problem. The inverse norms
+// come from G's diagonal; each step reads one row of G (L floats, the last pick's dot products
+// with every token), folds |G[cur, n]| / (|x_cur| |x_n|) into each token's running max (+inf once
+// picked) and takes the first minimum — lowest index on ties (SPEC §3.1). The scores and inverse
+// norms live in shared memory when 8 L bytes fit (`state` null), else in `state` (P, 2, L); each
+// token's entries are read and written by the same thread every step.
+__global__ void __launch_bounds__(kThreads)
+select_greedy_kernel(const float* __restrict__ gram, int L, const int64_t* __restrict__ start, int64_t b0,
+                     int64_t* __restrict__ out, int K, float eps, float* __restrict__ state) {
+  VK_DYNAMIC_SHARED(float, smem);
+  __shared__ float warp_best[2][kWarps];  // by step parity: one barrier per step
+  __shared__ int warp_arg[2][kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t b = blockIdx.x;
-  const T* xb = x + b * sxb;
-  float* score = work + b * 2 * L;
+  const int64_t p = blockIdx.x, b = b0 + p;
+  const float* G = gram + p * L * static_cast<int64_t>(L);
+  float* score = state ? state + p * 2 * L : smem;
   float* inv_norm = score + L;
-  for (int n = warp; n < L; n += kWarps) {
-    float ss = 0.f;
-    for (int c = lane * V; c < D; c += 32 * V) {
-      float v[V];
-      load_row<T, V>(xb + n * sxl, c, sxd, v);
-#pragma unroll
-      for (int i = 0; i < V; ++i) ss += v[i] * v[i];
-    }
-    ss = vk::warp_sum(ss);
-    if (lane == 0) {
-      inv_norm[n] = vk::fast_rsqrt(fmaxf(ss, eps * eps));  // 1 / max(||x||, eps)
-      score[n] = 0.f;
-    }
+  for (int n = threadIdx.x; n < L; n += kThreads) {
+    inv_norm[n] = vk::fast_rsqrt(fmaxf(vk::ld(G + n * static_cast<int64_t>(L + 1)), eps * eps));  // 1/max(|x|, eps)
+    score[n] = 0.f;
   }
-  int cur = static_cast<int>(start[b]);
-  if (threadIdx.x == 0) out[b * K] = cur;
+  int cur = static_cast<int>(vk::ld_warp(start + b));
+  if (threadIdx.x == 0) vk::st(out + b * K, static_cast<int64_t>(cur));
   __syncthreads();
   for (int step = 1; step < K; ++step) {
+    const float* row = G + cur * static_cast<int64_t>(L);
     const float inv_cur = inv_norm[cur];
-    for (int c = threadIdx.x; c < D; c += kThreads) pick[c] = vk::to_float(xb[cur * sxl + c * sxd]) * inv_cur;
-    __syncthreads();
     float best = INFINITY;
     int arg = L;
-    for (int n = warp; n < L; n += kWarps) {  // increasing n per warp: strict < keeps the lowest index
-      float dot = 0.f;
-      for (int c = lane * V; c < D; c += 32 * V) {
-        float v[V];
-        load_row<T, V>(xb + n * sxl, c, sxd, v);
-#pragma unroll
-        for (int i = 0; i < V; ++i) dot += v[i] * pick[c + i];
-      }
-      dot = vk::warp_sum(dot);
-      // Every lane computes the same w; lane 0 stores it (a lane reading after that store reads w).
-      const float w = n == cur ? INFINITY : fmaxf(score[n], fabsf(dot) * inv_norm[n]);
-      if (lane == 0) score[n] = w;
+    for (int n = threadIdx.x; n < L; n += kThreads) {  // increasing n per thread: strict < keeps the lowest
+      const float w = n == cur ? INFINITY : fmaxf(score[n], fabsf(vk::ld(row + n)) * inv_cur * inv_norm[n]);
+      score[n] = w;
       if (w < best) {
         best = w;
         arg = n;
       }
     }
-    if (lane == 0) {
-      warp_best[warp] = best;
-      warp_arg[warp] = arg;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {  // (value, index) minimum: lowest index on ties
+      const float ob = __shfl_xor_sync(vk::kFullMask, best, offset);
+      const int oa = __shfl_xor_sync(vk::kFullMask, arg, offset);
+      if (ob < best || (ob == best && oa < arg)) {
+        best = ob;
+        arg = oa;
+      }
     }
-    __syncthreads();
-    for (int w = 0; w < kWarps; ++w) {  // every thread reduces identically: lowest index on ties
-      if (w == 0 || warp_best[w] < best || (warp_best[w] == best && warp_arg[w] < arg)) {
-        best = warp_best[w];
-        arg = warp_arg[w];
+    const int buf = step & 1;
+    if (lane == 0) {
+      warp_best[buf][warp] = best;
+      warp_arg[buf][warp] = arg;
+    }
+    __syncthreads();  // also orders this step's score writes before the next step's reads of inv_norm
+    for (int w = 0; w < kWarps; ++w) {  // every thread reduces identically
+      const float wb = warp_best[buf][w];
+      const int wa = warp_arg[buf][w];
+      if (w == 0 || wb < best || (wb == best && wa < arg)) {
+        best = wb;
+        arg = wa;
       }
     }
     cur = arg;
-    if (threadIdx.x == 0) out[b * K + step] = cur;
-    __syncthreads();  // `pick` and the warp bests are rewritten next step
+    if (threadIdx.x == 0) vk::st(out + b * K + step, static_cast<int64_t>(cur));
   }
 }
 
@@ -125,8 +117,8 @@ __device__ __forceinline__ void tile_dot(const TA* A, const Rows& ra, int64_t sa
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int i = ty() + 8 * r;
-      sa[i][tx()] = ra.off[i] >= 0 && k < K ? vk::to_float(A[ra.off[i] + k * sac]) : 0.f;
-      sb[i][tx()] = rb.off[i] >= 0 && k < K ? vk::to_float(B[rb.off[i] + k * sbc]) : 0.f;
+      sa[i][tx()] = ra.off[i] >= 0 && k < K ? vk::ldf(A + ra.off[i] + k * sac) : 0.f;
+      sb[i][tx()] = rb.off[i] >= 0 && k < K ? vk::ldf(B + rb.off[i] + k * sbc) : 0.f;
     }
     __syncthreads();
     for (int kk = 0; kk < kTile; ++kk) {
@@ -134,6 +126,7 @@ __device__ __forceinline__ void tile_dot(const TA* A, const Rows& ra, int64_t sa
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[r] += sa[ty() + 8 * r][kk] * bv;
     }
+    VK_COUNT_MACS(4 * kTile);
     __syncthreads();
   }
 #pragma unroll
@@ -146,7 +139,7 @@ __device__ __forceinline__ void stage_values(const T* base, const Rows& rows, in
                              float (&dst)[kTile][kChannels + 1]) {
   for (int e = threadIdx.x; e < kTile * kChannels; e += kThreads) {
     const int i = e / kChannels, c = e % kChannels;
-    dst[i][c] = rows.off[i] >= 0 && c0 + c < C ? vk::to_float(base[rows.off[i] + (c0 + c) * scol]) : 0.f;
+    dst[i][c] = rows.off[i] >= 0 && c0 + c < C ? vk::ldf(base + rows.off[i] + (c0 + c) * scol) : 0.f;
   }
 }
 
@@ -159,7 +152,7 @@ __device__ __forceinline__ void token_rows(Rows& rows, int i0, int L, int64_t sl
 __device__ __forceinline__ void meta_rows(Rows& rows, const int64_t* idx, int j0, int LP, int64_t sl) {
   if (threadIdx.x < kTile) {
     const int j = j0 + threadIdx.x;
-    rows.off[threadIdx.x] = j < LP ? (idx ? idx[j] : j) * sl : -1;
+    rows.off[threadIdx.x] = j < LP ? (idx ? vk::ld(idx + j) : j) * sl : -1;
   }
 }
 
@@ -198,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) merge_lse_kernel(MergeAr
     }
     __syncthreads();
   }
-  if (threadIdx.x < kTile && i0 + threadIdx.x < a.L) lse[b * a.L + i0 + threadIdx.x] = m + logf(l);
+  if (threadIdx.x < kTile && i0 + threadIdx.x < a.L) vk::st(lse + b * a.L + i0 + threadIdx.x, m + logf(l));
 }
 
 // Per (32 meta tokens, 64 channels): A = W^T X / colsum, P = W^T E / colsum, W = exp(C1).
@@ -219,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) merge_fwd_kernel(MergeAr
     token_rows(tok, i0, a.L, a.sul);
     token_rows(tok_x, i0, a.L, a.sxl);
     token_rows(tok_e, i0, a.L, a.sel);
-    if (threadIdx.x < kTile) lse_s[threadIdx.x] = i0 + threadIdx.x < a.L ? a.lse[b * a.L + i0 + threadIdx.x] : 0.f;
+    if (threadIdx.x < kTile) lse_s[threadIdx.x] = i0 + threadIdx.x < a.L ? vk::ld(a.lse + b * a.L + i0 + threadIdx.x) : 0.f;
     __syncthreads();
     tile_dot(u, meta, a.sud, u, tok, a.sud, a.DU, sa, sb, w, false);  // w[j][i] = S[i][j]
 #pragma unroll
@@ -243,6 +236,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) merge_fwd_kernel(MergeAr
         }
       }
     }
+    VK_COUNT_MACS(16 * kTile);
     __syncthreads();
   }
   if (threadIdx.x < kTile) col_s[threadIdx.x] = col;
@@ -256,11 +250,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) merge_fwd_kernel(MergeAr
       const int ch = c0 + tx() + 32 * c;
       if (ch >= a.D) continue;
       const float inv = vk::fast_div(1.f, col_s[ty() + 8 * r]);
-      out_a[(b * a.LP + j) * a.D + ch] = vk::from_float<T>(acc_a[r][c] * inv);
-      out_p[(b * a.LP + j) * a.D + ch] = vk::from_float<T>(acc_p[r][c] * inv);
+      vk::st(out_a + (b * a.LP + j) * a.D + ch, vk::from_float<T>(acc_a[r][c] * inv));
+      vk::st(out_p + (b * a.LP + j) * a.D + ch, vk::from_float<T>(acc_p[r][c] * inv));
     }
   }
-  if (blockIdx.y == 0 && threadIdx.x < kTile && j0 + threadIdx.x < a.LP) col_out[b * a.LP + j0 + threadIdx.x] = col;
+  if (blockIdx.y == 0 && threadIdx.x < kTile && j0 + threadIdx.x < a.LP) vk::st(col_out + b * a.LP + j0 + threadIdx.x, col);
 }
 
 // Shared state of one backward (token tile, meta tile) pair.
@@ -280,9 +274,9 @@ __device__ __forceinline__ void pair_rows(const MergeArgs& a, int64_t b, int i0,
   meta_rows(t.meta_p, nullptr, j0, a.LP, a.spl);
   if (threadIdx.x < kTile) {
     const int i = i0 + threadIdx.x, j = j0 + threadIdx.x;
-    t.lse[threadIdx.x] = i < a.L ? a.lse[b * a.L + i] : 0.f;
-    t.col[threadIdx.x] = j < a.LP ? a.col[b * a.LP + j] : 1.f;
-    t.gamma[threadIdx.x] = j < a.LP ? a.gamma[b * a.LP + j] : 0.f;
+    t.lse[threadIdx.x] = i < a.L ? vk::ld(a.lse + b * a.L + i) : 0.f;
+    t.col[threadIdx.x] = j < a.LP ? vk::ld(a.col + b * a.LP + j) : 1.f;
+    t.gamma[threadIdx.x] = j < a.LP ? vk::ld(a.gamma + b * a.LP + j) : 0.f;
   }
 }
 
@@ -319,11 +313,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) merge_bwd_delta_kernel(M
     pair_rows(a, b, i0, j0, t);
     __syncthreads();
     pair_tiles<T>(a, b, i0, j0, t);
-    if (threadIdx.x < kTile)
+    if (threadIdx.x < kTile) {
       for (int j = 0; j < kTile; ++j) delta += t.c1[threadIdx.x][j] * t.dc1[threadIdx.x][j];
+      VK_COUNT_MACS(kTile);
+    }
     __syncthreads();
   }
-  if (threadIdx.x < kTile && i0 + threadIdx.x < a.L) delta_out[b * a.L + i0 + threadIdx.x] = delta;
+  if (threadIdx.x < kTile && i0 + threadIdx.x < a.L) vk::st(delta_out + b * a.L + i0 + threadIdx.x, delta);
 }
 
 // Per (32 tokens, 64 channels): dU = dS V (fp32), dX = C dA, dE = C dP.
@@ -335,7 +331,7 @@ merge_bwd_tokens_kernel(MergeArgs a, float* __restrict__ du, T* __restrict__ dx,
   __shared__ float delta[kTile];
   const int64_t b = blockIdx.z;
   const int i0 = blockIdx.x * kTile, c0 = blockIdx.y * kChannels;
-  if (threadIdx.x < kTile) delta[threadIdx.x] = i0 + threadIdx.x < a.L ? a.delta[b * a.L + i0 + threadIdx.x] : 0.f;
+  if (threadIdx.x < kTile) delta[threadIdx.x] = i0 + threadIdx.x < a.L ? vk::ld(a.delta + b * a.L + i0 + threadIdx.x) : 0.f;
   float acc_u[4][2] = {}, acc_x[4][2] = {}, acc_e[4][2] = {};
   for (int j0 = 0; j0 < a.LP; j0 += kTile) {
     pair_rows(a, b, i0, j0, t);
@@ -358,6 +354,7 @@ merge_bwd_tokens_kernel(MergeArgs a, float* __restrict__ du, T* __restrict__ dx,
         }
       }
     }
+    VK_COUNT_MACS(24 * kTile);
     __syncthreads();
   }
 #pragma unroll
@@ -367,10 +364,10 @@ merge_bwd_tokens_kernel(MergeArgs a, float* __restrict__ du, T* __restrict__ dx,
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
       const int ch = c0 + tx() + 32 * k;
-      if (ch < a.DU) du[(b * a.L + i) * a.DU + ch] = acc_u[r][k];
+      if (ch < a.DU) vk::st(du + (b * a.L + i) * a.DU + ch, acc_u[r][k]);
       if (ch < a.D) {
-        dx[(b * a.L + i) * a.D + ch] = vk::from_float<T>(acc_x[r][k]);
-        de[(b * a.L + i) * a.D + ch] = vk::from_float<T>(acc_e[r][k]);
+        vk::st(dx + (b * a.L + i) * a.D + ch, vk::from_float<T>(acc_x[r][k]));
+        vk::st(de + (b * a.L + i) * a.D + ch, vk::from_float<T>(acc_e[r][k]));
       }
     }
   }
@@ -387,7 +384,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) merge_bwd_meta_kernel(Me
   float acc[4][2] = {};
   for (int i0 = 0; i0 < a.L; i0 += kTile) {
     pair_rows(a, b, i0, j0, t);
-    if (threadIdx.x < kTile) delta[threadIdx.x] = i0 + threadIdx.x < a.L ? a.delta[b * a.L + i0 + threadIdx.x] : 0.f;
+    if (threadIdx.x < kTile) delta[threadIdx.x] = i0 + threadIdx.x < a.L ? vk::ld(a.delta + b * a.L + i0 + threadIdx.x) : 0.f;
     __syncthreads();
     pair_tiles<T>(a, b, i0, j0, t);
     stage_values(static_cast<const T*>(a.u) + b * a.sub, t.tok_u, a.sud, c0, a.DU, su);
@@ -401,6 +398,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) merge_bwd_meta_kernel(Me
         for (int k = 0; k < 2; ++k) acc[r][k] += ds * su[i][tx() + 32 * k];
       }
     }
+    VK_COUNT_MACS(8 * kTile);
     __syncthreads();
   }
 #pragma unroll
@@ -409,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) merge_bwd_meta_kernel(Me
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
       const int ch = c0 + tx() + 32 * k;
-      if (j < a.LP && ch < a.DU) dv[(b * a.LP + j) * a.DU + ch] = acc[r][k];
+      if (j < a.LP && ch < a.DU) vk::st(dv + (b * a.LP + j) * a.DU + ch, acc[r][k]);
     }
   }
 }
@@ -423,26 +421,57 @@ void check_tokens(const at::Tensor& t, const at::Tensor& like, const char* name)
               " must have the dtype and device of x");
 }
 
+// Problems per Gram chunk: (P, L, L) fp32 within about 1 GiB of scratch (at least one problem).
+int64_t gram_chunk(int64_t B, int64_t L) {
+  constexpr int64_t kScratchBytes = int64_t{1} << 30;
+  return std::max<int64_t>(1, std::min<int64_t>(B, kScratchBytes / (L * L * static_cast<int64_t>(sizeof(float)))));
+}
+
+
+// Turns TF32 off for cuBLAS float32 products for the scope (restoring the user's setting): the
+// setting is process-global, as torch.backends.cuda.matmul.allow_tf32 is.
+struct NoTF32 {
+  bool saved = at::globalContext().allowTF32CuBLAS();
+  NoTF32() { at::globalContext().setAllowTF32CuBLAS(false); }
+  ~NoTF32() { at::globalContext().setAllowTF32CuBLAS(saved); }
+};
+
 at::Tensor orthogonal_select(const at::Tensor& x, int64_t k, const at::Tensor& start) {
   check_tokens(x, x, "x");
-  const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
+  const int64_t B = x.size(0), L = x.size(1);
   TORCH_CHECK(1 <= k && k <= L, "k must be in [1, L=", L, "], got ", k);
   TORCH_CHECK(start.dim() == 1 && start.size(0) == B && start.scalar_type() == at::kLong, "start must be int64 (B,)");
   TORCH_CHECK(start.device() == x.device(), "start must be on x's device");
-  TORCH_CHECK(L < (1LL << 31), "select: too many tokens");
+  TORCH_CHECK(L < (1LL << 31) / kThreads, "select: too many tokens");
   VK_DEVICE_GUARD(x);
   auto out = at::empty({B, k}, x.options().dtype(at::kLong));
   if (B == 0) return out;
-  auto work = at::empty({B, 2, L}, x.options().dtype(at::kFloat));
   auto start_c = start.contiguous();
-  VK_DISPATCH_FLOATS(x.scalar_type(), "orthogonal_select", [&] {
-    with_pack<scalar_t>(packable({&x}, pack_width<scalar_t>()), [&]<int V>() {
-      auto kernel = &select_kernel<scalar_t, V>;
-      VK_LAUNCH(kernel, dim3(B), dim3(kThreads), D * sizeof(float), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1),
-                x.stride(2), start_c.data_ptr<int64_t>(), out.data_ptr<int64_t>(), work.data_ptr<float>(),
-                static_cast<int>(L), static_cast<int>(D), static_cast<int>(k), 1e-12f);
-    });
-  });
+  const size_t state_bytes = 2 * L * sizeof(float);
+  const bool shared_state = state_bytes <= vk::max_dynamic_shared();
+  const int64_t chunk = gram_chunk(B, L);
+  at::Tensor state;
+  if (!shared_state) state = at::empty({chunk, 2, L}, x.options().dtype(at::kFloat));
+  auto select_greedy = &select_greedy_kernel;
+  if (shared_state) vk::allow_dynamic_shared(select_greedy, state_bytes);
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t P = std::min(chunk, B - b0);
+    const at::Tensor xc = x.narrow(0, b0, P);
+    // G = X X^T with fp32 accumulation: 16-bit inputs go to the tensor cores as they are (their
+    // products are exact in fp32), fp32 inputs stay IEEE fp32 even where the user allowed TF32 for
+    // matmuls (TF32's 1e-3 error would change the greedy picks SPEC 3.1 defines).
+    const NoTF32 ieee_fp32;
+    at::Tensor gram = x.scalar_type() == at::kFloat ? at::bmm(xc, xc.transpose(1, 2))
+#ifdef VIDKERN_EMULATE
+                                                    : at::bmm(xc.to(at::kFloat), xc.to(at::kFloat).transpose(1, 2));
+#else
+                                                    : at::bmm(xc, xc.transpose(1, 2), at::kFloat);
+#endif
+    gram = gram.contiguous();
+    VK_LAUNCH(select_greedy, dim3(P), dim3(kThreads), shared_state ? state_bytes : 0, gram.data_ptr<float>(),
+              static_cast<int>(L), start_c.data_ptr<int64_t>(), b0, out.data_ptr<int64_t>(), static_cast<int>(k),
+              1e-12f, shared_state ? nullptr : state.data_ptr<float>());
+  }
   return out;
 }
 
@@ -482,10 +511,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_merge_fwd(const 
   TORCH_CHECK(B < 65536, "soft_merge: at most 65535 batch rows");
   a.lse = lse.data_ptr<float>();
   VK_DISPATCH_FLOATS(x.scalar_type(), "soft_merge_fwd", [&] {
-    auto lse_kernel = &merge_lse_kernel<scalar_t>;
-    VK_LAUNCH(lse_kernel, dim3(cdiv(a.L, kTile), B), dim3(kThreads), 0, a, lse.data_ptr<float>());
-    auto fwd = &merge_fwd_kernel<scalar_t>;
-    VK_LAUNCH(fwd, dim3(cdiv(a.LP, kTile), cdiv(a.D, kChannels), B), dim3(kThreads), 0, a,
+    auto merge_lse = &merge_lse_kernel<scalar_t>;
+    VK_LAUNCH(merge_lse, dim3(cdiv(a.L, kTile), B), dim3(kThreads), 0, a, lse.data_ptr<float>());
+    auto merge_fwd = &merge_fwd_kernel<scalar_t>;
+    VK_LAUNCH(merge_fwd, dim3(cdiv(a.LP, kTile), cdiv(a.D, kChannels), B), dim3(kThreads), 0, a,
               out_a.data_ptr<scalar_t>(), out_p.data_ptr<scalar_t>(), col.data_ptr<float>());
   });
   return {out_a, out_p, lse, col};
@@ -523,13 +552,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_merge_bwd(const at::Tensor& 
   a.lse = lse.data_ptr<float>(), a.col = col.data_ptr<float>(), a.gamma = gamma.data_ptr<float>();
   a.delta = delta.data_ptr<float>();
   VK_DISPATCH_FLOATS(x.scalar_type(), "soft_merge_bwd", [&] {
-    auto delta_kernel = &merge_bwd_delta_kernel<scalar_t>;
-    VK_LAUNCH(delta_kernel, dim3(cdiv(a.L, kTile), B), dim3(kThreads), 0, a, delta.data_ptr<float>());
-    auto tokens = &merge_bwd_tokens_kernel<scalar_t>;
-    VK_LAUNCH(tokens, dim3(cdiv(a.L, kTile), cdiv(std::max(a.D, a.DU), kChannels), B), dim3(kThreads), 0, a,
+    auto merge_bwd_delta = &merge_bwd_delta_kernel<scalar_t>;
+    VK_LAUNCH(merge_bwd_delta, dim3(cdiv(a.L, kTile), B), dim3(kThreads), 0, a, delta.data_ptr<float>());
+    auto merge_bwd_tokens = &merge_bwd_tokens_kernel<scalar_t>;
+    VK_LAUNCH(merge_bwd_tokens, dim3(cdiv(a.L, kTile), cdiv(std::max(a.D, a.DU), kChannels), B), dim3(kThreads), 0, a,
               du.data_ptr<float>(), dx.data_ptr<scalar_t>(), de.data_ptr<scalar_t>());
-    auto meta = &merge_bwd_meta_kernel<scalar_t>;
-    VK_LAUNCH(meta, dim3(cdiv(a.LP, kTile), cdiv(a.DU, kChannels), B), dim3(kThreads), 0, a, dv.data_ptr<float>());
+    auto merge_bwd_meta = &merge_bwd_meta_kernel<scalar_t>;
+    VK_LAUNCH(merge_bwd_meta, dim3(cdiv(a.LP, kTile), cdiv(a.DU, kChannels), B), dim3(kThreads), 0, a, dv.data_ptr<float>());
   });
   // The meta rows are distinct within a batch row, so adding dV at them has no races.
   auto rows = at::arange(B, idx.options()).unsqueeze(1);

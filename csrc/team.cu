@@ -78,15 +78,15 @@ summary_fwd_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sx
     for (int r = 1; r < Tile::RT; ++r) acc = vk::merge(acc, states[r][t]);
     if (splits == 1) {
       const float fv = acc.w / acc.z;
-      f[b * D + c] = vk::from_float<T>(fv);
-      stats[b * 3 * D + c] = acc.m;
-      stats[b * 3 * D + D + c] = acc.z;
-      stats[b * 3 * D + 2 * D + c] = fv;
+      vk::st(f + b * D + c, vk::from_float<T>(fv));
+      vk::st(stats + b * 3 * D + c, acc.m);
+      vk::st(stats + b * 3 * D + D + c, acc.z);
+      vk::st(stats + b * 3 * D + 2 * D + c, fv);
     } else {
       float* out = partial + (b * splits + split) * 3 * D + c;
-      out[0] = acc.m;
-      out[D] = acc.z;
-      out[2 * D] = acc.w;
+      vk::st(out, acc.m);
+      vk::st(out + D, acc.z);
+      vk::st(out + 2 * D, acc.w);
     }
   }
 }
@@ -102,13 +102,13 @@ summary_merge_kernel(const float* __restrict__ partial, int B, int D, int splits
   SoftmaxState acc = vk::empty_state();
   for (int s = 0; s < splits; ++s) {
     const float* p = partial + (b * splits + s) * 3 * D + c;
-    acc = vk::merge(acc, {p[0], p[D], p[2 * D]});
+    acc = vk::merge(acc, {vk::ld(p), vk::ld(p + D), vk::ld(p + 2 * D)});
   }
   const float fv = acc.w / acc.z;
-  f[i] = vk::from_float<T>(fv);
-  stats[b * 3 * D + c] = acc.m;
-  stats[b * 3 * D + D + c] = acc.z;
-  stats[b * 3 * D + 2 * D + c] = fv;
+  vk::st(f + i, vk::from_float<T>(fv));
+  vk::st(stats + b * 3 * D + c, acc.m);
+  vk::st(stats + b * 3 * D + D + c, acc.z);
+  vk::st(stats + b * 3 * D + 2 * D + c, fv);
 }
 
 template <typename T, int V>
@@ -123,10 +123,10 @@ summary_bwd_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sx
   float m[V], inv_z[V], fv[V], g[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    m[i] = stats[b * 3 * D + c0 + i];
-    inv_z[i] = 1.f / stats[b * 3 * D + D + c0 + i];
-    fv[i] = stats[b * 3 * D + 2 * D + c0 + i];
-    g[i] = vk::to_float(df[b * sdfb + (c0 + i) * sdfd]);
+    m[i] = vk::ld(stats + b * 3 * D + c0 + i);
+    inv_z[i] = 1.f / vk::ld(stats + b * 3 * D + D + c0 + i);
+    fv[i] = vk::ld(stats + b * 3 * D + 2 * D + c0 + i);
+    g[i] = vk::ldf(df + b * sdfb + (c0 + i) * sdfd);
   }
   const T* base = x + b * sxb + c0 * sxd;
   T* out = dx + b * N * D + c0;
@@ -179,7 +179,7 @@ __device__ __forceinline__ void for_each_pack_pair(const T* xrow, int64_t sxd, c
 template <typename T>
 __device__ __forceinline__ void stage_gate(const T* h, int64_t shb, int64_t shd, int D, float* g) {
   const int64_t b = blockIdx.y;
-  for (int c = threadIdx.x; c < D; c += blockDim.x) g[c] = vk::sigmoid(vk::to_float(h[b * shb + c * shd]));
+  for (int c = threadIdx.x; c < D; c += blockDim.x) g[c] = vk::sigmoid(vk::ldf(h + b * shb + c * shd));
   __syncthreads();
 }
 
@@ -201,8 +201,8 @@ gate_rows_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd,
     });
     st = vk::warp_merge(st);
     if (lane == 0) {
-      s0[b * N + n] = st.w / st.z;
-      lse[b * N + n] = st.m + logf(st.z);
+      vk::st(s0 + b * N + n, st.w / st.z);
+      vk::st(lse + b * N + n, st.m + logf(st.z));
     }
   });
 }
@@ -227,12 +227,12 @@ __global__ void __launch_bounds__(kThreads) token_softmax_kernel(const float* __
   const float* in = s0 + static_cast<int64_t>(blockIdx.x) * N;
   float* out = s + static_cast<int64_t>(blockIdx.x) * N;
   float m = -INFINITY;
-  for (int n = threadIdx.x; n < N; n += kThreads) m = fmaxf(m, in[n]);
+  for (int n = threadIdx.x; n < N; n += kThreads) m = fmaxf(m, vk::ld(in + n));
   m = block_reduce<true>(m, scratch);
   float z = 0.f;
-  for (int n = threadIdx.x; n < N; n += kThreads) z += expf(in[n] - m);
+  for (int n = threadIdx.x; n < N; n += kThreads) z += expf(vk::ld(in + n) - m);
   const float inv_z = 1.f / block_reduce<false>(z, scratch);
-  for (int n = threadIdx.x; n < N; n += kThreads) out[n] = expf(in[n] - m) * inv_z;
+  for (int n = threadIdx.x; n < N; n += kThreads) vk::st(out + n, expf(vk::ld(in + n) - m) * inv_z);
 }
 
 // Y = s[n] g[c] X.
@@ -246,7 +246,7 @@ gate_apply_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd
   for_each_row(N, [&](int64_t n) {
     const T* row = x + b * sxb + n * sxn;
     T* out = y + (b * N + n) * D;
-    const float sn = s[b * N + n];
+    const float sn = vk::ld_warp(s + b * N + n);
     for_each_pack<T, V>(row, sxd, D, [&](int c, float (&v)[V]) {
 #pragma unroll
       for (int i = 0; i < V; ++i) v[i] *= sn * g[c + i];
@@ -283,10 +283,10 @@ gate_bwd_rows_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t 
     ds = vk::warp_sum(ds);
     if (lane == 0) {
       float* out = row_stats + b * 4 * N + n;
-      out[0] = st.w / st.z;
-      out[N] = st.m;
-      out[2 * N] = st.z;
-      out[3 * N] = ds;
+      vk::st(out, st.w / st.z);
+      vk::st(out + N, st.m);
+      vk::st(out + 2 * N, st.z);
+      vk::st(out + 3 * N, ds);
     }
   });
 }
@@ -300,53 +300,76 @@ __global__ void __launch_bounds__(kThreads) token_softmax_bwd_kernel(const float
   const float* sb = s + b * N;
   const float* ds = row_stats + b * 4 * N + 3 * N;
   float dot = 0.f;
-  for (int n = threadIdx.x; n < N; n += kThreads) dot += sb[n] * ds[n];
+  for (int n = threadIdx.x; n < N; n += kThreads) dot += vk::ld(sb + n) * vk::ld(ds + n);
   dot = block_reduce<false>(dot, scratch);
-  for (int n = threadIdx.x; n < N; n += kThreads) ds0[b * N + n] = sb[n] * (ds[n] - dot);
+  for (int n = threadIdx.x; n < N; n += kThreads) vk::st(ds0 + b * N + n, vk::ld(sb + n) * (vk::ld(ds + n) - dot));
 }
 
-// Backward rows, pass 2: dX' = s dY + ds0 Q (1 + X' - s0), dX = g dX'; each warp sums dX' X per
-// channel over its tokens in its own shared-memory row, and the block writes the sum over warps
-// (in warp order) as its partial dg.
+// Backward rows, pass 2: dX' = s dY + ds0 Q (1 + X' - s0), dX = g dX'. Each lane owns the same
+// channels (c = lane V + 32 V k) in every row, so it keeps their g and its running sums of dX' X
+// in registers through the row loop; after it each warp writes its sums to its own shared-memory
+// row once, and the block writes the sum over warps (in warp order) as its partial dg.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
 gate_bwd_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd, const T* __restrict__ h, int64_t shb,
                 int64_t shd, const T* __restrict__ dy, int64_t syb, int64_t syn, int64_t syd,
                 const float* __restrict__ s, const float* __restrict__ row_stats, const float* __restrict__ ds0, int N,
                 int D, T* __restrict__ dx, float* __restrict__ dg_partial /* (B, blocks, D) */) {
-  VK_DYNAMIC_SHARED(float, g);
-  float* acc = g + D + (threadIdx.x / 32) * D;  // this warp's row of partial column sums
+  VK_DYNAMIC_SHARED(float, smem);  // g (D floats), then one row of D partial sums per warp
+  constexpr int kPacks = kMaxChannels / (32 * V);  // a lane's packs per row, at most
+  stage_gate(h, shb, shd, D, smem);
   const int lane = threadIdx.x % 32;
-  for (int c = lane * V; c < D; c += 32 * V) {  // each lane owns the same channels throughout
+  float g[kPacks][V], acc[kPacks][V];
 #pragma unroll
-    for (int i = 0; i < V; ++i) acc[c + i] = 0.f;
+  for (int k = 0; k < kPacks; ++k) {
+    const int c = (lane + 32 * k) * V;  // packed: D % V == 0, so a pack is wholly in or out
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      g[k][i] = c < D ? smem[c + i] : 0.f;
+      acc[k][i] = 0.f;
+    }
   }
-  stage_gate(h, shb, shd, D, g);
   const int64_t b = blockIdx.y;
   for_each_row(N, [&](int64_t n) {
     const T* xrow = x + b * sxb + n * sxn;
     const T* dyrow = dy + b * syb + n * syn;
     const float* st = row_stats + b * 4 * N + n;
-    const float s0 = st[0], m = st[N], inv_z = 1.f / st[2 * N];
-    const float sn = s[b * N + n], d0 = ds0[b * N + n];
+    const float s0 = vk::ld_warp(st), m = vk::ld_warp(st + N), inv_z = 1.f / vk::ld_warp(st + 2 * N);
+    const float sn = vk::ld_warp(s + b * N + n), d0 = vk::ld_warp(ds0 + b * N + n);
     T* out = dx + (b * N + n) * D;
-    for_each_pack_pair<T, V>(xrow, sxd, dyrow, syd, D, [&](int c, float (&v)[V], float (&d)[V]) {
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float xp = g[c + i] * v[i];
-        const float q = expf(xp - m) * inv_z;
-        const float dxp = sn * d[i] + d0 * q * (1.f + xp - s0);
-        acc[c + i] += dxp * v[i];
-        d[i] = g[c + i] * dxp;
+    for (int k = 0; k < kPacks; ++k) {
+      const int c = (lane + 32 * k) * V;
+      if (c < D) {
+        float v[V], d[V];
+        load_row<T, V>(xrow, c, sxd, v);
+        load_row<T, V>(dyrow, c, syd, d);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const float xp = g[k][i] * v[i];
+          const float q = expf(xp - m) * inv_z;
+          const float dxp = sn * d[i] + d0 * q * (1.f + xp - s0);
+          acc[k][i] += dxp * v[i];
+          d[i] = g[k][i] * dxp;
+        }
+        vk::store<T, V>(out + c, d);
       }
-      vk::store<T, V>(out + c, d);
-    });
+    }
   });
+  float* part = smem + D + (threadIdx.x / 32) * D;  // this warp's row
+#pragma unroll
+  for (int k = 0; k < kPacks; ++k) {
+    const int c = (lane + 32 * k) * V;
+    if (c < D) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) part[c + i] = acc[k][i];
+    }
+  }
   __syncthreads();
   for (int c = threadIdx.x; c < D; c += kThreads) {
     float total = 0.f;
-    for (int w = 0; w < kWarps; ++w) total += g[D + w * D + c];
-    dg_partial[(b * gridDim.x + blockIdx.x) * D + c] = total;
+    for (int w = 0; w < kWarps; ++w) total += smem[D + w * D + c];
+    vk::st(dg_partial + (b * gridDim.x + blockIdx.x) * D + c, total);
   }
 }
 
@@ -359,9 +382,9 @@ gate_dh_kernel(const float* __restrict__ dg_partial, const T* __restrict__ h, in
   if (i >= static_cast<int64_t>(B) * D) return;
   const int64_t b = i / D, c = i % D;
   float total = 0.f;
-  for (int k = 0; k < blocks; ++k) total += dg_partial[(b * blocks + k) * D + c];
-  const float g = vk::sigmoid(vk::to_float(h[b * shb + c * shd]));
-  dh[i] = vk::from_float<T>(total * g * (1.f - g));
+  for (int k = 0; k < blocks; ++k) total += vk::ld(dg_partial + (b * blocks + k) * D + c);
+  const float g = vk::sigmoid(vk::ldf(h + b * shb + c * shd));
+  vk::st(dh + i, vk::from_float<T>(total * g * (1.f - g)));
 }
 
 // =================================================================================== host side
@@ -400,13 +423,13 @@ std::tuple<at::Tensor, at::Tensor> feature_summary_fwd(const at::Tensor& x, int6
       TORCH_CHECK(n_splits < 65536 && B < 65536, "feature_summary: grid too large");
       at::Tensor partial;
       if (n_splits > 1) partial = at::empty({B, n_splits, 3, D}, stats.options());
-      auto kernel = &summary_fwd_kernel<scalar_t, V>;
-      VK_LAUNCH(kernel, dim3(channel_blocks, n_splits, B), dim3(Tile::CT, Tile::RT), 0, x.data_ptr<scalar_t>(),
+      auto summary_fwd = &summary_fwd_kernel<scalar_t, V>;
+      VK_LAUNCH(summary_fwd, dim3(channel_blocks, n_splits, B), dim3(Tile::CT, Tile::RT), 0, x.data_ptr<scalar_t>(),
                 x.stride(0), x.stride(1), x.stride(2), static_cast<int>(N), static_cast<int>(D), rows_per_split,
                 n_splits > 1 ? partial.data_ptr<float>() : nullptr, f.data_ptr<scalar_t>(), stats.data_ptr<float>());
       if (n_splits > 1) {
-        auto merge = &summary_merge_kernel<scalar_t>;
-        VK_LAUNCH(merge, dim3(cdiv(B * D, kThreads)), dim3(kThreads), 0, partial.data_ptr<float>(),
+        auto summary_merge = &summary_merge_kernel<scalar_t>;
+        VK_LAUNCH(summary_merge, dim3(cdiv(B * D, kThreads)), dim3(kThreads), 0, partial.data_ptr<float>(),
                   static_cast<int>(B), static_cast<int>(D), static_cast<int>(n_splits), f.data_ptr<scalar_t>(),
                   stats.data_ptr<float>());
       }
@@ -430,8 +453,8 @@ at::Tensor feature_summary_bwd(const at::Tensor& grad_f, const at::Tensor& x, co
       using Tile = ColumnTile<V>;
       const int rows_per_block = 8 * Tile::RT;
       TORCH_CHECK(cdiv(N, rows_per_block) < 65536 && B < 65536, "feature_summary: grid too large");
-      auto kernel = &summary_bwd_kernel<scalar_t, V>;
-      VK_LAUNCH(kernel, dim3(cdiv(D, Tile::C), cdiv(N, rows_per_block), B), dim3(Tile::CT, Tile::RT), 0,
+      auto summary_bwd = &summary_bwd_kernel<scalar_t, V>;
+      VK_LAUNCH(summary_bwd, dim3(cdiv(D, Tile::C), cdiv(N, rows_per_block), B), dim3(Tile::CT, Tile::RT), 0,
                 x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), stats.data_ptr<float>(),
                 grad_f.data_ptr<scalar_t>(), grad_f.stride(0), grad_f.stride(1), dx.data_ptr<scalar_t>(),
                 static_cast<int>(N), static_cast<int>(D), rows_per_block);
@@ -459,14 +482,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> team_gate_fwd(const at::Tensor& x
   const size_t smem = D * sizeof(float);
   VK_DISPATCH_FLOATS(x.scalar_type(), "team_gate_fwd", [&] {
     with_pack<scalar_t>(packable({&x}, pack_width<scalar_t>()), [&]<int V>() {
-      auto rows = &gate_rows_kernel<scalar_t, V>;
-      VK_LAUNCH(rows, grid, dim3(kThreads), smem, x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
+      auto gate_rows = &gate_rows_kernel<scalar_t, V>;
+      VK_LAUNCH(gate_rows, grid, dim3(kThreads), smem, x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
                 h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), static_cast<int>(N), static_cast<int>(D),
                 s0.data_ptr<float>(), lse.data_ptr<float>());
-      auto softmax = &token_softmax_kernel;
-      VK_LAUNCH(softmax, dim3(B), dim3(kThreads), 0, s0.data_ptr<float>(), s.data_ptr<float>(), static_cast<int>(N));
-      auto apply = &gate_apply_kernel<scalar_t, V>;
-      VK_LAUNCH(apply, grid, dim3(kThreads), smem, x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
+      auto token_softmax = &token_softmax_kernel;
+      VK_LAUNCH(token_softmax, dim3(B), dim3(kThreads), 0, s0.data_ptr<float>(), s.data_ptr<float>(), static_cast<int>(N));
+      auto gate_apply = &gate_apply_kernel<scalar_t, V>;
+      VK_LAUNCH(gate_apply, grid, dim3(kThreads), smem, x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
                 h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), s.data_ptr<float>(), static_cast<int>(N),
                 static_cast<int>(D), y.data_ptr<scalar_t>());
     });
@@ -493,22 +516,22 @@ std::tuple<at::Tensor, at::Tensor> team_gate_bwd(const at::Tensor& grad_y, const
   auto dg_partial = at::empty({B, grid.x, D}, fopts);
   VK_DISPATCH_FLOATS(x.scalar_type(), "team_gate_bwd", [&] {
     with_pack<scalar_t>(packable({&x, &grad_y}, pack_width<scalar_t>()), [&]<int V>() {
-      auto rows = &gate_bwd_rows_kernel<scalar_t, V>;
-      VK_LAUNCH(rows, grid, dim3(kThreads), D * sizeof(float), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+      auto gate_bwd_rows = &gate_bwd_rows_kernel<scalar_t, V>;
+      VK_LAUNCH(gate_bwd_rows, grid, dim3(kThreads), D * sizeof(float), x.data_ptr<scalar_t>(), x.stride(0), x.stride(1),
                 x.stride(2), h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), grad_y.data_ptr<scalar_t>(),
                 grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), static_cast<int>(N), static_cast<int>(D),
                 row_stats.data_ptr<float>());
-      auto softmax_bwd = &token_softmax_bwd_kernel;
-      VK_LAUNCH(softmax_bwd, dim3(B), dim3(kThreads), 0, s.data_ptr<float>(), row_stats.data_ptr<float>(),
+      auto token_softmax_bwd = &token_softmax_bwd_kernel;
+      VK_LAUNCH(token_softmax_bwd, dim3(B), dim3(kThreads), 0, s.data_ptr<float>(), row_stats.data_ptr<float>(),
                 ds0.data_ptr<float>(), static_cast<int>(N));
-      auto bwd = &gate_bwd_kernel<scalar_t, V>;
-      VK_LAUNCH(bwd, grid, dim3(kThreads), (1 + kWarps) * D * sizeof(float), x.data_ptr<scalar_t>(), x.stride(0),
+      auto gate_bwd = &gate_bwd_kernel<scalar_t, V>;
+      VK_LAUNCH(gate_bwd, grid, dim3(kThreads), (1 + kWarps) * D * sizeof(float), x.data_ptr<scalar_t>(), x.stride(0),
                 x.stride(1), x.stride(2), h.data_ptr<scalar_t>(), h.stride(0), h.stride(1),
                 grad_y.data_ptr<scalar_t>(), grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), s.data_ptr<float>(),
                 row_stats.data_ptr<float>(), ds0.data_ptr<float>(), static_cast<int>(N), static_cast<int>(D),
                 dx.data_ptr<scalar_t>(), dg_partial.data_ptr<float>());
-      auto dh_kernel = &gate_dh_kernel<scalar_t>;
-      VK_LAUNCH(dh_kernel, dim3(cdiv(B * D, kThreads)), dim3(kThreads), 0, dg_partial.data_ptr<float>(),
+      auto gate_dh = &gate_dh_kernel<scalar_t>;
+      VK_LAUNCH(gate_dh, dim3(cdiv(B * D, kThreads)), dim3(kThreads), 0, dg_partial.data_ptr<float>(),
                 h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), static_cast<int>(B), static_cast<int>(D),
                 static_cast<int>(grid.x), dh.data_ptr<scalar_t>());
     });

@@ -1,32 +1,173 @@
 """Triton kernels for STTM's meta-token selection (SPEC §3.1): greedy most-orthogonal picks.
 
-**Selection** (``orthogonal_select``): one launch, one program per problem (a batch row; the
-spatial stage's rows are ``B*T`` frames). The program computes every token's inverse norm once,
-then makes the ``K - 1`` greedy picks itself: each step streams the problem's token tiles,
-computes ``|cos|`` to the last pick in fp32, folds it into the running ``max |cos|`` score of
-each token (``+inf`` once picked) and takes the first minimum — the exact rule of SPEC §3.1,
-lowest index on ties. The scores and inverse norms live in a ``(B, 2, L)`` fp32 scratch (a few
-KiB per problem, L1/L2-resident); the tokens are re-read every step. Regimes: when a problem's
-``L x D`` tokens fit in L2 (every ViT-S/B stage: 196 x 768 or 784 x 768 in bf16, 0.3–1.2 MB per
-problem) the per-step re-reads hit L2; a long clip (``L = 12544``, 19 MB per problem in bf16)
-streams from HBM every step, and one program per problem leaves most SMs idle for small B.
+``orthogonal_select(x (B, L, D), k, start (B,)) -> int64 (B, k)``: ``start[b]`` first, then
+``k - 1`` times the unchosen token ``j`` minimising ``max_{c chosen} |cos(x_j, x_c)|``, lowest
+index on ties. Cosines in float32 (products of bf16/fp16 inputs are exact in float32; float32
+inputs go through three TF32 products, ``kernels.launch.dot_precision``).
+
+**Design (the Gram regime, L <= GREEDY_MAX_L = 16384).** Each greedy step needs the ``|cos|`` of
+every token to the last pick: one row of the problem's ``|cos|`` Gram matrix. So the work is split
+into two launches per chunk of problems:
+
+1. ``_gram_kernel`` computes ``G[b] = |xh xh^T|`` in float32 once, ``xh = x / max(|x|, eps)``, on
+   tensor cores (``tl.dot``, float32 accumulation): one program per *pair* of ``BLOCK``-row tiles
+   ``tm <= tn`` (G is symmetric: the upper triangle of tiles is computed and each off-diagonal
+   tile is stored twice, as itself and transposed), flat on grid axis 0 (``chunk * T(T+1)/2``
+   programs, ``T = ceil(L / BLOCK)``). The rows' squared norms are summed from the same tiles
+   the product loads, so X is read ``L (T + 1) D`` elements per problem (the usual tiled-matmul
+   re-read, half of it thanks to symmetry) and G written once, ``4 L^2`` bytes.
+2. ``_greedy_kernel``: one program per problem keeps the running scores ``max |cos|`` of all
+   ``L`` tokens in registers (a ``[BLOCK_L = next_power_of_2(L)]`` float32 tensor, ``+inf`` once
+   picked, ``num_warps`` grown with ``BLOCK_L`` so it stays spill-free) and per step reads just
+   the row ``G[cur, :]`` — only its unpicked entries (``L - i`` floats at step ``i``: a picked
+   token's score is ``+inf`` whatever it reads) — folds it in with ``max`` and takes the first
+   minimum (``tl.argmin(..., tie_break_left=True)``: the lowest index). Per step: at most ``4 L``
+   bytes read and 8 written, no scratch writes, no re-read of X.
+
+*Memory.* The Gram scratch is ``4 L^2`` bytes per problem; problems are processed in chunks of
+``max(1, GRAM_SCRATCH_BYTES // (4 L^2))`` (2 GiB: the whole of sttm_vit_b's stages at B=32 — 39 MB
+and 79 MB — in one chunk; the long clip, 12544 tokens, 629 MB, three problems per chunk), the
+launches of a chunk run in order on one stream, so one scratch buffer serves every chunk.
+
+*Regimes.* sttm_vit_b stage 1 (B*T problems of L=196) and stage 2 (B problems of L=784): the
+Gram launch fills the machine; the greedy launch has one program per problem. The long clip
+(1 x 12544, BLOCK_L = 16384, 32 warps): one SM makes all 6271 (9407 with scores) picks, each
+reading one 50 KB Gram row from HBM — instead of re-reading all 19 MB of X per step as the
+streaming kernel below does.
+
+**Fallback (L > GREEDY_MAX_L: scores no longer fit in registers, and one problem's Gram would
+exceed 1 GiB).** ``_stream_select_kernel``, one program per problem, keeps the running scores and
+inverse norms in a ``(B, 2, L)`` float32 scratch and re-computes ``|cos|`` to the last pick from X
+at every step: correct, needs only O(L) scratch, but reads ``L D`` values per step (slow: a
+long clip of 40000 tokens re-reads X 20000 times).
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``) bf16 ``tl.dot`` is computed wrongly
+(tests/test_triton_backend.py::test_interpreter_bf16_dot_is_still_wrong), so there the Gram
+kernel upcasts bf16 tiles to float32 and multiplies in IEEE float32 — the same values: bf16
+products are exact in float32.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import AotSpec, on_input_device
+from .launch import AotSpec, dot_precision, on_input_device
 
 NORM_EPS = 1e-12   # vidkern.reference.NORM_EPS (this module must not import vidkern: it is vidkern.kernels)
 
+GREEDY_MAX_L = 16384            # largest L of the register (Gram) regime: 16 scores per thread at 32 warps
+GREEDY_MIN_BLOCK = 128          # smallest BLOCK_L (fewer configurations; padding lanes issue no loads)
+GRAM_SCRATCH_BYTES = 2 ** 31    # Gram scratch per launch of the chunk loop (at least one problem)
+# (BLOCK, BLOCK_D, num_warps, num_stages) of the Gram kernel: 16-bit inputs on the bf16/fp16 tensor
+# cores; float32 as tf32x3 (three products: more registers per tile, so smaller tiles)
+GRAM_BLOCKS = {"half": (128, 32, 8, 3), "fp32": (64, 16, 4, 3)}
+NORM_BLOCKS = (32, 64)          # (BLOCK_L, BLOCK_D) of the inverse-norm kernel, 4 warps
+SELECT_BLOCKS = (32, 64)        # (BLOCK_L, BLOCK_D) of the streaming fallback, 4 warps
 
-# =========================================================================== selection
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gram_config(dtype) -> tuple:
+    """(BLOCK, BLOCK_D, num_warps, num_stages) of :func:`_gram_kernel` for inputs of ``dtype``."""
+    return GRAM_BLOCKS["fp32" if dtype == torch.float32 else "half"]
+
+
+def greedy_config(length: int) -> tuple:
+    """(BLOCK_L, num_warps) of :func:`_greedy_kernel` for ``length`` tokens: 4 warps up to 1024
+    scores (8 per thread), then more warps, 8 scores per thread, up to 32 warps (16 per thread at
+    BLOCK_L = 16384)."""
+    block = max(GREEDY_MIN_BLOCK, triton.next_power_of_2(length))
+    return block, min(32, max(4, block // 256))
+
+
+def chunk_problems(length: int) -> int:
+    """Problems per Gram-scratch chunk: ``GRAM_SCRATCH_BYTES`` of float32 ``(L, L)`` matrices, at least one."""
+    return max(1, GRAM_SCRATCH_BYTES // (4 * length * length))
+
+
+# =========================================================================== Gram regime
 @triton.jit
-def _select_kernel(X, START, OUT, WORK, sxb, sxl, sxd, L, D, K, EPS: tl.constexpr,
-                   BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """OUT[b, :K] = greedy picks from START[b]; WORK[b] = (running score (L,), inverse norm (L,))."""
+def _inv_norm_kernel(X, INV, sxb, sxl, sxd, L, D, TL, EPS: tl.constexpr, BLOCK_L: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """INV[b, l] = 1 / max(|x[b, l]|, eps), float32 (B, L); program ``b * TL + t`` takes rows
+    ``t * BLOCK_L ...`` of problem ``b``."""
+    pid = tl.program_id(0)
+    b = (pid // TL).to(tl.int64)
+    offs = (pid % TL) * BLOCK_L + tl.arange(0, BLOCK_L)
+    xb = X + b * sxb
+    ss = tl.zeros([BLOCK_L], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        od = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(xb + offs[:, None] * sxl + od[None, :] * sxd, mask=(offs < L)[:, None] & (od < D)[None, :],
+                    other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, 1)
+    tl.store(INV + b * L + offs, 1.0 / tl.maximum(tl.sqrt_rn(ss), EPS), mask=offs < L)
+
+
+@triton.jit
+def _gram_kernel(X, INV, G, sxb, sxl, sxd, L, D, T, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """G[b, i, j] = |x_i . x_j| INV[b, i] INV[b, j], float32 (B, L, L), for the tile pair
+    ``(tm, tn)``, ``tm <= tn``, numbered ``p = tn (tn + 1) / 2 + tm`` within problem ``b``."""
+    pid = tl.program_id(0)
+    pairs = T * (T + 1) // 2
+    b = (pid // pairs).to(tl.int64)
+    p = pid % pairs
+    tn = ((tl.sqrt_rn(8.0 * p.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)   # ±1 from rounding: fixed below
+    tn = tl.where(tn * (tn + 1) // 2 > p, tn - 1, tn)
+    tn = tl.where((tn + 1) * (tn + 2) // 2 <= p, tn + 1, tn)
+    tm = p - tn * (tn + 1) // 2
+    rm = tm * BLOCK + tl.arange(0, BLOCK)
+    rn = tn * BLOCK + tl.arange(0, BLOCK)
+    xb = X + b * sxb
+    acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        od = d0 + tl.arange(0, BLOCK_D)
+        a = tl.load(xb + rm[:, None] * sxl + od[None, :] * sxd, mask=(rm < L)[:, None] & (od < D)[None, :], other=0.0)
+        c = tl.load(xb + rn[:, None] * sxl + od[None, :] * sxd, mask=(rn < L)[:, None] & (od < D)[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), tl.trans(c.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(c), acc, input_precision=PRECISION)
+    inv_m = tl.load(INV + b * L + rm, mask=rm < L, other=0.0)
+    inv_n = tl.load(INV + b * L + rn, mask=rn < L, other=0.0)
+    cos = tl.abs(acc) * inv_m[:, None] * inv_n[None, :]
+    gb = G + b * L * L
+    mask = (rm < L)[:, None] & (rn < L)[None, :]
+    tl.store(gb + rm[:, None] * L + rn[None, :], cos, mask=mask)
+    # the mirror tile G[rn, rm] = cos^T (a diagonal tile is its own mirror)
+    tl.store(gb + rn[:, None] * L + rm[None, :], tl.trans(cos), mask=tl.trans(mask) & (tm != tn))
+
+
+@triton.jit
+def _greedy_kernel(G, START, OUT, L, K, BLOCK_L: tl.constexpr):
+    """OUT[b, :K] = greedy picks from START[b] over the |cos| Gram matrix G[b] (L, L) float32."""
+    b = tl.program_id(0).to(tl.int64)
+    gb = G + b * L * L
+    offs = tl.arange(0, BLOCK_L)
+    score = tl.where(offs < L, tl.zeros([BLOCK_L], tl.float32), float("inf"))   # padding: never picked
+    cur = tl.load(START + b).to(tl.int32)
+    tl.store(OUT + b * K, cur.to(tl.int64))
+    for i in range(1, K):
+        score = tl.where(offs == cur, float("inf"), score)             # picked: never again
+        live = score < float("inf")                                    # unpicked: only these read G
+        row = tl.load(gb + cur.to(tl.int64) * L + offs, mask=live, other=0.0)
+        score = tl.maximum(score, row)
+        cur = tl.argmin(score, 0, tie_break_left=True).to(tl.int32)    # first minimum = lowest index
+        tl.store(OUT + b * K + i, cur.to(tl.int64))
+
+
+# =========================================================================== streaming fallback
+@triton.jit
+def _stream_select_kernel(X, START, OUT, WORK, sxb, sxl, sxd, L, D, K, EPS: tl.constexpr,
+                          BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT[b, :K] = greedy picks from START[b]; WORK[b] = (running score (L,), inverse norm (L,)).
+    Re-reads X every step (the fallback for L > GREEDY_MAX_L)."""
     b = tl.program_id(0).to(tl.int64)
     xb = X + b * sxb
     score = WORK + b * 2 * L
@@ -39,7 +180,7 @@ def _select_kernel(X, START, OUT, WORK, sxb, sxl, sxd, L, D, K, EPS: tl.constexp
             x = tl.load(xb + offs[:, None] * sxl + od[None, :] * sxd, mask=(offs < L)[:, None] & (od < D)[None, :],
                         other=0.0).to(tl.float32)
             ss += tl.sum(x * x, 1)
-        tl.store(inv_norm + offs, 1.0 / tl.maximum(tl.sqrt(ss), EPS), mask=offs < L)
+        tl.store(inv_norm + offs, 1.0 / tl.maximum(tl.sqrt_rn(ss), EPS), mask=offs < L)
         tl.store(score + offs, tl.zeros([BLOCK_L], tl.float32), mask=offs < L)
     cur = tl.load(START + b).to(tl.int32)
     tl.store(OUT + b * K, cur.to(tl.int64))
@@ -73,26 +214,67 @@ def _select_kernel(X, START, OUT, WORK, sxb, sxl, sxd, L, D, K, EPS: tl.constexp
         tl.debug_barrier()
 
 
-SELECT_BLOCKS = (32, 64)   # (BLOCK_L, BLOCK_D), 4 warps: 128 registers, no spills (python -m vidkern.aot)
-
-
+# =========================================================================== launcher
 @on_input_device
 def orthogonal_select(x, k, start):
     """``x (B, L, D)`` any strides, ``start (B,)`` int64 -> int64 ``(B, k)`` in pick order.
-    One program per problem on grid axis 0, which takes 2^31 - 1 programs: no batch chunks."""
+
+    ``L <= GREEDY_MAX_L``: per chunk of :func:`chunk_problems` problems, ``_gram_kernel`` then
+    ``_greedy_kernel`` (``k = 1``: the greedy kernel alone, no Gram). Larger ``L``: the streaming
+    fallback, one launch. Every grid is on axis 0 (2^31 - 1 programs): no batch chunks needed."""
     b, length, d = x.shape
     out = torch.empty((b, k), dtype=torch.long, device=x.device)
-    work = torch.empty((b, 2, length), dtype=torch.float32, device=x.device)
-    if b:
-        _select_kernel[(b,)](x, start.contiguous(), out, work, *x.stride(), length, d, k, EPS=NORM_EPS,
-                             BLOCK_L=SELECT_BLOCKS[0], BLOCK_D=SELECT_BLOCKS[1], num_warps=4)
+    if b == 0:
+        return out
+    start = start.contiguous()
+    if length > GREEDY_MAX_L:
+        work = torch.empty((b, 2, length), dtype=torch.float32, device=x.device)
+        _stream_select_kernel[(b,)](x, start, out, work, *x.stride(), length, d, k, EPS=NORM_EPS,
+                                    BLOCK_L=SELECT_BLOCKS[0], BLOCK_D=SELECT_BLOCKS[1], num_warps=4)
+        return out
+    block_l, warps = greedy_config(length)
+    if k == 1:   # the start alone: no Gram matrix needed
+        dummy = torch.empty(1, dtype=torch.float32, device=x.device)   # never read
+        _greedy_kernel[(b,)](dummy, start, out, length, k, BLOCK_L=block_l, num_warps=warps)
+        return out
+    block, block_d, gwarps, stages = gram_config(x.dtype)
+    tiles = triton.cdiv(length, block)
+    pairs = tiles * (tiles + 1) // 2
+    per = chunk_problems(length)
+    gram = torch.empty((min(b, per), length, length), dtype=torch.float32, device=x.device)
+    inv = torch.empty((b, length), dtype=torch.float32, device=x.device)
+    nl = triton.cdiv(length, NORM_BLOCKS[0])
+    _inv_norm_kernel[(b * nl,)](x, inv, *x.stride(), length, d, nl, EPS=NORM_EPS, BLOCK_L=NORM_BLOCKS[0],
+                                BLOCK_D=NORM_BLOCKS[1], num_warps=4)
+    upcast = x.dtype == torch.bfloat16 and interpreting()
+    for s in range(0, b, per):
+        e = min(b, s + per)
+        xs = x[s:e]
+        _gram_kernel[((e - s) * pairs,)](xs, inv[s:e], gram, *xs.stride(), length, d, tiles, BLOCK=block,
+                                         BLOCK_D=block_d, PRECISION=dot_precision(x.dtype), UPCAST=upcast,
+                                         num_warps=gwarps, num_stages=stages)
+        _greedy_kernel[(e - s,)](gram, start[s:e], out[s:e], length, k, BLOCK_L=block_l, num_warps=warps)
     return out
 
 
-
-
 def aot_specs(dtype) -> list:
-    """The configurations :func:`orthogonal_select` launches for inputs of ``dtype`` (``vidkern.aot``)."""
-    types = dict(START="*i64", OUT="*i64", WORK="*fp32", L="i32", D="i32", K="i32")
-    return [AotSpec("sttm", "select", _select_kernel, dtype,
-                    dict(EPS=NORM_EPS, BLOCK_L=SELECT_BLOCKS[0], BLOCK_D=SELECT_BLOCKS[1]), 4, types)]
+    """The configurations :func:`orthogonal_select` launches for inputs of ``dtype`` (``vidkern.aot``):
+    the Gram kernel, the greedy kernel at every ``BLOCK_L`` from ``GREEDY_MIN_BLOCK`` to
+    ``next_power_of_2(GREEDY_MAX_L)``, the streaming fallback."""
+    block, block_d, gwarps, stages = gram_config(dtype)
+    specs = [AotSpec("sttm", "select_norm", _inv_norm_kernel, dtype,
+                     dict(EPS=NORM_EPS, BLOCK_L=NORM_BLOCKS[0], BLOCK_D=NORM_BLOCKS[1]), 4,
+                     dict(INV="*fp32", L="i32", D="i32", TL="i32")),
+             AotSpec("sttm", "select_gram", _gram_kernel, dtype,
+                     dict(BLOCK=block, BLOCK_D=block_d, PRECISION=dot_precision(dtype), UPCAST=False),
+                     gwarps, dict(INV="*fp32", G="*fp32", L="i32", D="i32", T="i32"), stages)]
+    length = GREEDY_MIN_BLOCK
+    while length <= triton.next_power_of_2(GREEDY_MAX_L):
+        block_l, warps = greedy_config(length)
+        specs.append(AotSpec("sttm", "select_greedy", _greedy_kernel, dtype, dict(BLOCK_L=block_l), warps,
+                             dict(G="*fp32", START="*i64", OUT="*i64", L="i32", K="i32")))
+        length *= 2
+    specs.append(AotSpec("sttm", "select_stream", _stream_select_kernel, dtype,
+                         dict(EPS=NORM_EPS, BLOCK_L=SELECT_BLOCKS[0], BLOCK_D=SELECT_BLOCKS[1]), 4,
+                         dict(START="*i64", OUT="*i64", WORK="*fp32", L="i32", D="i32", K="i32")))
+    return specs

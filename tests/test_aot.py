@@ -14,7 +14,7 @@ from vidkern.backends import cuda
 
 CUDA_KERNELS = {"summary_fwd", "summary_merge", "summary_bwd", "gate_rows", "token_softmax", "gate_apply",
                 "gate_bwd_rows", "token_softmax_bwd", "gate_bwd", "gate_dh",                      # TEAM
-                "select", "merge_lse", "merge_fwd", "merge_bwd_delta", "merge_bwd_tokens", "merge_bwd_meta"}  # STTM
+                "select_greedy", "merge_lse", "merge_fwd", "merge_bwd_delta", "merge_bwd_tokens", "merge_bwd_meta"}  # STTM
 needs_extension = pytest.mark.skipif(aot.extension_path() is None, reason=str(cuda.extension_error()))
 
 
@@ -131,7 +131,7 @@ def test_cuda_extension_kernels_are_clean():
         configs = {(r.kernel, r.config) for r in results if r.arch == arch}
         assert ("cuda gate_bwd", "bf16 V=8") in configs and ("cuda gate_bwd", "fp32 V=1") in configs
         assert ("cuda summary_fwd", "fp16 V=8") in configs and ("cuda summary_fwd", "fp32 V=4") in configs
-        assert ("cuda token_softmax", "-") in configs and ("cuda select", "bf16 V=8") in configs
+        assert ("cuda token_softmax", "-") in configs and ("cuda select_greedy", "-") in configs
         assert ("cuda merge_bwd_meta", "fp32") in configs
     packed = [r for r in results if r.kernel == "cuda gate_bwd" and "V=8" in r.config]
     assert packed and all(r.regs > 16 for r in packed)   # real code, not a kernel proved dead

@@ -28,6 +28,8 @@ def kernels(request, monkeypatch):
         pytest.skip("; ".join(reasons))
     if not GPU:
         from vidkern.kernels import merge, selection
+        # 16-row Gram tiles (several tile pairs, ragged ends), 16-wide streaming tiles (fallback)
+        monkeypatch.setattr(selection, "GRAM_BLOCKS", {"half": (16, 16, 4, 3), "fp32": (16, 16, 4, 3)})
         monkeypatch.setattr(selection, "SELECT_BLOCKS", (16, 16))
         monkeypatch.setattr(merge, "merge_blocks", lambda dtype: (16, 16, 16, 16))
     return "triton", device
@@ -79,6 +81,41 @@ def test_selection_never_picks_a_token_twice(kernels):
     got = vidkern.orthogonal_select(x, 40, torch.tensor([3], device=dev), backend=backend)
     assert sorted(got[0].tolist()) == list(range(40))
     assert torch.equal(got.cpu(), R.orthogonal_select(x.double(), 40, torch.tensor([3])).cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selection_gram_in_chunks(dtype, kernels, monkeypatch, poison):
+    """Triton: a Gram scratch of two problems, so 5 problems run in chunks of 2, 2, 1 (the scratch
+    is reused; a stale or unwritten entry would show as a wrong pick or a NaN)."""
+    backend, dev = kernels
+    if backend != "triton":
+        pytest.skip("the Gram chunks are the triton launcher's")
+    from vidkern.kernels import selection
+    b, length, d, k = 5, 37, 20, 30
+    monkeypatch.setattr(selection, "GRAM_SCRATCH_BYTES", 2 * 4 * length * length + 5)
+    assert selection.chunk_problems(length) == 2
+    x = torch.randn(b, length, d).to(dtype)
+    start = torch.randint(0, length, (b,))
+    got = vidkern.orthogonal_select(x.to(dev), k, start.to(dev), backend=backend)
+    assert_greedy_picks(got, x, start)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selection_streaming_fallback(dtype, kernels, monkeypatch):
+    """Triton: above GREEDY_MAX_L tokens the launcher streams X every step instead of building the
+    Gram matrix (lowered here to 32): the same rule, ties included."""
+    backend, dev = kernels
+    if backend != "triton":
+        pytest.skip("the fallback is the triton launcher's")
+    from vidkern.kernels import selection
+    monkeypatch.setattr(selection, "GREEDY_MAX_L", 32)
+    x = torch.randn(2, 49, 24).to(dtype)
+    start = torch.randint(0, 49, (2,))
+    assert_greedy_picks(vidkern.orthogonal_select(x.to(dev), 24, start.to(dev), backend=backend), x, start)
+    length = 40
+    x = (torch.eye(length) * 2.0 ** torch.randint(-3, 4, (length, 1)))[None].to(dtype).to(dev)
+    got = vidkern.orthogonal_select(x, length, torch.tensor([17], device=dev), backend=backend)
+    assert got.tolist() == [[17] + [i for i in range(length) if i != 17]]
 
 
 def test_select_meta_tokens_with_scores_and_strided_input(kernels):

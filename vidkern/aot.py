@@ -202,9 +202,9 @@ _CUDA_DTYPES = {"float": "fp32", "c10::Half": "fp16", "c10::BFloat16": "bf16"}
 # kernel -> SASS it must hold: every kernel stores; the V > 1 variants of the kernels that stream
 # X move it in 16-byte loads; the one-warp-per-token kernels reduce with warp shuffles.
 _CUDA_PACKED = ("summary_fwd_kernel", "summary_bwd_kernel", "gate_rows_kernel", "gate_apply_kernel",
-                "gate_bwd_rows_kernel", "gate_bwd_kernel", "select_kernel")
+                "gate_bwd_rows_kernel", "gate_bwd_kernel")
 _CUDA_SHUFFLES = ("gate_rows_kernel", "gate_bwd_rows_kernel", "token_softmax_kernel", "token_softmax_bwd_kernel",
-                  "select_kernel")
+                  "select_greedy_kernel")
 
 
 def _cuda_requirements(name: str, pack: str) -> list:
