@@ -1,17 +1,28 @@
 """Triton kernels for TEAM's fused ops (SPEC §2): ``feature_summary`` and ``team_gate``,
 forward and backward, fp32 accumulation for every input dtype.
 
-``feature_summary``: one pass over X per (batch, channel block) with an online
-(max, sum-exp, weighted-sum) per channel; the per-channel max and sum are saved, so the backward
-``dX = P * (1 + X - f) * df`` with ``P = exp(X - max) / sum`` is one more pass (no log-sum-exp
-round trip, whose float32 rounding costs about ``|lse|`` ulps).
+Every launch that touches ``B*N*D`` data splits the token axis, so a small batch still fills the
+GPU (:data:`TARGET_PROGRAMS`), and partial results are merged in a fixed order — no atomics, so
+results are bitwise reproducible run to run. No scratch is ``B*N*D``-sized; the work model of
+these launchers is :mod:`vidkern.work.team`.
 
-``team_gate``: per-token work needs a whole row of channels, per-batch work a whole column of
-tokens, so each direction is two row passes around a tiny (B, N) step done with torch:
-forward — rows: ``X' = sigmoid(h) X``, channel softmax summary ``s0`` and its log-sum-exp; torch:
-``s = softmax_n(s0)``; rows: ``Y = s X'``. Backward — rows: ``ds = dY . X'``; torch: ``ds0``;
-rows: ``dX`` and per-block partial ``dg`` column sums, reduced in a fixed order (no atomics, so
-results are bitwise reproducible).
+``feature_summary`` ``f[b,c] = sum_n softmax_n(X[b,:,c]) X[b,n,c]``: forward — programs (channel
+block, token split, batch) stream their tokens with an online (max, sum-exp, weighted mean) per
+channel; a small merge kernel combines the splits' states in split order into ``f`` and the saved
+``stats = (max, sum-exp, f)``. Backward ``dX = P (1 + X - f) df`` with ``P = exp(X - max) / sum``:
+one pass over the same split grid (no log-sum-exp round trip, whose float32 rounding costs about
+``|lse|`` ulps).
+
+``team_gate`` ``Y = s[n] g[c] X`` (``g = sigmoid(h)``, ``s = softmax_n(s0)``, ``s0[n] =
+sum_c softmax_c(X')[c] X'[c]``, ``X' = g X``): per-token work needs a whole row of channels, the
+token softmax all of a batch row's ``s0``, so each direction is two passes of row programs
+(``rows`` tokens each, the gate computed once per program) with the per-batch step folded into
+the second pass: forward — rows: ``s0``, its channel log-sum-exp, and the program's (max,
+sum-exp) of ``s0``; apply: merge the batch row's per-program states in order -> ``s``, write ``s``
+and ``Y``. Backward — rows: ``ds = dY . X'`` and the program's ``sum_n s ds``; rows: merge those
+in order, ``ds0 = s (ds - sum s ds)``, ``dX = g (s dY + ds0 Q (1 + X' - s0))`` (``Q``, ``s0``
+recomputed from the row) and the program's column sums of ``dX' X``; dh: sum those per-program
+partials in program order, ``dh = sum * g (1 - g)``.
 """
 from __future__ import annotations
 
@@ -21,19 +32,27 @@ import torch
 
 from .launch import AotSpec, batch_chunks, on_input_device
 
+#: Elements of a per-program partial-state vector read at once by the merging programs.
+_PART_BLOCK = tl.constexpr(128)
 
+
+# =========================================================================== feature_summary
 @triton.jit
-def _summary_fwd_kernel(X, F, STATS, sxb, sxn, sxd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """f[b, c] = sum_n softmax_n(X[b, :, c]) X[b, n, c]; STATS[b, :, c] = (max, sum-exp, f in fp32)."""
-    b = tl.program_id(1).to(tl.int64)
+def _summary_fwd_kernel(X, PART, sxb, sxn, sxd, N, D, rows, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (channel block, split, batch) over tokens ``[split * rows, (split + 1) * rows)``:
+    PART[b, split, :, c] = (max, sum-exp, softmax-weighted mean) of X[b, tokens, c] (fp32)."""
+    b = tl.program_id(2).to(tl.int64)
+    split = tl.program_id(1)
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     m = tl.full([BLOCK_D], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_D], tl.float32)
     w = tl.zeros([BLOCK_D], tl.float32)
-    for start in range(0, N, BLOCK_N):
+    n0 = split * rows
+    n1 = tl.minimum(n0 + rows, N)
+    for start in range(n0, n1, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        mask = (offs_n < N)[:, None] & mask_d[None, :]
+        mask = (offs_n < n1)[:, None] & mask_d[None, :]
         x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask,
                     other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, 0))
@@ -44,6 +63,35 @@ def _summary_fwd_kernel(X, F, STATS, sxb, sxn, sxd, N, D, BLOCK_N: tl.constexpr,
         w = w * alpha + tl.sum(e * tl.where(mask, x, 0.0), 0)
         m = m_new
     f = w / s
+    part = PART + (b * tl.num_programs(1) + split) * 3 * D + offs_d
+    tl.store(part, m, mask=mask_d)
+    tl.store(part + D, s, mask=mask_d)
+    tl.store(part + 2 * D, f, mask=mask_d)
+
+
+@triton.jit
+def _summary_merge_kernel(PART, F, STATS, D, splits, BLOCK_D: tl.constexpr):
+    """Program (channel block, batch): merge PART[b, 0..splits-1] in split order into
+    ``STATS[b] = (max, sum-exp, f)`` (fp32) and ``F[b] = f`` (X's dtype)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    m = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_D], tl.float32)
+    w = tl.zeros([BLOCK_D], tl.float32)
+    for i in range(0, splits):
+        part = PART + (b * splits + i) * 3 * D + offs_d
+        mi = tl.load(part, mask=mask_d, other=float("-inf"))
+        si = tl.load(part + D, mask=mask_d, other=0.0)
+        fi = tl.load(part + 2 * D, mask=mask_d, other=0.0)
+        m_new = tl.maximum(m, mi)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        ai = si * tl.exp(mi - m_safe)
+        alpha = tl.exp(m - m_safe)
+        s = s * alpha + ai
+        w = w * alpha + ai * fi
+        m = m_new
+    f = w / s
     tl.store(F + b * D + offs_d, f.to(F.dtype.element_ty), mask=mask_d)
     tl.store(STATS + b * 3 * D + offs_d, m, mask=mask_d)
     tl.store(STATS + b * 3 * D + D + offs_d, s, mask=mask_d)
@@ -51,108 +99,218 @@ def _summary_fwd_kernel(X, F, STATS, sxb, sxn, sxd, N, D, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _summary_bwd_kernel(X, STATS, DF, DX, sxb, sxn, sxd, sdfb, sdfd, N, D,
+def _summary_bwd_kernel(X, STATS, DF, DX, sxb, sxn, sxd, sdfb, sdfd, N, D, rows,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dX = P (1 + X - f) df, P = exp(X - max) / sum (DX contiguous; df any strides)."""
-    b = tl.program_id(1).to(tl.int64)
+    """Program (channel block, split, batch): dX = P (1 + X - f) df over its tokens,
+    P = exp(X - max) / sum (DX contiguous; df any strides)."""
+    b = tl.program_id(2).to(tl.int64)
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     m = tl.load(STATS + b * 3 * D + offs_d, mask=mask_d, other=0.0)
     s = tl.load(STATS + b * 3 * D + D + offs_d, mask=mask_d, other=1.0)
     f = tl.load(STATS + b * 3 * D + 2 * D + offs_d, mask=mask_d, other=0.0)
     df = tl.load(DF + b * sdfb + offs_d * sdfd, mask=mask_d, other=0.0).to(tl.float32)
-    for start in range(0, N, BLOCK_N):
+    n0 = tl.program_id(1) * rows
+    n1 = tl.minimum(n0 + rows, N)
+    for start in range(n0, n1, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        mask = (offs_n < N)[:, None] & mask_d[None, :]
+        mask = (offs_n < n1)[:, None] & mask_d[None, :]
         x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
         p = tl.exp(x - m[None, :]) / s[None, :]
         dx = p * (1.0 + x - f[None, :]) * df[None, :]
         tl.store(DX + b * N * D + offs_n[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
+# =========================================================================== team_gate
 @triton.jit
-def _gated_rows(X, H, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The program's token rows: (batch, token offsets, row-by-channel mask, gate sigmoid(h) (D,),
-    X tile in fp32)."""
+def _gate(H, shb, shd, D, BLOCK_D: tl.constexpr):
+    """(batch, channel offsets, channel mask, g = sigmoid(h[b]) in fp32): once per program."""
     b = tl.program_id(1).to(tl.int64)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    mask = (offs_n < N)[:, None] & mask_d[None, :]
     g = tl.sigmoid(tl.load(H + b * shb + offs_d * shd, mask=mask_d, other=0.0).to(tl.float32))
-    x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
-    return b, offs_n, offs_d, mask, g, x
+    return b, offs_d, mask_d, g
 
 
 @triton.jit
-def _gate_rows_kernel(X, H, S0, LSE, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per token: X' = sigmoid(h) X; s0 = sum_c softmax_c(X') X'; LSE = logsumexp_c X' (fp32)."""
-    b, offs_n, offs_d, mask, g, x = _gated_rows(X, H, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N, BLOCK_D)
-    xp = tl.where(mask, g[None, :] * x, float("-inf"))
-    m = tl.max(xp, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.exp(xp - m[:, None])
-    z = tl.sum(e, 1)
-    z = tl.where(z == 0.0, 1.0, z)                 # rows past N (masked out of the stores)
-    s0 = tl.sum(e * tl.where(mask, xp, 0.0), 1) / z
-    tl.store(S0 + b * N + offs_n, s0, mask=offs_n < N)
-    tl.store(LSE + b * N + offs_n, m + tl.log(z), mask=offs_n < N)
-
-
-@triton.jit
-def _gate_apply_kernel(X, H, S, Y, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Y = s[n] sigmoid(h) X (Y contiguous)."""
-    b, offs_n, offs_d, mask, g, x = _gated_rows(X, H, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N, BLOCK_D)
-    s = tl.load(S + b * N + offs_n, mask=offs_n < N, other=0.0)
-    y = s[:, None] * g[None, :] * x
-    tl.store(Y + b * N * D + offs_n[:, None] * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gate_bwd_rows_kernel(X, H, DY, DS, sxb, sxn, sxd, shb, shd, syb, syn, syd, N, D,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per token: ds = sum_c dY X' (the gradient reaching the token softmax)."""
-    b, offs_n, offs_d, mask, g, x = _gated_rows(X, H, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N, BLOCK_D)
-    dy = tl.load(DY + b * syb + offs_n[:, None] * syn + offs_d[None, :] * syd, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DS + b * N + offs_n, tl.sum(dy * g[None, :] * x, 1), mask=offs_n < N)
-
-
-@triton.jit
-def _gate_bwd_kernel(X, H, DY, S, DS0, DX, DG, sxb, sxn, sxd, shb, shd, syb, syn, syd, N, D,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dX' = s dY + ds0 Q (1 + X' - s0) (Q, s0 recomputed from the row); dX = g dX';
-    DG[b, block, c] = this block's sum_n dX' X (reduced over blocks afterwards, in order)."""
-    pid = tl.program_id(0)
-    b, offs_n, offs_d, mask, g, x = _gated_rows(X, H, sxb, sxn, sxd, shb, shd, N, D, BLOCK_N, BLOCK_D)
-    mask_n = offs_n < N
-    mask_d = offs_d < D
-    dy = tl.load(DY + b * syb + offs_n[:, None] * syn + offs_d[None, :] * syd, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(S + b * N + offs_n, mask=mask_n, other=0.0)
-    ds0 = tl.load(DS0 + b * N + offs_n, mask=mask_n, other=0.0)
-    xp = g[None, :] * x
+def _channel_softmax(xp, mask):
+    """Per row of ``xp = X'`` (fp32): (row max m, sum-exp z, Q = softmax_c(X'), s0 = sum_c Q X');
+    rows past N (all masked) give m = 0, z = 1, Q = 0, s0 = 0."""
     xm = tl.where(mask, xp, float("-inf"))
     m = tl.max(xm, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
     e = tl.where(mask, tl.exp(xm - m[:, None]), 0.0)
     z = tl.sum(e, 1)
-    q = e / tl.where(z == 0.0, 1.0, z)[:, None]
-    s0 = tl.sum(q * xp, 1)
-    dxp = s[:, None] * dy + ds0[:, None] * q * (1.0 + xp - s0[:, None])
-    dxp = tl.where(mask, dxp, 0.0)
-    tl.store(DX + b * N * D + offs_n[:, None] * D + offs_d[None, :], (g[None, :] * dxp).to(DX.dtype.element_ty),
-             mask=mask)
-    tl.store(DG + (b * tl.num_programs(0) + pid) * D + offs_d, tl.sum(dxp * x, 0), mask=mask_d)
+    z = tl.where(z == 0.0, 1.0, z)
+    q = e / z[:, None]
+    return m, z, q, tl.sum(q * tl.where(mask, xp, 0.0), 1)
+
+
+@triton.jit
+def _gate_rows_kernel(X, H, S0, LSE, PART, sxb, sxn, sxd, shb, shd, N, D, rows,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row block, batch) over tokens ``[blk * rows, (blk + 1) * rows)``: X' = sigmoid(h) X,
+    s0 = sum_c softmax_c(X') X', LSE = logsumexp_c X' (fp32, per token), and
+    PART[b, blk] = (max, sum-exp) of its s0 (the token softmax's partial state)."""
+    b, offs_d, mask_d, g = _gate(H, shb, shd, D, BLOCK_D)
+    blk = tl.program_id(0)
+    # the running (max, sum-exp) of s0 as scalars (fp32 0-d tensors): per-token-lane vectors put a
+    # value on the stack at 256 channels (sm_80)
+    mt = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+    zt = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+    n0 = blk * rows
+    for start in range(n0, tl.minimum(n0 + rows, N), BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask = mask_n[:, None] & mask_d[None, :]
+        x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0)
+        m, z, q, s0 = _channel_softmax(g[None, :] * x.to(tl.float32), mask)
+        tl.store(S0 + b * N + offs_n, s0, mask=mask_n)
+        tl.store(LSE + b * N + offs_n, m + tl.log(z), mask=mask_n)
+        s0m = tl.where(mask_n, s0, float("-inf"))
+        m_new = tl.maximum(mt, tl.max(s0m, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        zt = zt * tl.exp(mt - m_safe) + tl.sum(tl.exp(s0m - m_safe), 0)
+        mt = m_new
+    tl.store(PART + (b * tl.num_programs(0) + blk) * 2, mt)
+    tl.store(PART + (b * tl.num_programs(0) + blk) * 2 + 1, zt)
+
+
+@triton.jit
+def _gate_apply_kernel(X, H, S0, PART, S, Y, sxb, sxn, sxd, shb, shd, N, D, rows,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row block, batch): the token softmax's (max, sum-exp) from all of PART[b] merged in
+    block order (every program of a batch row gets the same bits), then for its tokens
+    s = exp(s0 - max) / sum-exp (S, fp32) and Y = s sigmoid(h) X (Y contiguous)."""
+    b, offs_d, mask_d, g = _gate(H, shb, shd, D, BLOCK_D)
+    blk = tl.program_id(0)
+    blocks = tl.num_programs(0)
+    mv = tl.full([_PART_BLOCK], float("-inf"), tl.float32)
+    zv = tl.zeros([_PART_BLOCK], tl.float32)
+    for t0 in range(0, blocks, _PART_BLOCK):
+        offs_t = t0 + tl.arange(0, _PART_BLOCK)
+        mask_t = offs_t < blocks
+        mi = tl.load(PART + (b * blocks + offs_t) * 2, mask=mask_t, other=float("-inf"))
+        zi = tl.load(PART + (b * blocks + offs_t) * 2 + 1, mask=mask_t, other=0.0)
+        m_new = tl.maximum(mv, mi)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        zv = zv * tl.exp(mv - m_safe) + zi * tl.exp(mi - m_safe)
+        mv = m_new
+    mt = tl.max(mv, 0)
+    mt = tl.where(mt == float("-inf"), 0.0, mt)
+    zt = tl.sum(zv * tl.exp(mv - mt), 0)
+    n0 = blk * rows
+    for start in range(n0, tl.minimum(n0 + rows, N), BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask = mask_n[:, None] & mask_d[None, :]
+        s = tl.exp(tl.load(S0 + b * N + offs_n, mask=mask_n, other=0.0) - mt) / zt
+        tl.store(S + b * N + offs_n, s, mask=mask_n)
+        x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0)
+        y = s[:, None] * g[None, :] * x.to(tl.float32)
+        tl.store(Y + b * N * D + offs_n[:, None] * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gate_bwd_rows_kernel(X, H, DY, S, DS, PART, sxb, sxn, sxd, shb, shd, syb, syn, syd, N, D, rows,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row block, batch): per token ds = sum_c dY X' (the gradient reaching the token
+    softmax, DS fp32), and PART[b, blk] = sum over its tokens of s ds."""
+    b, offs_d, mask_d, g = _gate(H, shb, shd, D, BLOCK_D)
+    blk = tl.program_id(0)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    n0 = blk * rows
+    for start in range(n0, tl.minimum(n0 + rows, N), BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask = mask_n[:, None] & mask_d[None, :]
+        x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + b * syb + offs_n[:, None] * syn + offs_d[None, :] * syd, mask=mask, other=0.0).to(tl.float32)
+        ds = tl.sum(dy * g[None, :] * x, 1)
+        tl.store(DS + b * N + offs_n, ds, mask=mask_n)
+        acc += tl.load(S + b * N + offs_n, mask=mask_n, other=0.0) * ds
+    tl.store(PART + b * tl.num_programs(0) + blk, tl.sum(acc, 0))
+
+
+@triton.jit
+def _gate_bwd_kernel(X, H, DY, S, DS, PART, DX, DG, sxb, sxn, sxd, shb, shd, syb, syn, syd, N, D, rows,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row block, batch): sum_n s ds from all of PART[b] in block order; for its tokens
+    ds0 = s (ds - sum s ds), dX' = s dY + ds0 Q (1 + X' - s0) (Q, s0 recomputed from the row),
+    dX = g dX'; DG[b, blk, :] = its column sums of dX' X (fp32, reduced by _gate_dh_kernel)."""
+    b, offs_d, mask_d, g = _gate(H, shb, shd, D, BLOCK_D)
+    blk = tl.program_id(0)
+    blocks = tl.num_programs(0)
+    sds = tl.sum(tl.zeros([_PART_BLOCK], tl.float32), 0)
+    for t0 in range(0, blocks, _PART_BLOCK):
+        offs_t = t0 + tl.arange(0, _PART_BLOCK)
+        sds += tl.sum(tl.load(PART + b * blocks + offs_t, mask=offs_t < blocks, other=0.0), 0)
+    dg = tl.zeros([BLOCK_D], tl.float32)
+    n0 = blk * rows
+    for start in range(n0, tl.minimum(n0 + rows, N), BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask = mask_n[:, None] & mask_d[None, :]
+        x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + b * syb + offs_n[:, None] * syn + offs_d[None, :] * syd, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(S + b * N + offs_n, mask=mask_n, other=0.0)
+        ds0 = s * (tl.load(DS + b * N + offs_n, mask=mask_n, other=0.0) - sds)
+        xp = g[None, :] * x
+        m, z, q, s0 = _channel_softmax(xp, mask)
+        dxp = s[:, None] * dy + ds0[:, None] * q * (1.0 + xp - s0[:, None])
+        dxp = tl.where(mask, dxp, 0.0)
+        tl.store(DX + b * N * D + offs_n[:, None] * D + offs_d[None, :], (g[None, :] * dxp).to(DX.dtype.element_ty),
+                 mask=mask)
+        dg += tl.sum(dxp * x, 0)
+    tl.store(DG + (b * blocks + blk) * D + offs_d, dg, mask=mask_d)
+
+
+@triton.jit
+def _gate_dh_kernel(DG, H, DH, shb, shd, D, blocks, BLOCK_D: tl.constexpr):
+    """Program (channel block, batch): dh = (sum over row blocks, in order, of DG[b, :, c]) g (1 - g)
+    (DH contiguous, h's dtype)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for i in range(0, blocks):
+        acc += tl.load(DG + (b * blocks + i) * D + offs_d, mask=mask_d, other=0.0)
+    g = tl.sigmoid(tl.load(H + b * shb + offs_d * shd, mask=mask_d, other=0.0).to(tl.float32))
+    tl.store(DH + b * D + offs_d, (acc * g * (1.0 - g)).to(DH.dtype.element_ty), mask=mask_d)
 
 
 # =========================================================================== launchers
+#: Programs a launch touching B*N*D data aims for: two full waves on a 132-SM H100/H200, so a
+#: small batch or a single long clip still fills the GPU. A fixed number (not the device's SM
+#: count): the split, and with it every result bit, is the same on every GPU.
+TARGET_PROGRAMS = 264
+WAVE = 132              # programs a wave of those GPUs runs (one a SM): the split fills its last wave
 ROW_BLOCK_DS = (64, 128, 256, 512, 1024)   # padded channel counts of the row kernels (vidkern.aot checks each)
+GATE_ROWS = 32          # tokens per row program at most (team.cu's 32-row blocks): h and the gate once per 32 rows
+GATE_MIN_ROWS = 8       # and at least (or one tile, if larger): the (B, blocks, D) fp32 partial dg stays <= X/4 bytes
+SMALL_CONFIG = (32, 1)   # (BLOCK_D, num_warps) of the merge kernels over (B, parts, D) partial states: 24 programs
+                         # a batch row at D=768 (a long clip's B=1 still spreads its partials over 24 SMs)
 
 
 def rows_config(d: int) -> tuple:
     """(BLOCK_N, BLOCK_D, num_warps) of the row kernels: a whole row of channels per token,
-    2048 elements per tile (the backward keeps about six such tiles live)."""
+    2048 elements per tile (the backward keeps about six such tiles live); 8 warps from 256
+    channels (at 256 with 4 warps ptxas kept one value on the stack in gate_rows and gate_bwd:
+    8 bytes, sm_80, triton 3.8)."""
     bd = max(64, triton.next_power_of_2(d))
-    return max(1, 2048 // bd), bd, 4 if bd <= 256 else 8
+    return max(1, 2048 // bd), bd, 4 if bd <= 128 else 8
+
+
+def gate_rows(b: int, n: int, d: int) -> int:
+    """Tokens per row program of ``team_gate``: :data:`GATE_ROWS`, halved (down to
+    :data:`GATE_MIN_ROWS` or one tile of ``BLOCK_N``, whichever is larger) while the grid
+    ``(cdiv(n, rows), b)`` has fewer than :data:`TARGET_PROGRAMS`. A multiple of ``BLOCK_N``
+    (powers of two), so a program's tiles never straddle the next program's tokens."""
+    block_n = rows_config(d)[0]
+    rows, least = max(GATE_ROWS, block_n), max(GATE_MIN_ROWS, block_n)
+    while rows > least and b * triton.cdiv(n, rows) < TARGET_PROGRAMS:
+        rows //= 2
+    return rows
 
 
 #: (BLOCK_N, BLOCK_D, num_warps) of the column kernels (``feature_summary`` forward and backward):
@@ -172,6 +330,31 @@ def summary_config(d: int) -> tuple:
     return SUMMARY_CONFIG
 
 
+def summary_splits(b: int, n: int, d: int) -> tuple:
+    """``(splits, rows)`` of the column kernels' token axis: ``splits`` programs of ``rows`` tokens
+    (a multiple of ``BLOCK_N``; the last may be shorter) per (channel block, batch). One split when
+    ``b * cdiv(d, BLOCK_D)`` reaches :data:`TARGET_PROGRAMS`; otherwise, among the split counts
+    from the fewest reaching it to twice that (at most one a tile), the one whose grid fills its
+    last wave of :data:`WAVE` programs best (the fewest splits among equals: less partial state).
+    Whole tiles: a split's partial state is 24 bytes a channel (written and read back), at most
+    19% of the 64 16-bit tokens it summarises."""
+    block_n, block_d, _ = summary_config(d)
+    base = b * triton.cdiv(d, block_d)
+    tiles = triton.cdiv(n, block_n)
+    if base >= TARGET_PROGRAMS or tiles == 1:
+        return 1, tiles * block_n
+    lo = triton.cdiv(TARGET_PROGRAMS, base)
+    best = None
+    for want in range(lo, 2 * lo + 1):
+        rows = triton.cdiv(tiles, min(want, tiles)) * block_n
+        splits = triton.cdiv(n, rows)
+        programs = base * splits
+        busy = programs / (WAVE * triton.cdiv(programs, WAVE))
+        if best is None or busy > best[0] + 1e-12:
+            best = (busy, splits, rows)
+    return best[1], best[2]
+
+
 @on_input_device
 def feature_summary_forward(x):
     """``x (B, N, D)`` any strides -> ``(f (B, D) in x's dtype, stats (B, 3, D) fp32)``."""
@@ -179,9 +362,17 @@ def feature_summary_forward(x):
     f = torch.empty((b, d), dtype=x.dtype, device=x.device)
     stats = torch.empty((b, 3, d), dtype=torch.float32, device=x.device)
     block_n, block_d, warps = summary_config(d)
+    splits, rows = summary_splits(b, n, d)
+    part = torch.empty((b, splits, 3, d), dtype=torch.float32, device=x.device)   # per-split states
     for bs in batch_chunks(b):
-        _summary_fwd_kernel[(triton.cdiv(d, block_d), bs.stop - bs.start)](
-            x[bs], f[bs], stats[bs], *x.stride(), n, d, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+        _summary_fwd_kernel[(triton.cdiv(d, block_d), splits, bs.stop - bs.start)](
+            x[bs], part[bs], *x.stride(), n, d, rows, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    # merged even from one split (then a copy of its 12-byte state a channel, plus f): one code path,
+    # and every kernel runs at every shape
+    mb, mw = SMALL_CONFIG
+    for bs in batch_chunks(b):
+        _summary_merge_kernel[(triton.cdiv(d, mb), bs.stop - bs.start)](
+            part[bs], f[bs], stats[bs], d, splits, BLOCK_D=mb, num_warps=mw)
     return f, stats
 
 
@@ -191,10 +382,11 @@ def feature_summary_backward(grad_f, x, f, stats):
     b, n, d = x.shape
     dx = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
     block_n, block_d, warps = summary_config(d)
+    splits, rows = summary_splits(b, n, d)
     for bs in batch_chunks(b):
-        _summary_bwd_kernel[(triton.cdiv(d, block_d), bs.stop - bs.start)](
-            x[bs], stats[bs], grad_f[bs], dx[bs], *x.stride(), *grad_f.stride(), n, d, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=warps)
+        _summary_bwd_kernel[(triton.cdiv(d, block_d), splits, bs.stop - bs.start)](
+            x[bs], stats[bs], grad_f[bs], dx[bs], *x.stride(), *grad_f.stride(), n, d, rows,
+            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
     return dx
 
 
@@ -203,61 +395,75 @@ def team_gate_forward(x, h):
     """``x (B, N, D)``, ``h (B, D)`` -> ``(y, tok_lse (B, N) fp32, s (B, N) fp32)``."""
     b, n, d = x.shape
     block_n, block_d, warps = rows_config(d)
+    rows = gate_rows(b, n, d)
+    blocks = triton.cdiv(n, rows)
     s0 = torch.empty((b, n), dtype=torch.float32, device=x.device)
     tok_lse = torch.empty_like(s0)
+    s = torch.empty_like(s0)
+    part = torch.empty((b, blocks, 2), dtype=torch.float32, device=x.device)   # per-program (max, sum-exp) of s0
     y = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
-    tiles = triton.cdiv(n, block_n)
     for bs in batch_chunks(b):
-        _gate_rows_kernel[(tiles, bs.stop - bs.start)](x[bs], h[bs], s0[bs], tok_lse[bs], *x.stride(), *h.stride(),
-                                                       n, d, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
-    s = torch.softmax(s0, dim=-1)   # (B, N): tiny next to the two passes over X
+        _gate_rows_kernel[(blocks, bs.stop - bs.start)](x[bs], h[bs], s0[bs], tok_lse[bs], part[bs], *x.stride(),
+                                                        *h.stride(), n, d, rows, BLOCK_N=block_n, BLOCK_D=block_d,
+                                                        num_warps=warps)
     for bs in batch_chunks(b):
-        _gate_apply_kernel[(tiles, bs.stop - bs.start)](x[bs], h[bs], s[bs], y[bs], *x.stride(), *h.stride(), n, d,
-                                                        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+        _gate_apply_kernel[(blocks, bs.stop - bs.start)](x[bs], h[bs], s0[bs], part[bs], s[bs], y[bs], *x.stride(),
+                                                         *h.stride(), n, d, rows, BLOCK_N=block_n, BLOCK_D=block_d,
+                                                         num_warps=warps)
     return y, tok_lse, s
 
 
 @on_input_device
 def team_gate_backward(grad_y, x, h, tok_lse, s):
-    """``grad_y (B, N, D)`` any strides, and the forward's inputs and ``s`` -> ``(dx, dh)``."""
+    """``grad_y (B, N, D)`` any strides, and the forward's inputs and ``s`` -> ``(dx, dh)``
+    (``tok_lse`` is not read: Q is recomputed from the row)."""
     b, n, d = x.shape
     block_n, block_d, warps = rows_config(d)
     dx = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
+    dh = torch.empty((b, d), dtype=h.dtype, device=h.device)
     if b == 0:
-        return dx, torch.zeros_like(h)
-    tiles = triton.cdiv(n, block_n)
+        return dx, dh
+    rows = gate_rows(b, n, d)
+    blocks = triton.cdiv(n, rows)
     ds = torch.empty((b, n), dtype=torch.float32, device=x.device)
+    sds = torch.empty((b, blocks), dtype=torch.float32, device=x.device)      # per-program sum of s ds
+    dg = torch.empty((b, blocks, d), dtype=torch.float32, device=x.device)    # per-program column sums
     for bs in batch_chunks(b):
-        _gate_bwd_rows_kernel[(tiles, bs.stop - bs.start)](
-            x[bs], h[bs], grad_y[bs], ds[bs], *x.stride(), *h.stride(), *grad_y.stride(), n, d,
+        _gate_bwd_rows_kernel[(blocks, bs.stop - bs.start)](
+            x[bs], h[bs], grad_y[bs], s[bs], ds[bs], sds[bs], *x.stride(), *h.stride(), *grad_y.stride(), n, d, rows,
             BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
-    ds0 = s * (ds - (s * ds).sum(-1, keepdim=True))      # through the token softmax: (B, N)
-    dg_parts = torch.empty((b, tiles, d), dtype=torch.float32, device=x.device)
     for bs in batch_chunks(b):
-        _gate_bwd_kernel[(tiles, bs.stop - bs.start)](
-            x[bs], h[bs], grad_y[bs], s[bs], ds0[bs], dx[bs], dg_parts[bs], *x.stride(), *h.stride(),
-            *grad_y.stride(), n, d, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
-    g = torch.sigmoid(h.float())
-    dh = (dg_parts.sum(1) * g * (1 - g)).to(h.dtype)     # a fixed-order reduction: reproducible
+        _gate_bwd_kernel[(blocks, bs.stop - bs.start)](
+            x[bs], h[bs], grad_y[bs], s[bs], ds[bs], sds[bs], dx[bs], dg[bs], *x.stride(), *h.stride(),
+            *grad_y.stride(), n, d, rows, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    mb, mw = SMALL_CONFIG
+    for bs in batch_chunks(b):
+        _gate_dh_kernel[(triton.cdiv(d, mb), bs.stop - bs.start)](dg[bs], h[bs], dh[bs], *h.stride(), d, blocks,
+                                                                   BLOCK_D=mb, num_warps=mw)
     return dx, dh
 
 
-TEAM_KERNELS = {"summary_fwd": _summary_fwd_kernel, "summary_bwd": _summary_bwd_kernel,
-                "gate_rows": _gate_rows_kernel, "gate_apply": _gate_apply_kernel,
-                "gate_bwd_rows": _gate_bwd_rows_kernel, "gate_bwd": _gate_bwd_kernel}
+TEAM_KERNELS = {"summary_fwd": _summary_fwd_kernel, "summary_merge": _summary_merge_kernel,
+                "summary_bwd": _summary_bwd_kernel, "gate_rows": _gate_rows_kernel,
+                "gate_apply": _gate_apply_kernel, "gate_bwd_rows": _gate_bwd_rows_kernel,
+                "gate_bwd": _gate_bwd_kernel, "gate_dh": _gate_dh_kernel}
 
 
 def aot_specs(dtype) -> list:
     """Every configuration the TEAM launchers can launch for inputs of ``dtype`` (``vidkern.aot``):
-    the column kernels at their one channel block, the row kernels at every padded row width."""
-    types = dict(STATS="*fp32", S0="*fp32", LSE="*fp32", S="*fp32", DS="*fp32", DS0="*fp32", DG="*fp32",
+    the column kernels at their one channel block, the merge kernels at their one block, the row
+    kernels at every padded row width."""
+    types = dict(PART="*fp32", STATS="*fp32", S0="*fp32", LSE="*fp32", S="*fp32", DS="*fp32", DG="*fp32",
                  N="i32", D="i32")
     specs = []
     for name, fn in TEAM_KERNELS.items():
-        if name.startswith("summary"):
-            configs = [summary_config(SUMMARY_CONFIG[1])]
+        if name in ("summary_fwd", "summary_bwd"):
+            block_n, block_d, warps = summary_config(SUMMARY_CONFIG[1])
+            configs = [(dict(BLOCK_N=block_n, BLOCK_D=block_d), warps)]
+        elif name in ("summary_merge", "gate_dh"):
+            configs = [(dict(BLOCK_D=SMALL_CONFIG[0]), SMALL_CONFIG[1])]
         else:
-            configs = [rows_config(bd) for bd in ROW_BLOCK_DS]
-        for block_n, block_d, warps in configs:
-            specs.append(AotSpec("team", name, fn, dtype, dict(BLOCK_N=block_n, BLOCK_D=block_d), warps, types))
+            configs = [(dict(BLOCK_N=n, BLOCK_D=bd), w) for n, bd, w in map(rows_config, ROW_BLOCK_DS)]
+        for constexprs, warps in configs:
+            specs.append(AotSpec("team", name, fn, dtype, constexprs, warps, types))
     return specs

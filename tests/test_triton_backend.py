@@ -26,13 +26,13 @@ pytestmark = pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from vidkern.kernels import hsda, launch, sttm, team  # noqa: E402
+from vidkern.kernels import hsda, launch, merge, selection, team  # noqa: E402
 
-MODULES = (hsda, team, sttm)
+MODULES = (hsda, team, selection, merge)
 
 
 def _kernels():
-    """Every launched kernel of the three modules: ``(module, name)`` (jit helpers called from
+    """Every launched kernel of the kernel modules: ``(module, name)`` (jit helpers called from
     inside kernels are not launched, and are left alone)."""
     return [(m, name) for m in MODULES for name in dir(m) if name.startswith("_") and name.endswith("_kernel")]
 
@@ -97,8 +97,12 @@ def _run_every_op(b, dev, check=False):
     x = torch.randn(b, length, 16)
     start = torch.randint(0, length, (b,))
     picks = vidkern.orthogonal_select(x.to(dev), lp, start.to(dev), backend="triton")
+    with pytest.MonkeyPatch.context() as mp:   # and the streaming fallback for problems too long for the registers
+        mp.setattr(selection, "GREEDY_MAX_L", length - 1)
+        streamed = vidkern.orthogonal_select(x.to(dev), lp, start.to(dev), backend="triton")
     if check:
         assert_greedy_picks(picks, x, start)
+        assert_greedy_picks(streamed, x, start)
     idx = torch.stack([torch.randperm(length)[:lp] for _ in range(b)])
     u = R.normalize(torch.randn(b, length, 16))
     compare("soft_merge", lambda uu, xx, ee: vidkern.soft_merge(uu, idx.to(dev), xx, ee, backend="triton"),
