@@ -1,21 +1,54 @@
-"""Triton kernels for STTM's soft merging (SPEC §3.2).
+"""Triton kernels for STTM's soft merging (SPEC §3.2), designed against the work model
+(``vidkern.work.merge``: every launch's bytes and MACs, counted).
 
-**Soft merge** (``soft_merge``): never holds the ``L x L'`` matrix. With ``S = U V^T / tau``,
-``C1 = softmax_meta(S)``, ``W = exp(C1)`` (``C1`` is in [0, 1], so the token-axis softmax needs no
-running max), ``C = W / colsum(W)``:
-- forward pass 1, per token tile: ``lse[n] = logsumexp_j S[n, j]`` (online over meta tiles);
-- forward pass 2, per (meta tile, value-channel tile): stream the token tiles, recompute ``S``,
-  accumulate ``colsum``, ``W^T X`` and ``W^T E``; ``A = W^T X / colsum``, ``P = W^T E / colsum``.
-- backward (``G = X dA^T + E dP^T``, ``gamma_j = A_j.dA_j + P_j.dP_j``,
-  ``dC1 = C (G - gamma)``, ``dS = C1 (dC1 - delta) / tau`` with the per-token
-  ``delta[n] = sum_j C1 dC1``): pass 1 per token tile computes ``delta``; pass 2 per (token tile,
-  channel tile) accumulates ``dU = dS V``, ``dX = C dA``, ``dE = C dP``; pass 3 per (meta tile,
-  channel tile) accumulates ``dV = dS^T U``, which is added to the gathered rows of ``dU``.
-  Every pass recomputes ``S`` (and ``G``) from the inputs, so memory stays ``O((L + L') D)``.
-fp32 accumulation throughout; fp32 inputs use tf32x3 products (as in the HSDA kernels). The
-backward's ``dS`` and ``C`` are far below 1 (``|dS| ~ |dA| sqrt(D) / (L L')``), so before their cast to
-the inputs' dtype each row is scaled by an exact power of two (``_dot_rows_scaled``): in float16
-they would otherwise be subnormal and lose their digits.
+**Soft merge** (``soft_merge``) never holds the ``L x L'`` matrix. With ``S = U V^T / tau``
+(``V = U[idx]``), ``C1 = softmax_meta(S)``, ``W = exp(C1)`` (``C1`` is in [0, 1], so the token-axis
+softmax needs no running max), ``C = W / colsum(W)``, ``A = C^T X``, ``P = C^T E``; backward with
+``G = X dA^T + E dP^T``, ``gamma_j = A_j.dA_j + P_j.dP_j`` (``= sum_n C G``), ``dC1 = C (G - gamma)``,
+``delta_n = sum_j C1 dC1``, ``dS = C1 (dC1 - delta) / tau``, ``dU = dS V + scatter_idx(dS^T U)``,
+``dX = C dA``, ``dE = C dP``.
+
+*Design.* Units: ``U = L L' D`` MACs per problem (``Du = D``). The products the math needs once
+(``useful_macs``) are forward ``S + A + P`` = 3U and backward ``S + G + dU + dX + dE + dV`` = 7U.
+``S`` (and ``G``) are recomputed per pass from the inputs, since memory must stay ``O((L + L') D)``,
+so the passes are what costs: each program computes its ``S``/``G`` tile **once** and keeps *all*
+the output channels of its tile resident — ``NC`` (constexpr, one of ``merge_chunks``: 1, 3 or 6) separate
+``(16, CH)`` fp32 accumulators per output, ``CH = 128`` channels each (exact for ``D`` = 384, 768:
+no power-of-two padding of the channel axis). Only a ``D`` wider than 6 chunks (768) splits the
+channels over programs (``channel_split``), each recomputing ``S``/``G``. The explicit
+accumulator slots (``SLOTS``) are unrolled with constexpr guards; the chunk loads share one offset
+tensor (``_tile``) so the compiler does not hoist a pointer tensor per chunk out of the loops. Tiles are 16 x 16 (the
+smallest ``tl.dot``) to keep both the registers and the ragged-tile padding small (196 -> 147:
+1.155x).
+
+- forward pass 1 (``_merge_lse_kernel``, per token tile): ``lse[n] = logsumexp_j S[n, j]``, online
+  over meta tiles (1U);
+- forward pass 2 (``_merge_fwd_kernel``, per meta tile): stream the token tiles, ``S`` once,
+  accumulate ``colsum``, ``W^T X`` and ``W^T E`` over all channels (1U + 2U). Total 4U (vs about
+  27U at D = 768 when ``S`` was recomputed per 32-channel tile).
+- backward pass 1 (``_merge_bwd_tokens_kernel``, per token tile, one sweep over the meta tiles):
+  ``S`` and ``G`` once (3U); ``delta`` accumulates; and ``dU`` without a separate ``delta`` pass:
+  with ``r`` = the first meta tile's ``C1``-weighted mean of ``dC1`` (an estimate of ``delta``,
+  per token) it accumulates ``R = C1 (dC1 - r) V`` and ``Q = C1 V`` (2U) and finishes
+  ``dU = (R - (delta - r) Q) / tau`` — exact algebra. The estimate keeps the 16-bit operand
+  ``C1 (dC1 - r)`` the size of ``dS`` (a common offset of ``dC1`` over the meta axis, the
+  cancellation a plain ``C1 dC1 V - delta C1 V`` suffers, cancels in it), and the correction
+  ``(delta - r) Q`` is as small as the estimate is good (16 meta tokens' mean against all
+  ``L'``'s; with ``L' <= 16`` it is exact); writes ``delta`` and ``dU`` (fp32). 5U.
+- backward pass 2 (``_merge_bwd_dx_kernel``, per token tile): ``S`` once (1U), ``dX = C dA``,
+  ``dE = C dP`` (2U). A pass of its own because two more resident accumulators per chunk do not
+  fit the registers at D = 768 (``vidkern.aot``), and it needs no ``G``. 3U.
+- backward pass 3 (``_merge_bwd_meta_kernel``, per meta tile): ``S``, ``G`` once, ``dS`` (with
+  ``delta``), ``dV = dS^T U`` (1U), added in place to the rows ``idx`` of ``dU`` (meta rows are
+  distinct within a problem: no races). 4U. Backward total 12U (vs 151U; the classic three
+  passes — delta, token, meta — would be 13U, over 2x useful with stage 1's ragged tiles:
+  13/7 x 1.155; 12U gives 1.98 there, 1.71 with whole tiles).
+
+fp32 accumulation throughout; fp32 inputs use tf32x3 products (as in the HSDA kernels) and keep
+fewer chunks resident (their products need about twice the registers). The backward's ``dS``,
+``C`` and ``C1`` operands are far below 1 (``|dS| ~ |dA| sqrt(D) / (L L')``), so before their cast
+to the inputs' dtype each row is scaled by an exact power of two (``_scaled``): in float16 they
+would otherwise be subnormal and lose their digits.
 """
 from __future__ import annotations
 
@@ -26,7 +59,7 @@ import triton.language as tl
 from .launch import AotSpec, batch_chunks, dot_precision, on_input_device
 
 
-# =========================================================================== soft merge
+# =========================================================================== helpers
 @triton.jit
 def _rows_dot(PA, ra, ma, sar, sac, PB, rb, mb, sbr, sbc, K, BR: tl.constexpr, BC: tl.constexpr,
               BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -41,21 +74,102 @@ def _rows_dot(PA, ra, ma, sar, sac, PB, rb, mb, sbr, sbc, K, BR: tl.constexpr, B
 
 
 @triton.jit
-def _dot_rows_scaled(a, b, PRECISION: tl.constexpr):
-    """``a @ b`` in fp32, ``a`` (fp32) cast to ``b``'s dtype for the tensor cores. Each row of ``a`` is
-    scaled by a power of two that puts its largest magnitude in [1, 2) before the cast, and the
-    product's row is scaled back after: both scalings are exact, so a float16 cast keeps float16's
-    *relative* accuracy at any magnitude. (The backward's ``dS ~ |dA| sqrt(D) / (L L')`` is below
-    float16's smallest normal, 6e-5, at ordinary sizes, and ``C ~ 1 / L`` at long clips; bfloat16 and
-    float32 have float32's range and lose nothing either way.) The powers of two are built from the
-    row maximum's exponent bits, not ``exp2``/``log2``, which are approximate on a GPU."""
+def _scaled(a, dtype: tl.constexpr):
+    """``(a * 2^-e, 2^e)`` per row, the first cast to ``dtype``, for ``tl.dot(a', b) * unscale``: each
+    row of ``a`` (fp32) is scaled by a power of two that puts its largest magnitude in [1, 2) before
+    the cast, and the product's row is scaled back after. Both scalings are exact, so a float16 cast
+    keeps float16's *relative* accuracy at any magnitude (the backward's ``dS`` is below float16's
+    smallest normal, 6e-5, at ordinary sizes, and ``C ~ 1 / L`` at long clips; bfloat16 and float32
+    have float32's range and lose nothing either way). The powers of two are built from the row
+    maximum's exponent bits, not ``exp2``/``log2``, which are approximate on a GPU."""
     expo = (tl.max(tl.abs(a), 1).to(tl.int32, bitcast=True) >> 23) & 0xFF    # biased exponent of the row max
     expo = tl.minimum(tl.maximum(expo, 1), 253)      # zero rows (and absurd ones): keep both factors normal
     scale = ((254 - expo) << 23).to(tl.float32, bitcast=True)                # 2^(127 - expo)
     unscale = (expo << 23).to(tl.float32, bitcast=True)                      # 2^(expo - 127)
-    return tl.dot((a * scale[:, None]).to(b.dtype), b, input_precision=PRECISION) * unscale[:, None]
+    return (a * scale[:, None]).to(dtype), unscale
 
 
+@triton.jit
+def _tile(PTR, rows, mask_rows, srow, scol, c0, NCOL, CH: tl.constexpr):
+    """Rows ``rows`` x channels ``[c0, c0 + CH)`` of a matrix with ``NCOL`` columns (zeros outside).
+    The chunk's offset is a scalar added to offsets every chunk shares: per-chunk pointer tensors
+    would be hoisted out of the token loop, one set per chunk, and spill."""
+    offs = tl.arange(0, CH)
+    return tl.load(PTR + c0 * scol + (rows[:, None] * srow + offs[None, :] * scol),
+                   mask=mask_rows[:, None] & (offs < NCOL - c0)[None, :], other=0.0)
+
+
+@triton.jit
+def _put(PTR, val, rows, mask_rows, c0, NCOL, CH: tl.constexpr):
+    """Store a (rows, CH) chunk into a contiguous matrix of ``NCOL`` columns."""
+    offs = c0 + tl.arange(0, CH)
+    tl.store(PTR + rows[:, None] * NCOL + offs[None, :], val.to(PTR.dtype.element_ty),
+             mask=mask_rows[:, None] & (offs < NCOL)[None, :])
+
+
+@triton.jit
+def _fwd_chunk(a, p, wx, we, XB, EB, offs_m, mask_m, sxl, sxd, sel, sed, c0, D, CH: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """One channel chunk of ``A += W^T X``, ``P += W^T E`` (``W`` in [1, e]: no scaling needed)."""
+    a += tl.dot(wx, _tile(XB, offs_m, mask_m, sxl, sxd, c0, D, CH), input_precision=PRECISION)
+    p += tl.dot(we, _tile(EB, offs_m, mask_m, sel, sed, c0, D, CH), input_precision=PRECISION)
+    return a, p
+
+
+@triton.jit
+def _fwd_store(A, P, a, p, inv_col, rows, mask_n, c0, D, CH: tl.constexpr):
+    _put(A, a * inv_col[:, None], rows, mask_n, c0, D, CH)
+    _put(P, p * inv_col[:, None], rows, mask_n, c0, D, CH)
+
+
+@triton.jit
+def _tok_chunk(u, q, dsw, dsu, c1w, c1u, UB, meta, mask_n, sul, sud, c0, DU, CH: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """One channel chunk of the token pass: ``R += C1 (dC1 - r) V``, ``Q += C1 V`` (one load of the
+    ``V`` chunk)."""
+    v = _tile(UB, meta, mask_n, sul, sud, c0, DU, CH)
+    u += tl.dot(dsw, v, input_precision=PRECISION) * dsu[:, None]
+    q += tl.dot(c1w, v, input_precision=PRECISION) * c1u[:, None]
+    return u, q
+
+
+@triton.jit
+def _dx_chunk(x, e, cw, cu, DAB, DPB, offs_n, mask_n, sal, sad, spl, spd, c0, D, CH: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """One channel chunk of ``dX += C dA``, ``dE += C dP``."""
+    da = _tile(DAB, offs_n, mask_n, sal, sad, c0, D, CH)
+    x += tl.dot(cw.to(da.dtype), da, input_precision=PRECISION) * cu[:, None]
+    dp = _tile(DPB, offs_n, mask_n, spl, spd, c0, D, CH)
+    e += tl.dot(cw.to(dp.dtype), dp, input_precision=PRECISION) * cu[:, None]
+    return x, e
+
+
+@triton.jit
+def _dx_store(DX, DE, x, e, rows, mask_m, c0, D, CH: tl.constexpr):
+    _put(DX, x, rows, mask_m, c0, D, CH)
+    _put(DE, e, rows, mask_m, c0, D, CH)
+
+
+@triton.jit
+def _tok_store(DU_OUT, u, q, corr, inv_tau, rows, mask_m, c0, DU, CH: tl.constexpr):
+    _put(DU_OUT, (u - corr[:, None] * q) * inv_tau, rows, mask_m, c0, DU, CH)
+
+
+@triton.jit
+def _meta_chunk(v, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0, DU, CH: tl.constexpr, PRECISION: tl.constexpr):
+    return v + tl.dot(dsw, _tile(UB, offs_m, mask_m, sul, sud, c0, DU, CH), input_precision=PRECISION) * dsu[:, None]
+
+
+@triton.jit
+def _meta_add(DU_OUT, v, rows, mask_n, c0, DU, CH: tl.constexpr):
+    """``dU[rows] += v`` for one chunk (the rows are distinct: no other program touches them)."""
+    offs = c0 + tl.arange(0, CH)
+    ptr = DU_OUT + rows[:, None] * DU + offs[None, :]
+    mask = mask_n[:, None] & (offs < DU)[None, :]
+    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + v, mask=mask)
+
+
+# =========================================================================== forward
 @triton.jit
 def _merge_lse_kernel(U, IDX, LSE, sub, sul, sud, L, LP, DU, inv_tau,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -80,20 +194,28 @@ def _merge_lse_kernel(U, IDX, LSE, sub, sul, sud, L, LP, DU, inv_tau,
 
 @triton.jit
 def _merge_fwd_kernel(U, IDX, X, E, LSE, A, P, COL, sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, L, LP, DU, D, inv_tau,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr, NC: tl.constexpr,
                       PRECISION: tl.constexpr):
-    """Per (meta tile, channel tile): A = W^T X / colsum, P = W^T E / colsum with W = exp(C1),
-    streamed over token tiles (A, P, COL contiguous)."""
+    """Per (meta tile, channel group of ``NC`` chunks): ``A = W^T X / colsum``, ``P = W^T E / colsum``
+    with ``W = exp(C1)``, streamed over token tiles, ``S`` computed once per (meta, token) tile
+    (A, P, COL contiguous)."""
     b = tl.program_id(2).to(tl.int64)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    c0 = tl.program_id(1) * (NC * CH)
     mask_n = offs_n < LP
-    mask_d = offs_d < D
     ub = U + b * sub
+    XB = X + b * sxb
+    EB = E + b * seb
     meta = tl.load(IDX + b * LP + offs_n, mask=mask_n, other=0)
     col = tl.zeros([BN], tl.float32)
-    acc_a = tl.zeros([BN, BD], tl.float32)
-    acc_p = tl.zeros([BN, BD], tl.float32)
+    a0, p0 = tl.zeros([BN, CH], tl.float32), tl.zeros([BN, CH], tl.float32)
+    a1, p1 = tl.zeros([BN, CH], tl.float32), tl.zeros([BN, CH], tl.float32)
+    a2, p2 = tl.zeros([BN, CH], tl.float32), tl.zeros([BN, CH], tl.float32)
+    a3, p3 = tl.zeros([BN, CH], tl.float32), tl.zeros([BN, CH], tl.float32)
+    a4, p4 = tl.zeros([BN, CH], tl.float32), tl.zeros([BN, CH], tl.float32)
+    a5, p5 = tl.zeros([BN, CH], tl.float32), tl.zeros([BN, CH], tl.float32)
+    a6, p6 = tl.zeros([BN, CH], tl.float32), tl.zeros([BN, CH], tl.float32)
+    a7, p7 = tl.zeros([BN, CH], tl.float32), tl.zeros([BN, CH], tl.float32)
     for m0 in range(0, L, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < L
@@ -102,145 +224,340 @@ def _merge_fwd_kernel(U, IDX, X, E, LSE, A, P, COL, sub, sul, sud, sxb, sxl, sxd
         w = tl.exp(tl.exp(st - lse[None, :]))
         w = tl.where(mask_n[:, None] & mask_m[None, :], w, 0.0)
         col += tl.sum(w, 1)
-        tile = mask_m[:, None] & mask_d[None, :]
-        x = tl.load(X + b * sxb + offs_m[:, None] * sxl + offs_d[None, :] * sxd, mask=tile, other=0.0)
-        e = tl.load(E + b * seb + offs_m[:, None] * sel + offs_d[None, :] * sed, mask=tile, other=0.0)
-        acc_a += tl.dot(w.to(x.dtype), x, input_precision=PRECISION)
-        acc_p += tl.dot(w.to(e.dtype), e, input_precision=PRECISION)
-    col_safe = tl.where(mask_n, col, 1.0)
-    out = (b * LP + offs_n[:, None]) * D + offs_d[None, :]
-    tile = mask_n[:, None] & mask_d[None, :]
-    tl.store(A + out, (acc_a / col_safe[:, None]).to(A.dtype.element_ty), mask=tile)
-    tl.store(P + out, (acc_p / col_safe[:, None]).to(P.dtype.element_ty), mask=tile)
+        wx = w.to(X.dtype.element_ty)
+        we = w.to(E.dtype.element_ty)
+        a0, p0 = _fwd_chunk(a0, p0, wx, we, XB, EB, offs_m, mask_m, sxl, sxd, sel, sed, c0 + 0 * CH, D, CH, PRECISION)
+        if NC > 1:
+            a1, p1 = _fwd_chunk(a1, p1, wx, we, XB, EB, offs_m, mask_m, sxl, sxd, sel, sed, c0 + 1 * CH, D, CH, PRECISION)
+        if NC > 2:
+            a2, p2 = _fwd_chunk(a2, p2, wx, we, XB, EB, offs_m, mask_m, sxl, sxd, sel, sed, c0 + 2 * CH, D, CH, PRECISION)
+        if NC > 3:
+            a3, p3 = _fwd_chunk(a3, p3, wx, we, XB, EB, offs_m, mask_m, sxl, sxd, sel, sed, c0 + 3 * CH, D, CH, PRECISION)
+        if NC > 4:
+            a4, p4 = _fwd_chunk(a4, p4, wx, we, XB, EB, offs_m, mask_m, sxl, sxd, sel, sed, c0 + 4 * CH, D, CH, PRECISION)
+        if NC > 5:
+            a5, p5 = _fwd_chunk(a5, p5, wx, we, XB, EB, offs_m, mask_m, sxl, sxd, sel, sed, c0 + 5 * CH, D, CH, PRECISION)
+        if NC > 6:
+            a6, p6 = _fwd_chunk(a6, p6, wx, we, XB, EB, offs_m, mask_m, sxl, sxd, sel, sed, c0 + 6 * CH, D, CH, PRECISION)
+        if NC > 7:
+            a7, p7 = _fwd_chunk(a7, p7, wx, we, XB, EB, offs_m, mask_m, sxl, sxd, sel, sed, c0 + 7 * CH, D, CH, PRECISION)
+    inv_col = 1.0 / tl.where(mask_n, col, 1.0)
+    rows = b * LP + offs_n
+    _fwd_store(A, P, a0, p0, inv_col, rows, mask_n, c0 + 0 * CH, D, CH)
+    if NC > 1:
+        _fwd_store(A, P, a1, p1, inv_col, rows, mask_n, c0 + 1 * CH, D, CH)
+    if NC > 2:
+        _fwd_store(A, P, a2, p2, inv_col, rows, mask_n, c0 + 2 * CH, D, CH)
+    if NC > 3:
+        _fwd_store(A, P, a3, p3, inv_col, rows, mask_n, c0 + 3 * CH, D, CH)
+    if NC > 4:
+        _fwd_store(A, P, a4, p4, inv_col, rows, mask_n, c0 + 4 * CH, D, CH)
+    if NC > 5:
+        _fwd_store(A, P, a5, p5, inv_col, rows, mask_n, c0 + 5 * CH, D, CH)
+    if NC > 6:
+        _fwd_store(A, P, a6, p6, inv_col, rows, mask_n, c0 + 6 * CH, D, CH)
+    if NC > 7:
+        _fwd_store(A, P, a7, p7, inv_col, rows, mask_n, c0 + 7 * CH, D, CH)
     if tl.program_id(1) == 0:
         tl.store(COL + b * LP + offs_n, col, mask=mask_n)
 
 
+# =========================================================================== backward
 @triton.jit
-def _merge_tile(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, b, offs_m, mask_m, offs_n, mask_n,
-                sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, sab, sal, sad, spb, spl, spd, L, LP, DU, D, inv_tau,
+def _merge_tile(UB, XB, EB, DAB, DPB, offs_m, mask_m, meta, offs_n, mask_n, lse, col, gamma,
+                sul, sud, sxl, sxd, sel, sed, sal, sad, spl, spd, DU, D, inv_tau,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """One (token tile, meta tile) of the backward, recomputed from the inputs: ``(C1, C, dC1)``,
-    each (BM, BN) fp32 and zero outside the valid pairs."""
-    ub = U + b * sub
-    meta = tl.load(IDX + b * LP + offs_n, mask=mask_n, other=0)
+    each (BM, BN) fp32 and zero outside the valid pairs (``lse`` per token, ``col``/``gamma`` per
+    meta token, loaded by the caller)."""
     valid = mask_m[:, None] & mask_n[None, :]
-    s = _rows_dot(ub, offs_m, mask_m, sul, sud, ub, meta, mask_n, sul, sud, DU, BM, BN, BK, PRECISION) * inv_tau
-    lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
+    s = _rows_dot(UB, offs_m, mask_m, sul, sud, UB, meta, mask_n, sul, sud, DU, BM, BN, BK, PRECISION) * inv_tau
     c1 = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-    col = tl.load(COL + b * LP + offs_n, mask=mask_n, other=1.0)
     c = tl.where(valid, tl.exp(c1) / col[None, :], 0.0)
-    g = _rows_dot(X + b * sxb, offs_m, mask_m, sxl, sxd, DA + b * sab, offs_n, mask_n, sal, sad, D, BM, BN, BK,
-                  PRECISION)
-    g += _rows_dot(E + b * seb, offs_m, mask_m, sel, sed, DP + b * spb, offs_n, mask_n, spl, spd, D, BM, BN, BK,
-                   PRECISION)
-    gamma = tl.load(GAMMA + b * LP + offs_n, mask=mask_n, other=0.0)
+    g = _rows_dot(XB, offs_m, mask_m, sxl, sxd, DAB, offs_n, mask_n, sal, sad, D, BM, BN, BK, PRECISION)
+    g += _rows_dot(EB, offs_m, mask_m, sel, sed, DPB, offs_n, mask_n, spl, spd, D, BM, BN, BK, PRECISION)
     return c1, c, c * (g - gamma[None, :])
 
 
 @triton.jit
-def _merge_bwd_delta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA,
-                            sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, sab, sal, sad, spb, spl, spd,
-                            L, LP, DU, D, inv_tau,
-                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    """DELTA[b, n] = sum_j C1[n, j] dC1[n, j] (the meta-axis softmax's backward statistic)."""
-    b = tl.program_id(1).to(tl.int64)
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    mask_m = offs_m < L
-    delta = tl.zeros([BM], tl.float32)
-    for n0 in range(0, LP, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        c1, c, dc1 = _merge_tile(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, b, offs_m, mask_m, offs_n, offs_n < LP,
-                                 sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, sab, sal, sad, spb, spl, spd,
-                                 L, LP, DU, D, inv_tau, BM, BN, BK, PRECISION)
-        delta += tl.sum(c1 * dc1, 1)
-    tl.store(DELTA + b * L + offs_m, delta, mask=mask_m)
-
-
-@triton.jit
-def _merge_bwd_tokens_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT, DX, DE,
+def _merge_bwd_tokens_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
                              sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, sab, sal, sad, spb, spl, spd,
                              L, LP, DU, D, inv_tau,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                             PRECISION: tl.constexpr):
-    """Per (token tile, channel tile): dU = dS V (fp32), dX = C dA, dE = C dP (all contiguous)."""
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
+                             NC: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (token tile, channel group), one sweep over the meta tiles: ``DELTA`` and ``dU = dS V``
+    (fp32, without the scatter of ``dV``; contiguous), from ``R = C1 (dC1 - r) V`` and ``Q = C1 V``
+    (module docstring)."""
     b = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    c0 = tl.program_id(1) * (NC * CH)
     mask_m = offs_m < L
-    delta = tl.load(DELTA + b * L + offs_m, mask=mask_m, other=0.0)
-    acc_du = tl.zeros([BM, BD], tl.float32)
-    acc_dx = tl.zeros([BM, BD], tl.float32)
-    acc_de = tl.zeros([BM, BD], tl.float32)
+    UB = U + b * sub
+    XB = X + b * sxb
+    EB = E + b * seb
+    DAB = DA + b * sab
+    DPB = DP + b * spb
+    lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
+    delta = tl.zeros([BM], tl.float32)
+    ref = tl.zeros([BM], tl.float32)
+    u0, q0 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    u1, q1 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    u2, q2 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    u3, q3 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    u4, q4 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    u5, q5 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    u6, q6 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    u7, q7 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
     for n0 in range(0, LP, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < LP
-        c1, c, dc1 = _merge_tile(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, b, offs_m, mask_m, offs_n, mask_n,
-                                 sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, sab, sal, sad, spb, spl, spd,
-                                 L, LP, DU, D, inv_tau, BM, BN, BK, PRECISION)
-        ds = c1 * (dc1 - delta[:, None]) * inv_tau
         meta = tl.load(IDX + b * LP + offs_n, mask=mask_n, other=0)
-        v = tl.load(U + b * sub + meta[:, None] * sul + offs_d[None, :] * sud,
-                    mask=mask_n[:, None] & (offs_d < DU)[None, :], other=0.0)
-        da = tl.load(DA + b * sab + offs_n[:, None] * sal + offs_d[None, :] * sad,
-                     mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
-        dp = tl.load(DP + b * spb + offs_n[:, None] * spl + offs_d[None, :] * spd,
-                     mask=mask_n[:, None] & (offs_d < D)[None, :], other=0.0)
-        acc_du += _dot_rows_scaled(ds, v, PRECISION)
-        acc_dx += _dot_rows_scaled(c, da, PRECISION)
-        acc_de += _dot_rows_scaled(c, dp, PRECISION)
-    rows = (b * L + offs_m)[:, None]
-    tl.store(DU_OUT + rows * DU + offs_d[None, :], acc_du, mask=mask_m[:, None] & (offs_d < DU)[None, :])
-    tile = mask_m[:, None] & (offs_d < D)[None, :]
-    tl.store(DX + rows * D + offs_d[None, :], acc_dx.to(DX.dtype.element_ty), mask=tile)
-    tl.store(DE + rows * D + offs_d[None, :], acc_de.to(DE.dtype.element_ty), mask=tile)
+        col = tl.load(COL + b * LP + offs_n, mask=mask_n, other=1.0)
+        gamma = tl.load(GAMMA + b * LP + offs_n, mask=mask_n, other=0.0)
+        c1, c, dc1 = _merge_tile(UB, XB, EB, DAB, DPB, offs_m, mask_m, meta, offs_n, mask_n, lse, col, gamma,
+                                 sul, sud, sxl, sxd, sel, sed, sal, sad, spl, spd, DU, D, inv_tau,
+                                 BM, BN, BK, PRECISION)
+        part = tl.sum(c1 * dc1, 1)
+        delta += part
+        # r: the first meta tile's C1-weighted mean of dC1, the reference the 16-bit operand is taken from
+        ref = tl.where(n0 == 0, part / tl.maximum(tl.sum(c1, 1), 1e-30), ref)
+        dsw, dsu = _scaled(c1 * (dc1 - ref[:, None]), U.dtype.element_ty)
+        c1w, c1u = _scaled(c1, U.dtype.element_ty)
+        u0, q0 = _tok_chunk(u0, q0, dsw, dsu, c1w, c1u, UB, meta, mask_n, sul, sud, c0 + 0 * CH, DU, CH, PRECISION)
+        if NC > 1:
+            u1, q1 = _tok_chunk(u1, q1, dsw, dsu, c1w, c1u, UB, meta, mask_n, sul, sud, c0 + 1 * CH, DU, CH, PRECISION)
+        if NC > 2:
+            u2, q2 = _tok_chunk(u2, q2, dsw, dsu, c1w, c1u, UB, meta, mask_n, sul, sud, c0 + 2 * CH, DU, CH, PRECISION)
+        if NC > 3:
+            u3, q3 = _tok_chunk(u3, q3, dsw, dsu, c1w, c1u, UB, meta, mask_n, sul, sud, c0 + 3 * CH, DU, CH, PRECISION)
+        if NC > 4:
+            u4, q4 = _tok_chunk(u4, q4, dsw, dsu, c1w, c1u, UB, meta, mask_n, sul, sud, c0 + 4 * CH, DU, CH, PRECISION)
+        if NC > 5:
+            u5, q5 = _tok_chunk(u5, q5, dsw, dsu, c1w, c1u, UB, meta, mask_n, sul, sud, c0 + 5 * CH, DU, CH, PRECISION)
+        if NC > 6:
+            u6, q6 = _tok_chunk(u6, q6, dsw, dsu, c1w, c1u, UB, meta, mask_n, sul, sud, c0 + 6 * CH, DU, CH, PRECISION)
+        if NC > 7:
+            u7, q7 = _tok_chunk(u7, q7, dsw, dsu, c1w, c1u, UB, meta, mask_n, sul, sud, c0 + 7 * CH, DU, CH, PRECISION)
+    corr = delta - ref
+    rows = b * L + offs_m
+    _tok_store(DU_OUT, u0, q0, corr, inv_tau, rows, mask_m, c0 + 0 * CH, DU, CH)
+    if NC > 1:
+        _tok_store(DU_OUT, u1, q1, corr, inv_tau, rows, mask_m, c0 + 1 * CH, DU, CH)
+    if NC > 2:
+        _tok_store(DU_OUT, u2, q2, corr, inv_tau, rows, mask_m, c0 + 2 * CH, DU, CH)
+    if NC > 3:
+        _tok_store(DU_OUT, u3, q3, corr, inv_tau, rows, mask_m, c0 + 3 * CH, DU, CH)
+    if NC > 4:
+        _tok_store(DU_OUT, u4, q4, corr, inv_tau, rows, mask_m, c0 + 4 * CH, DU, CH)
+    if NC > 5:
+        _tok_store(DU_OUT, u5, q5, corr, inv_tau, rows, mask_m, c0 + 5 * CH, DU, CH)
+    if NC > 6:
+        _tok_store(DU_OUT, u6, q6, corr, inv_tau, rows, mask_m, c0 + 6 * CH, DU, CH)
+    if NC > 7:
+        _tok_store(DU_OUT, u7, q7, corr, inv_tau, rows, mask_m, c0 + 7 * CH, DU, CH)
+    if tl.program_id(1) == 0:
+        tl.store(DELTA + b * L + offs_m, delta, mask=mask_m)
 
 
 @triton.jit
-def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DV,
+def _merge_bwd_dx_kernel(U, IDX, DA, DP, LSE, COL, DX, DE, sub, sul, sud, sab, sal, sad, spb, spl, spd,
+                         L, LP, DU, D, inv_tau,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
+                         NC: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (token tile, channel group), one sweep over the meta tiles: ``dX = C dA``, ``dE = C dP``
+    (contiguous). Only ``S`` is needed (not ``G``), so this is its own pass: beside the token pass's
+    two accumulators per chunk, two more would not fit the registers at D = 768."""
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    c0 = tl.program_id(1) * (NC * CH)
+    mask_m = offs_m < L
+    UB = U + b * sub
+    DAB = DA + b * sab
+    DPB = DP + b * spb
+    lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
+    x0, e0 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    x1, e1 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    x2, e2 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    x3, e3 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    x4, e4 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    x5, e5 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    x6, e6 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    x7, e7 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
+    for n0 in range(0, LP, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask_n = offs_n < LP
+        meta = tl.load(IDX + b * LP + offs_n, mask=mask_n, other=0)
+        col = tl.load(COL + b * LP + offs_n, mask=mask_n, other=1.0)
+        valid = mask_m[:, None] & mask_n[None, :]
+        s = _rows_dot(UB, offs_m, mask_m, sul, sud, UB, meta, mask_n, sul, sud, DU, BM, BN, BK, PRECISION) * inv_tau
+        c1 = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        c = tl.where(valid, tl.exp(c1) / col[None, :], 0.0)
+        cw, cu = _scaled(c, DA.dtype.element_ty)
+        x0, e0 = _dx_chunk(x0, e0, cw, cu, DAB, DPB, offs_n, mask_n, sal, sad, spl, spd, c0 + 0 * CH, D, CH, PRECISION)
+        if NC > 1:
+            x1, e1 = _dx_chunk(x1, e1, cw, cu, DAB, DPB, offs_n, mask_n, sal, sad, spl, spd, c0 + 1 * CH, D, CH, PRECISION)
+        if NC > 2:
+            x2, e2 = _dx_chunk(x2, e2, cw, cu, DAB, DPB, offs_n, mask_n, sal, sad, spl, spd, c0 + 2 * CH, D, CH, PRECISION)
+        if NC > 3:
+            x3, e3 = _dx_chunk(x3, e3, cw, cu, DAB, DPB, offs_n, mask_n, sal, sad, spl, spd, c0 + 3 * CH, D, CH, PRECISION)
+        if NC > 4:
+            x4, e4 = _dx_chunk(x4, e4, cw, cu, DAB, DPB, offs_n, mask_n, sal, sad, spl, spd, c0 + 4 * CH, D, CH, PRECISION)
+        if NC > 5:
+            x5, e5 = _dx_chunk(x5, e5, cw, cu, DAB, DPB, offs_n, mask_n, sal, sad, spl, spd, c0 + 5 * CH, D, CH, PRECISION)
+        if NC > 6:
+            x6, e6 = _dx_chunk(x6, e6, cw, cu, DAB, DPB, offs_n, mask_n, sal, sad, spl, spd, c0 + 6 * CH, D, CH, PRECISION)
+        if NC > 7:
+            x7, e7 = _dx_chunk(x7, e7, cw, cu, DAB, DPB, offs_n, mask_n, sal, sad, spl, spd, c0 + 7 * CH, D, CH, PRECISION)
+    rows = b * L + offs_m
+    _dx_store(DX, DE, x0, e0, rows, mask_m, c0 + 0 * CH, D, CH)
+    if NC > 1:
+        _dx_store(DX, DE, x1, e1, rows, mask_m, c0 + 1 * CH, D, CH)
+    if NC > 2:
+        _dx_store(DX, DE, x2, e2, rows, mask_m, c0 + 2 * CH, D, CH)
+    if NC > 3:
+        _dx_store(DX, DE, x3, e3, rows, mask_m, c0 + 3 * CH, D, CH)
+    if NC > 4:
+        _dx_store(DX, DE, x4, e4, rows, mask_m, c0 + 4 * CH, D, CH)
+    if NC > 5:
+        _dx_store(DX, DE, x5, e5, rows, mask_m, c0 + 5 * CH, D, CH)
+    if NC > 6:
+        _dx_store(DX, DE, x6, e6, rows, mask_m, c0 + 6 * CH, D, CH)
+    if NC > 7:
+        _dx_store(DX, DE, x7, e7, rows, mask_m, c0 + 7 * CH, D, CH)
+
+
+@triton.jit
+def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
                            sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, sab, sal, sad, spb, spl, spd,
                            L, LP, DU, D, inv_tau,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                           PRECISION: tl.constexpr):
-    """Per (meta tile, channel tile): DV = dS^T U (fp32, contiguous), streamed over token tiles."""
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
+                           NC: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (meta tile, channel group): ``dV = dS^T U`` streamed over token tiles, added to the rows
+    ``idx`` of ``DU_OUT`` (fp32, contiguous)."""
     b = tl.program_id(2).to(tl.int64)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    c0 = tl.program_id(1) * (NC * CH)
     mask_n = offs_n < LP
-    acc = tl.zeros([BN, BD], tl.float32)
+    UB = U + b * sub
+    XB = X + b * sxb
+    EB = E + b * seb
+    DAB = DA + b * sab
+    DPB = DP + b * spb
+    meta = tl.load(IDX + b * LP + offs_n, mask=mask_n, other=0)
+    col = tl.load(COL + b * LP + offs_n, mask=mask_n, other=1.0)
+    gamma = tl.load(GAMMA + b * LP + offs_n, mask=mask_n, other=0.0)
+    v0 = tl.zeros([BN, CH], tl.float32)
+    v1 = tl.zeros([BN, CH], tl.float32)
+    v2 = tl.zeros([BN, CH], tl.float32)
+    v3 = tl.zeros([BN, CH], tl.float32)
+    v4 = tl.zeros([BN, CH], tl.float32)
+    v5 = tl.zeros([BN, CH], tl.float32)
+    v6 = tl.zeros([BN, CH], tl.float32)
+    v7 = tl.zeros([BN, CH], tl.float32)
     for m0 in range(0, L, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < L
-        c1, c, dc1 = _merge_tile(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, b, offs_m, mask_m, offs_n, mask_n,
-                                 sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, sab, sal, sad, spb, spl, spd,
-                                 L, LP, DU, D, inv_tau, BM, BN, BK, PRECISION)
+        lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + b * L + offs_m, mask=mask_m, other=0.0)
+        c1, c, dc1 = _merge_tile(UB, XB, EB, DAB, DPB, offs_m, mask_m, meta, offs_n, mask_n, lse, col, gamma,
+                                 sul, sud, sxl, sxd, sel, sed, sal, sad, spl, spd, DU, D, inv_tau,
+                                 BM, BN, BK, PRECISION)
         ds = c1 * (dc1 - delta[:, None]) * inv_tau                      # (BM, BN)
-        u = tl.load(U + b * sub + offs_m[:, None] * sul + offs_d[None, :] * sud,
-                    mask=mask_m[:, None] & (offs_d < DU)[None, :], other=0.0)
-        acc += _dot_rows_scaled(tl.trans(ds), u, PRECISION)
-    tl.store(DV + (b * LP + offs_n[:, None]) * DU + offs_d[None, :], acc,
-             mask=mask_n[:, None] & (offs_d < DU)[None, :])
+        dsw, dsu = _scaled(tl.trans(ds), U.dtype.element_ty)
+        v0 = _meta_chunk(v0, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0 + 0 * CH, DU, CH, PRECISION)
+        if NC > 1:
+            v1 = _meta_chunk(v1, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0 + 1 * CH, DU, CH, PRECISION)
+        if NC > 2:
+            v2 = _meta_chunk(v2, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0 + 2 * CH, DU, CH, PRECISION)
+        if NC > 3:
+            v3 = _meta_chunk(v3, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0 + 3 * CH, DU, CH, PRECISION)
+        if NC > 4:
+            v4 = _meta_chunk(v4, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0 + 4 * CH, DU, CH, PRECISION)
+        if NC > 5:
+            v5 = _meta_chunk(v5, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0 + 5 * CH, DU, CH, PRECISION)
+        if NC > 6:
+            v6 = _meta_chunk(v6, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0 + 6 * CH, DU, CH, PRECISION)
+        if NC > 7:
+            v7 = _meta_chunk(v7, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0 + 7 * CH, DU, CH, PRECISION)
+    rows = b * L + meta
+    _meta_add(DU_OUT, v0, rows, mask_n, c0 + 0 * CH, DU, CH)
+    if NC > 1:
+        _meta_add(DU_OUT, v1, rows, mask_n, c0 + 1 * CH, DU, CH)
+    if NC > 2:
+        _meta_add(DU_OUT, v2, rows, mask_n, c0 + 2 * CH, DU, CH)
+    if NC > 3:
+        _meta_add(DU_OUT, v3, rows, mask_n, c0 + 3 * CH, DU, CH)
+    if NC > 4:
+        _meta_add(DU_OUT, v4, rows, mask_n, c0 + 4 * CH, DU, CH)
+    if NC > 5:
+        _meta_add(DU_OUT, v5, rows, mask_n, c0 + 5 * CH, DU, CH)
+    if NC > 6:
+        _meta_add(DU_OUT, v6, rows, mask_n, c0 + 6 * CH, DU, CH)
+    if NC > 7:
+        _meta_add(DU_OUT, v7, rows, mask_n, c0 + 7 * CH, DU, CH)
 
 
-# Tiles of the merge kernels, 4 warps: the largest that compile without spills for sm_80 and
-# sm_90 (python -m vidkern.aot); fp32's tf32x3 products need about twice the registers.
-MERGE_BLOCKS = {"half": dict(BM=32, BN=32, BK=16, BD=32), "fp32": dict(BM=16, BN=16, BK=16, BD=32)}
+# =========================================================================== launch configuration
+# Tiles: 16 x 16 score tiles (the smallest tl.dot: least ragged padding, 16-row accumulators),
+# BK-wide contraction steps for S and G, CH-channel output chunks. float32's tf32x3 products need
+# about twice the registers: narrower chunks, fewer resident.
+MERGE_BLOCKS = {"half": dict(BM=16, BN=16, BK=64, CH=128), "fp32": dict(BM=16, BN=16, BK=32, CH=64)}
+# The chunk counts (NC) a program can keep resident, each a compiled configuration: exact for
+# D = 128, 384, 768 (half); other widths round up to the next (idle chunks issue products, no
+# loads), wider ones split over programs.
+MERGE_CHUNKS = {"half": (1, 3, 6), "fp32": (1, 2)}
+SLOTS = 8                   # accumulator slots written out in the kernels: NC <= SLOTS
+# accumulators (BM or BN rows x CH) of each chunked kernel per chunk
+_ACCUMULATORS = {"fwd": 2, "tokens": 2, "dx": 2, "meta": 1}
 
 
 def merge_blocks(dtype) -> tuple:
-    """(BM, BN, BK, BD) of the merge kernels for inputs of ``dtype``."""
+    """(BM, BN, BK, CH) of the merge kernels for inputs of ``dtype``."""
     cfg = MERGE_BLOCKS["fp32" if dtype == torch.float32 else "half"]
-    return cfg["BM"], cfg["BN"], cfg["BK"], cfg["BD"]
+    return cfg["BM"], cfg["BN"], cfg["BK"], cfg["CH"]
 
 
+def merge_chunks(dtype) -> tuple:
+    """The resident chunk counts (``NC``) for inputs of ``dtype``, ascending."""
+    return MERGE_CHUNKS["fp32" if dtype == torch.float32 else "half"]
+
+
+def channel_split(width: int, ch: int, counts: tuple) -> tuple:
+    """``(groups, NC)``: ``width`` channels in ``CH``-chunks, split over the fewest channel groups
+    (programs per tile) of at most ``max(counts)`` chunks, ``NC`` the smallest of ``counts`` that
+    holds a group's share."""
+    chunks = triton.cdiv(max(width, 1), ch)
+    groups = triton.cdiv(chunks, counts[-1])
+    share = triton.cdiv(chunks, groups)
+    return groups, next(n for n in counts if n >= share)
+
+
+def merge_warps(kernel: str, nc: int, rows: int, ch: int, dtype) -> int:
+    """Warps of a merge kernel: 8 at least for the backward's token and meta passes (their ``S``
+    and ``G`` tiles and row scalings, not the accumulators, are what fills the registers) and for
+    float32's forward pass (tf32x3 operand splits), then enough that the fp32 accumulators take at
+    most 64 registers a thread, up to 16 warps — but at most 8 for the token pass, which needs more
+    than the 128 registers a thread 16 warps leave. Found with ``python -m vidkern.aot``, which
+    checks that none spills on sm_80/sm_90."""
+    if kernel == "lse":
+        return 4
+    floats = _ACCUMULATORS[kernel] * nc * rows * ch
+    warps = 8 if kernel in ("tokens", "meta") or (kernel == "fwd" and dtype == torch.float32) else 4
+    most = 8 if kernel == "tokens" else 16
+    while warps < most and floats > 64 * 32 * warps:
+        warps *= 2
+    return warps
+
+
+# =========================================================================== launchers
 @on_input_device
 def soft_merge_forward(u, idx, x, e, tau):
     """``u (B, L, Du)``, ``idx (B, L')``, ``x, e (B, L, D)`` any strides (``e`` may be a stride-0
     broadcast) -> ``(A, P, row_lse (B, L) fp32, col_sum (B, L') fp32)``."""
     b, length, du = u.shape
     lp, d = idx.shape[1], x.shape[2]
-    bm, bn, bk, bd = merge_blocks(x.dtype)
+    bm, bn, bk, ch = merge_blocks(x.dtype)
+    groups, nc = channel_split(d, ch, merge_chunks(x.dtype))
     a = torch.empty((b, lp, d), dtype=x.dtype, device=x.device)
     p = torch.empty((b, lp, d), dtype=e.dtype, device=x.device)
     lse = torch.empty((b, length), dtype=torch.float32, device=x.device)
@@ -252,11 +569,19 @@ def soft_merge_forward(u, idx, x, e, tau):
     for bs in batch_chunks(b):
         nb = bs.stop - bs.start
         _merge_lse_kernel[(triton.cdiv(length, bm), nb)](u[bs], idx[bs], lse[bs], *u.stride(), length, lp, du,
-                                                         1.0 / tau, BM=bm, BN=bn, BK=bk, PRECISION=prec)
-        _merge_fwd_kernel[(triton.cdiv(lp, bn), triton.cdiv(d, bd), nb)](
+                                                         1.0 / tau, BM=bm, BN=bn, BK=bk, PRECISION=prec,
+                                                         num_warps=merge_warps("lse", 1, bm, ch, x.dtype))
+        _merge_fwd_kernel[(triton.cdiv(lp, bn), groups, nb)](
             u[bs], idx[bs], x[bs], e[bs], lse[bs], a[bs], p[bs], col[bs], *u.stride(), *x.stride(), *e.stride(),
-            length, lp, du, d, 1.0 / tau, BM=bm, BN=bn, BK=bk, BD=bd, PRECISION=prec)
+            length, lp, du, d, 1.0 / tau, BM=bm, BN=bn, BK=bk, CH=ch, NC=nc, PRECISION=prec,
+            num_warps=merge_warps("fwd", nc, bn, ch, x.dtype))
     return a, p, lse, col
+
+
+def gamma_of(grad_a, grad_p, a, p):
+    """``gamma_j = A_j.dA_j + P_j.dP_j`` ``(B, L')`` fp32 (``= sum_n C[n, j] G[n, j]``, since
+    ``A = C^T X`` and ``P = C^T E``): tiny, left to torch."""
+    return ((grad_a.float() * a.float()).sum(-1) + (grad_p.float() * p.float()).sum(-1)).contiguous()
 
 
 @on_input_device
@@ -264,49 +589,58 @@ def soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, ta
     """Returns ``(du, dx, de)`` in the inputs' dtypes (contiguous)."""
     b, length, du_dim = u.shape
     lp, d = idx.shape[1], x.shape[2]
-    bm, bn, bk, bd = merge_blocks(x.dtype)
+    bm, bn, bk, ch = merge_blocks(x.dtype)
+    max_chunks = merge_chunks(x.dtype)
+    groups_u, nc_u = channel_split(du_dim, ch, max_chunks)      # dU (token pass), dV (meta pass)
+    groups_x, nc_x = channel_split(d, ch, max_chunks)           # dX, dE
     dx = torch.empty((b, length, d), dtype=x.dtype, device=x.device)
     de = torch.empty((b, length, d), dtype=e.dtype, device=x.device)
     du = torch.empty((b, length, du_dim), dtype=torch.float32, device=x.device)
     if b == 0:
         return du.to(u.dtype), dx, de
     idx = idx.contiguous()
-    # sum_n C[n, j] dC[n, j] = A_j.dA_j + P_j.dP_j, since A = C^T X and P = C^T E: (B, L'), tiny
-    gamma = ((grad_a.float() * a.float()).sum(-1) + (grad_p.float() * p.float()).sum(-1)).contiguous()
+    gamma = gamma_of(grad_a, grad_p, a, p)
     delta = torch.empty((b, length), dtype=torch.float32, device=x.device)
-    dv = torch.empty((b, lp, du_dim), dtype=torch.float32, device=x.device)
     prec = dot_precision(x.dtype)
     common = (*u.stride(), *x.stride(), *e.stride(), *grad_a.stride(), *grad_p.stride(), length, lp, du_dim, d,
               1.0 / tau)
     for bs in batch_chunks(b):
         nb = bs.stop - bs.start
         ins = tuple(t[bs] for t in (u, idx, x, e, grad_a, grad_p, row_lse, col_sum, gamma))
-        _merge_bwd_delta_kernel[(triton.cdiv(length, bm), nb)](*ins, delta[bs], *common,
-                                                               BM=bm, BN=bn, BK=bk, PRECISION=prec)
-        _merge_bwd_tokens_kernel[(triton.cdiv(length, bm), triton.cdiv(max(d, du_dim), bd), nb)](
-            *ins, delta[bs], du[bs], dx[bs], de[bs], *common, BM=bm, BN=bn, BK=bk, BD=bd, PRECISION=prec)
-        _merge_bwd_meta_kernel[(triton.cdiv(lp, bn), triton.cdiv(du_dim, bd), nb)](
-            *ins, delta[bs], dv[bs], *common, BM=bm, BN=bn, BK=bk, BD=bd, PRECISION=prec)
-    rows = torch.arange(b, device=x.device)[:, None]
-    du[rows, idx] += dv          # meta rows are distinct within a batch row: no accumulation races
+        _merge_bwd_tokens_kernel[(triton.cdiv(length, bm), groups_u, nb)](
+            *ins, delta[bs], du[bs], *common, BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_u, PRECISION=prec,
+            num_warps=merge_warps("tokens", nc_u, bm, ch, x.dtype))
+        _merge_bwd_dx_kernel[(triton.cdiv(length, bm), groups_x, nb)](
+            u[bs], idx[bs], grad_a[bs], grad_p[bs], row_lse[bs], col_sum[bs], dx[bs], de[bs], *u.stride(),
+            *grad_a.stride(), *grad_p.stride(), length, lp, du_dim, d, 1.0 / tau,
+            BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_x, PRECISION=prec, num_warps=merge_warps("dx", nc_x, bm, ch, x.dtype))
+        _merge_bwd_meta_kernel[(triton.cdiv(lp, bn), groups_u, nb)](
+            *ins, delta[bs], du[bs], *common, BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_u, PRECISION=prec,
+            num_warps=merge_warps("meta", nc_u, bn, ch, x.dtype))
     return du.to(u.dtype), dx, de
 
 
 MERGE_KERNELS = {"merge_lse": _merge_lse_kernel, "merge_fwd": _merge_fwd_kernel,
-                 "merge_bwd_delta": _merge_bwd_delta_kernel, "merge_bwd_tokens": _merge_bwd_tokens_kernel,
+                 "merge_bwd_tokens": _merge_bwd_tokens_kernel, "merge_bwd_dx": _merge_bwd_dx_kernel,
                  "merge_bwd_meta": _merge_bwd_meta_kernel}
 
 
 def aot_specs(dtype) -> list:
-    """The configurations the soft-merge launchers launch for inputs of ``dtype`` (``vidkern.aot``)."""
+    """The configurations the soft-merge launchers can launch for inputs of ``dtype``
+    (``vidkern.aot``): the lse kernel, and each chunked kernel at every ``NC`` of
+    ``merge_chunks(dtype)``."""
     import inspect
-    types = dict(IDX="*i64", LSE="*fp32", COL="*fp32", GAMMA="*fp32", DELTA="*fp32", DU_OUT="*fp32", DV="*fp32",
+    types = dict(IDX="*i64", LSE="*fp32", COL="*fp32", GAMMA="*fp32", DELTA="*fp32", DU_OUT="*fp32",
                  L="i32", LP="i32", DU="i32", D="i32", inv_tau="fp32")
-    blocks = dict(zip(("BM", "BN", "BK", "BD"), merge_blocks(dtype)))
+    bm, bn, bk, ch = merge_blocks(dtype)
+    blocks = dict(BM=bm, BN=bn, BK=bk, CH=ch)
     specs = []
     for name, fn in MERGE_KERNELS.items():
         params = inspect.signature(fn.fn).parameters
         consts = {k: v for k, v in blocks.items() if k in params}
-        consts["PRECISION"] = dot_precision(dtype)
-        specs.append(AotSpec("sttm", name, fn, dtype, consts, 4, types))
+        kernel = name.rsplit("_", 1)[-1]
+        for nc in (merge_chunks(dtype) if "NC" in params else [1]):
+            cfg = dict(consts, **({"NC": nc} if "NC" in params else {}), PRECISION=dot_precision(dtype))
+            rows = bm if kernel in ("lse", "tokens", "dx") else bn
+            specs.append(AotSpec("sttm", name, fn, dtype, cfg, merge_warps(kernel, nc, rows, ch, dtype), types))
     return specs
