@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import AotSpec, batch_chunks, dot_precision, on_input_device
+from .launch import AotSpec, batch_chunks, dot_precision, for_triton, on_input_device
 
 
 # =========================================================================== helpers
@@ -532,17 +532,23 @@ def channel_split(width: int, ch: int, counts: tuple) -> tuple:
     return groups, next(n for n in counts if n >= share)
 
 
+#: the least warps per kernel on the running Triton (``kernels.launch.for_triton``)
+MIN_WARPS = for_triton({}, {(3, 8): {"dx": 8}})
+
+
 def merge_warps(kernel: str, nc: int, rows: int, ch: int, dtype) -> int:
     """Warps of a merge kernel: 8 at least for the backward's token and meta passes (their ``S``
     and ``G`` tiles and row scalings, not the accumulators, are what fills the registers) and for
     float32's forward pass (tf32x3 operand splits), then enough that the fp32 accumulators take at
     most 64 registers a thread, up to 16 warps — but at most 8 for the token pass, which needs more
     than the 128 registers a thread 16 warps leave. Found with ``python -m vidkern.aot``, which
-    checks that none spills on sm_80/sm_90."""
+    checks that none spills on sm_80/sm_90. Triton before 3.8 spills the one-chunk 16-bit dX/dE
+    pass at 4 warps on sm_90 (128 registers, 8 bytes of stack): :data:`MIN_WARPS` gives it 8."""
     if kernel == "lse":
         return 4
     floats = _ACCUMULATORS[kernel] * nc * rows * ch
     warps = 8 if kernel in ("tokens", "meta") or (kernel == "fwd" and dtype == torch.float32) else 4
+    warps = max(warps, MIN_WARPS.get(kernel, 1))
     most = 8 if kernel == "tokens" else 16
     while warps < most and floats > 64 * 32 * warps:
         warps *= 2
