@@ -140,3 +140,25 @@ def test_cli_measure_runs_in_the_interpreter():
     formula, counted = lines[0], lines[1]
     assert formula[formula.index("bytes") + 1] == counted[counted.index("bytes") + 1]
     assert math.isfinite(float(formula[formula.index("model") + 1].replace(",", "")))
+
+
+def _merge_ratio(stage: dict, d: int, direction: str) -> float:
+    shape = Shape(**dict(stage, D=d, scores=False))
+    t = W.total("soft_merge", direction, "triton", shape)
+    return t["macs"] / t["useful_macs"]
+
+
+@pytest.mark.parametrize("d", [384, 768])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("stage", ["STAGE1", "STAGE2", "LONG"])
+def test_soft_merge_recompute_target_at_the_reference_shapes(stage, direction, d):
+    """Issue 13's target, macs/useful_macs <= 2, at the sttm_vit_b stages as the model runs them
+    (spatial 196 -> 98, spatio-temporal 784 -> 392) and the long clip. Not met by the spatial stage's
+    backward: 12 units of 7 useful, times the padding of 16-row tiles on 196 tokens and 98 meta tokens
+    (208/196 * 112/98 = 1.21) is 2.08 — recorded here as a strict xfail so that meeting it shows."""
+    from vidkern.work import report
+    ratio = _merge_ratio(getattr(report, stage), d, direction)
+    if stage == "STAGE1" and direction == "backward":
+        assert ratio == pytest.approx(12 / 7 * (208 / 196) * (112 / 98), rel=1e-3)
+        pytest.xfail(f"spatial-stage backward: macs/useful_macs = {ratio:.3f} > 2 (tile padding)")
+    assert ratio <= 2.0

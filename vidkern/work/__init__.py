@@ -75,6 +75,11 @@ class Shape:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def torch_dtype(self):
+        import torch
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
+
+    @property
     def rate(self) -> str:
         """The tensor-core rate key of a ``tl.dot`` on inputs of this dtype."""
         return "tf32x3" if self.dtype == "fp32" else self.dtype
@@ -103,6 +108,13 @@ class Launch:
     @property
     def model_us(self) -> float:
         return model_us(self.programs, self.bytes, self.macs, self.steps, self.rate)
+
+
+F32, I64 = 4, 8   # bytes of the fp32 statistics and int64 indices the kernels read and write
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def model_us(programs: int, nbytes: float, macs: float, steps: int = 1, rate: str = "bf16") -> float:

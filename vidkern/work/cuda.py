@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from . import SMS, Launch, Shape, formula, measure
+from . import SMS, Launch, Shape, cdiv, formula, measure
 
 THREADS = 256          # csrc: kThreads
 WARPS = THREADS // 32
@@ -31,9 +31,6 @@ CHANNELS = 64          # sttm.cu: kChannels
 GRAM_SCRATCH = 1 << 30  # sttm.cu: gram_chunk
 GEMM_TILE = 128        # the modelled cuBLAS output tile (programs of aten.bmm)
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _pack(shape: Shape) -> int:
@@ -58,23 +55,23 @@ def summary_launches(direction: str, shape: Shape, sms: int = SMS) -> list:
     b, n, d, isz = shape.B, shape.N, shape.D, shape.itemsize
     v = _pack(shape)
     ct, rt, c = _column_tile(v)
-    cb = _cdiv(d, c)
+    cb = cdiv(d, c)
     config = dict(V=v, block=(ct, rt))
     if direction == "forward":
-        wanted = _cdiv(2 * sms, cb * b)
+        wanted = cdiv(2 * sms, cb * b)
         splits = max(1, min(wanted, n // (2 * rt)))
         splits = min(splits, n)
-        rows = _cdiv(n, splits)
-        splits = _cdiv(n, rows)
+        rows = cdiv(n, splits)
+        splits = cdiv(n, rows)
         x = b * n * d * isz
         if splits == 1:
             return [Launch("summary_fwd", cb * b, x + b * d * (isz + 12), rate="fp32", config=dict(config, splits=1))]
         partial = b * splits * 3 * d * 4
         return [Launch("summary_fwd", cb * splits * b, x + partial, rate="fp32", config=dict(config, splits=splits)),
-                Launch("summary_merge", _cdiv(b * d, THREADS), partial + b * d * (isz + 12), rate="fp32",
+                Launch("summary_merge", cdiv(b * d, THREADS), partial + b * d * (isz + 12), rate="fp32",
                        config=dict(splits=splits))]
     rows = 8 * rt
-    rb = _cdiv(n, rows)
+    rb = cdiv(n, rows)
     # every thread loads its channels' (max, sum-exp, f) and df before its rows
     stats = b * rb * rt * d * (12 + isz)
     return [Launch("summary_bwd", cb * rb * b, 2 * b * n * d * isz + stats, rate="fp32",
@@ -83,7 +80,7 @@ def summary_launches(direction: str, shape: Shape, sms: int = SMS) -> list:
 
 def gate_launches(direction: str, shape: Shape) -> list:
     b, n, d, isz = shape.B, shape.N, shape.D, shape.itemsize
-    blocks = _cdiv(n, ROWS_PER_BLOCK)
+    blocks = cdiv(n, ROWS_PER_BLOCK)
     programs = blocks * b
     x = b * n * d * isz
     h = programs * d * isz            # each block stages g = sigmoid(h[b]) once
@@ -97,7 +94,7 @@ def gate_launches(direction: str, shape: Shape) -> list:
             Launch("token_softmax_bwd", b, 5 * b * n * 4, rate="fp32"),
             Launch("gate_bwd", programs, h + b * n * 5 * 4 + 3 * x + partial, rate="fp32",
                    config=dict(config, smem=(1 + WARPS) * d * 4)),
-            Launch("gate_dh", _cdiv(b * d, THREADS), partial + b * d * 2 * isz, rate="fp32")]
+            Launch("gate_dh", cdiv(b * d, THREADS), partial + b * d * 2 * isz, rate="fp32")]
 
 
 @formula("feature_summary", "cuda")
@@ -126,7 +123,7 @@ def select_launches(shape: Shape, k: int) -> list:
     out = []
     for b0 in range(0, b, chunk):
         p = min(chunk, b - b0)
-        out.append(Launch("aten.bmm", p * _cdiv(L, GEMM_TILE) ** 2, 2 * p * L * d * isz + p * L * L * 4,
+        out.append(Launch("aten.bmm", p * cdiv(L, GEMM_TILE) ** 2, 2 * p * L * d * isz + p * L * L * 4,
                           p * L * L * d, rate=rate, config=dict(out="fp32")))
         per = 4 * L + 8 * WARPS + (k - 1) * (L - 1) * 4 + 8 * k
         out.append(Launch("select_greedy", p, p * per, steps=k, rate="fp32",
@@ -165,15 +162,15 @@ def select_meta_tokens_cuda(direction: str, shape: Shape) -> list:
 # ------------------------------------------------------------------------------ soft merge
 def _tile_macs(k: int) -> int:
     """One 32 x 32 tile product over k columns, staged 32 at a time (padding included)."""
-    return TILE * TILE * TILE * _cdiv(k, TILE)
+    return TILE * TILE * TILE * cdiv(k, TILE)
 
 
 def merge_launches(direction: str, shape: Shape) -> list:
     b, L, lp, d, isz = shape.B, shape.L, shape.num_out, shape.D, shape.itemsize
     du = d                                   # u (the keys) has x's width
-    ni, nj = _cdiv(L, TILE), _cdiv(lp, TILE)
+    ni, nj = cdiv(L, TILE), cdiv(lp, TILE)
     if direction == "forward":
-        nc = _cdiv(d, CHANNELS)
+        nc = cdiv(d, CHANNELS)
         lse = Launch("merge_lse", ni * b, b * ((L * nj + ni * lp) * du * isz + ni * lp * 8 + L * 4),
                      b * ni * nj * _tile_macs(du), rate="fp32")
         fwd_bytes = (nc * lp * 8 + nj * nc * L * 4 + nc * (lp * ni + nj * L) * du * isz + nj * L * d * isz * 2
@@ -190,12 +187,12 @@ def merge_launches(direction: str, shape: Shape) -> list:
                    config=dict(of="A.dA + P.dP per meta token"))
     delta = Launch("merge_bwd_delta", ni * b, b * (pair_scalars + pair_tiles + L * 4),
                    b * (pair_macs + pairs * TILE * TILE), rate="fp32")
-    nct = _cdiv(max(d, du), CHANNELS)
+    nct = cdiv(max(d, du), CHANNELS)
     tokens = Launch("merge_bwd_tokens", ni * nct * b,
                     b * (nct * (L * 4 + pair_scalars + pair_tiles) + ni * lp * (du + 2 * d) * isz
                          + L * du * 4 + 2 * L * d * isz),
                     b * nct * (pair_macs + pairs * TILE * CHANNELS * TILE * 3), rate="fp32")
-    ncu = _cdiv(du, CHANNELS)
+    ncu = cdiv(du, CHANNELS)
     meta = Launch("merge_bwd_meta", nj * ncu * b,
                   b * (ncu * (nj * L * 4 + pair_scalars + pair_tiles) + nj * L * du * isz + lp * du * 4),
                   b * ncu * (pair_macs + pairs * TILE * CHANNELS * TILE), rate="fp32")
@@ -215,11 +212,6 @@ def soft_merge_cuda(direction: str, shape: Shape) -> list:
 
 
 # ------------------------------------------------------------------------------ counted
-def _torch_dtype(name: str):
-    import torch
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
 def run_counted(op: str, direction: str, shape: Shape, seed: int = 0) -> list:
     """Runs the cuda backend's kernels of ``op`` / ``direction`` at ``shape`` in the CPU emulator
     and returns the counted launches (:class:`vidkern.work.count.Counted`), in order. Only the
@@ -230,7 +222,7 @@ def run_counted(op: str, direction: str, shape: Shape, seed: int = 0) -> list:
     cuda.load_emulator()
     E = torch.ops.vidkern_emu
     g = torch.Generator().manual_seed(seed)
-    dt = _torch_dtype(shape.dtype)
+    dt = shape.torch_dtype
     if op in ("feature_summary", "team_gate"):
         x = torch.randn(shape.B, shape.N, shape.D, generator=g).to(dt)
         if op == "feature_summary":

@@ -18,12 +18,6 @@ import math
 
 from . import Launch, Shape, formula, measure, minimum
 
-_TORCH_DTYPES = {}
-
-
-def _torch_dtype(name: str):
-    import torch
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def group_sizes(shape: Shape) -> list:
@@ -45,7 +39,7 @@ def _mode(shape: Shape) -> int:
 
 def _config(kind: str, shape: Shape):
     from ..kernels import hsda as K
-    return K.pick_config(kind, shape.d, _torch_dtype(shape.dtype), 90), K.block_d(shape.d)
+    return K.pick_config(kind, shape.d, shape.torch_dtype, 90), K.block_d(shape.d)
 
 
 def _tiles(sizes, block):
@@ -154,7 +148,7 @@ def hsda_measure(direction: str, shape: Shape) -> list:
 
     from ..kernels import hsda as K
     from .count import dot_rate, triton_counts
-    dtype = _torch_dtype(shape.dtype)
+    dtype = shape.torch_dtype
     q, k, v = (torch.randn(shape.B, shape.H, shape.N, shape.d).to(dtype) for _ in range(3))
     scale = shape.d ** -0.5
     pattern, hg = shape.pattern, shape.global_heads

@@ -21,18 +21,10 @@ the final cast of ``dU``).
 """
 from __future__ import annotations
 
-from . import Launch, Shape, formula, measure, minimum
-
-F32, I64 = 4, 8
+from . import F32, I64, Launch, Shape, cdiv, formula, measure, minimum
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
-
-def _torch_dtype(name: str):
-    import torch
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def _merge():
@@ -50,15 +42,15 @@ def merge_launches(direction: str, shape: Shape) -> list:
     ``_merge_bwd_tokens_kernel``, ``_merge_bwd_dx_kernel``, ``_merge_bwd_meta_kernel``, ``aten._to_copy`` (dU to the inputs'
     dtype; none for fp32) — per batch chunk of the grid."""
     M = _merge()
-    dtype = _torch_dtype(shape.dtype)
+    dtype = shape.torch_dtype
     L, lp, d, isz, rate = shape.L, shape.num_out, shape.D, shape.itemsize, shape.rate
     du = d
     bm, bn, bk, ch = M.merge_blocks(dtype)
     max_chunks = M.merge_chunks(dtype)
-    tm, tn = _cdiv(L, bm), _cdiv(lp, bn)
+    tm, tn = cdiv(L, bm), cdiv(lp, bn)
 
     def kp(k):
-        return _cdiv(k, bk) * bk
+        return cdiv(k, bk) * bk
 
     out = []
     if direction == "forward":
@@ -141,7 +133,7 @@ def merge_inputs(shape: Shape, seed: int = 0):
     """``(u, idx, x, e)`` at ``shape``: normalised ``u``, ``L'`` distinct sorted picks per problem."""
     import torch
     g = torch.Generator().manual_seed(seed)
-    dtype = _torch_dtype(shape.dtype)
+    dtype = shape.torch_dtype
     b, L, lp, d = shape.B, shape.L, shape.num_out, shape.D
     u = torch.nn.functional.normalize(torch.randn(b, L, d, generator=g), dim=-1).to(dtype)
     x, e = (torch.randn(b, L, d, generator=g).to(dtype) for _ in range(2))

@@ -47,18 +47,10 @@ from __future__ import annotations
 
 import math
 
-from . import Launch, Shape, formula, measure, minimum
-
-F32, I64 = 4, 8
+from . import F32, I64, Launch, Shape, cdiv, formula, measure, minimum
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
-
-def _torch_dtype(name: str):
-    import torch
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def _sel():
@@ -85,7 +77,7 @@ def stream_launches(shape: Shape, k: int) -> list:
     S = _sel()
     b, n, d, s = shape.B, shape.L, shape.D, shape.itemsize
     block_l, block_d = S.SELECT_BLOCKS
-    tiles = _cdiv(n, block_l)
+    tiles = cdiv(n, block_l)
     norm = n * d * s + 2 * n * F32                          # X in; score = 0 and 1/|x| out
     step = F32 + tiles * d * s + n * d * s + 3 * n * F32 + I64   # 1/|x_cur|; x_cur per tile; X; inv, score in, score out; pick
     per = norm + 2 * I64 + (k - 1) * step                   # + start in, first pick out
@@ -106,17 +98,17 @@ def select_launches(shape: Shape, k: int) -> list:
     if k == 1:
         return [Launch("_greedy_kernel", b, b * greedy_bytes(n, 1), rate="fp32", config=greedy_cfg)]
     nb_l, nb_d = S.NORM_BLOCKS
-    out = [Launch("_inv_norm_kernel", b * _cdiv(n, nb_l), b * n * (d * s + F32), rate="fp32",
+    out = [Launch("_inv_norm_kernel", b * cdiv(n, nb_l), b * n * (d * s + F32), rate="fp32",
                   config=dict(BLOCK_L=nb_l, BLOCK_D=nb_d, num_warps=4))]
-    block, block_d, gwarps, stages = S.gram_config(_torch_dtype(shape.dtype))
-    tiles = _cdiv(n, block)
+    block, block_d, gwarps, stages = S.gram_config(shape.torch_dtype)
+    tiles = cdiv(n, block)
     pairs = tiles * (tiles + 1) // 2
     gram_cfg = dict(BLOCK=block, BLOCK_D=block_d, num_warps=gwarps, num_stages=stages, pairs=pairs)
     per = S.chunk_problems(n)
     for start in range(0, b, per):
         m = min(b, start + per) - start
         gram_bytes = m * (n * (tiles + 1) * (d * s + F32) + n * n * F32)
-        macs = m * pairs * block * block * _cdiv(d, block_d) * block_d
+        macs = m * pairs * block * block * cdiv(d, block_d) * block_d
         out.append(Launch("_gram_kernel", m * pairs, gram_bytes, macs, rate=shape.rate, config=gram_cfg))
         out.append(Launch("_greedy_kernel", m, m * greedy_bytes(n, k), steps=max(1, k - 1), rate="fp32",
                           config=greedy_cfg))
@@ -189,7 +181,7 @@ def step_bytes(launch: Launch, length: int) -> float:
 def _inputs(shape: Shape, seed: int = 0):
     import torch
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape.B, shape.L, shape.D, generator=g).to(_torch_dtype(shape.dtype))
+    x = torch.randn(shape.B, shape.L, shape.D, generator=g).to(shape.torch_dtype)
     start = torch.randint(0, shape.L, (shape.B,), generator=g)
     scores = torch.rand(shape.B, shape.L, generator=g).to(x.dtype)
     return x, start, scores

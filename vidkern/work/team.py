@@ -20,18 +20,10 @@ writes dX; plus each op's small inputs and outputs once (:func:`_minimum`).
 """
 from __future__ import annotations
 
-from . import Launch, Shape, formula, measure, minimum
-
-F32 = 4
+from . import F32, Launch, Shape, cdiv, formula, measure, minimum
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
-
-def _torch_dtype(name: str):
-    import torch
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def _team():
@@ -47,7 +39,7 @@ def summary_launches(direction: str, shape: Shape) -> list:
     b, n, d, isz = shape.B, shape.N, shape.D, shape.itemsize
     block_n, block_d, warps = T.summary_config(d)
     splits, rows = T.summary_splits(b, n, d)
-    programs = _cdiv(d, block_d) * splits * b
+    programs = cdiv(d, block_d) * splits * b
     config = dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, splits=splits, rows=rows)
     x = b * n * d * isz
     if direction == "forward":
@@ -55,7 +47,7 @@ def summary_launches(direction: str, shape: Shape) -> list:
         mb, mw = T.SMALL_CONFIG
         merge = b * splits * 3 * d * F32 + b * d * isz + b * 3 * d * F32   # states in; f, stats out
         return [Launch("_summary_fwd_kernel", programs, x + b * splits * 3 * d * F32, rate="fp32", config=config),
-                Launch("_summary_merge_kernel", _cdiv(d, mb) * b, merge, rate="fp32",
+                Launch("_summary_merge_kernel", cdiv(d, mb) * b, merge, rate="fp32",
                        config=dict(BLOCK_D=mb, num_warps=mw, splits=splits))]
     # per program its channels' stats (3 fp32) and df; X read and dX written once
     per_split = b * d * (3 * F32 + isz)
@@ -76,7 +68,7 @@ def gate_launches(direction: str, shape: Shape) -> list:
     b, n, d, isz = shape.B, shape.N, shape.D, shape.itemsize
     block_n, block_d, warps = T.rows_config(d)
     rows = T.gate_rows(b, n, d)
-    blocks = _cdiv(n, rows)
+    blocks = cdiv(n, rows)
     programs = blocks * b
     config = dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, rows=rows)
     x = b * n * d * isz
@@ -93,7 +85,7 @@ def gate_launches(direction: str, shape: Shape) -> list:
     dh_k = b * blocks * d * F32 + 2 * b * d * isz                               # DG; h in, dh out
     return [Launch("_gate_bwd_rows_kernel", programs, rows_k, rate="fp32", config=config),
             Launch("_gate_bwd_kernel", programs, bwd_k, rate="fp32", config=config),
-            Launch("_gate_dh_kernel", _cdiv(d, mb) * b, dh_k, rate="fp32",
+            Launch("_gate_dh_kernel", cdiv(d, mb) * b, dh_k, rate="fp32",
                    config=dict(BLOCK_D=mb, num_warps=mw, blocks=blocks))]
 
 
@@ -150,7 +142,7 @@ def pass_bytes(op: str, direction: str, shape: Shape) -> int:
 def _inputs(shape: Shape, seed: int = 0):
     import torch
     g = torch.Generator().manual_seed(seed)
-    dtype = _torch_dtype(shape.dtype)
+    dtype = shape.torch_dtype
     x = (torch.randn(shape.B, shape.N, shape.D, generator=g) * 2).to(dtype)
     h = torch.randn(shape.B, shape.D, generator=g).to(dtype)
     return x, h, torch.randn(shape.B, shape.N, shape.D, generator=g).to(dtype)
