@@ -90,6 +90,18 @@ def chunk_problems(length: int) -> int:
     return max(1, GRAM_SCRATCH_BYTES // (4 * length * length))
 
 
+@triton.jit
+def _inv_norms(xb, offs, sxl, sxd, L, D, EPS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``1 / max(|x_l|, eps)`` (fp32, IEEE square root) of rows ``offs`` of one problem, read once."""
+    ss = tl.zeros([BLOCK_L], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        od = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(xb + offs[:, None] * sxl + od[None, :] * sxd, mask=(offs < L)[:, None] & (od < D)[None, :],
+                    other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, 1)
+    return 1.0 / tl.maximum(tl.sqrt_rn(ss), EPS)
+
+
 # =========================================================================== Gram regime
 @triton.jit
 def _inv_norm_kernel(X, INV, sxb, sxl, sxd, L, D, TL, EPS: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -99,14 +111,7 @@ def _inv_norm_kernel(X, INV, sxb, sxl, sxd, L, D, TL, EPS: tl.constexpr, BLOCK_L
     pid = tl.program_id(0)
     b = (pid // TL).to(tl.int64)
     offs = (pid % TL) * BLOCK_L + tl.arange(0, BLOCK_L)
-    xb = X + b * sxb
-    ss = tl.zeros([BLOCK_L], tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        od = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(xb + offs[:, None] * sxl + od[None, :] * sxd, mask=(offs < L)[:, None] & (od < D)[None, :],
-                    other=0.0).to(tl.float32)
-        ss += tl.sum(x * x, 1)
-    tl.store(INV + b * L + offs, 1.0 / tl.maximum(tl.sqrt_rn(ss), EPS), mask=offs < L)
+    tl.store(INV + b * L + offs, _inv_norms(X + b * sxb, offs, sxl, sxd, L, D, EPS, BLOCK_L, BLOCK_D), mask=offs < L)
 
 
 @triton.jit
@@ -174,13 +179,7 @@ def _stream_select_kernel(X, START, OUT, WORK, sxb, sxl, sxd, L, D, K, EPS: tl.c
     inv_norm = score + L
     for t in range(0, L, BLOCK_L):
         offs = t + tl.arange(0, BLOCK_L)
-        ss = tl.zeros([BLOCK_L], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            od = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(xb + offs[:, None] * sxl + od[None, :] * sxd, mask=(offs < L)[:, None] & (od < D)[None, :],
-                        other=0.0).to(tl.float32)
-            ss += tl.sum(x * x, 1)
-        tl.store(inv_norm + offs, 1.0 / tl.maximum(tl.sqrt_rn(ss), EPS), mask=offs < L)
+        tl.store(inv_norm + offs, _inv_norms(xb, offs, sxl, sxd, L, D, EPS, BLOCK_L, BLOCK_D), mask=offs < L)
         tl.store(score + offs, tl.zeros([BLOCK_L], tl.float32), mask=offs < L)
     cur = tl.load(START + b).to(tl.int32)
     tl.store(OUT + b * K, cur.to(tl.int64))

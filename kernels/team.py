@@ -38,6 +38,12 @@ _PART_BLOCK = tl.constexpr(128)
 
 # =========================================================================== feature_summary
 @triton.jit
+def _rows_f32(base, offs_n, offs_d, sn, sd, mask):
+    """Tokens ``offs_n`` x channels ``offs_d`` of one batch row, in fp32 (masked entries 0)."""
+    return tl.load(base + offs_n[:, None] * sn + offs_d[None, :] * sd, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _summary_fwd_kernel(X, PART, sxb, sxn, sxd, N, D, rows, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (channel block, split, batch) over tokens ``[split * rows, (split + 1) * rows)``:
     PART[b, split, :, c] = (max, sum-exp, softmax-weighted mean) of X[b, tokens, c] (fp32)."""
@@ -115,7 +121,7 @@ def _summary_bwd_kernel(X, STATS, DF, DX, sxb, sxn, sxd, sdfb, sdfd, N, D, rows,
     for start in range(n0, n1, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask = (offs_n < n1)[:, None] & mask_d[None, :]
-        x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+        x = _rows_f32(X + b * sxb, offs_n, offs_d, sxn, sxd, mask)
         p = tl.exp(x - m[None, :]) / s[None, :]
         dx = p * (1.0 + x - f[None, :]) * df[None, :]
         tl.store(DX + b * N * D + offs_n[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mask)
@@ -212,6 +218,16 @@ def _gate_apply_kernel(X, H, S0, PART, S, Y, sxb, sxn, sxd, shb, shd, N, D, rows
 
 
 @triton.jit
+def _x_dy_rows(X, DY, b, start, N, offs_d, mask_d, sxb, sxn, sxd, syb, syn, syd, BLOCK_N: tl.constexpr):
+    """Tokens ``start ... start + BLOCK_N`` of X and dY (fp32), with their token and tile masks."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & mask_d[None, :]
+    return (offs_n, mask_n, mask, _rows_f32(X + b * sxb, offs_n, offs_d, sxn, sxd, mask),
+            _rows_f32(DY + b * syb, offs_n, offs_d, syn, syd, mask))
+
+
+@triton.jit
 def _gate_bwd_rows_kernel(X, H, DY, S, DS, PART, sxb, sxn, sxd, shb, shd, syb, syn, syd, N, D, rows,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (row block, batch): per token ds = sum_c dY X' (the gradient reaching the token
@@ -221,11 +237,8 @@ def _gate_bwd_rows_kernel(X, H, DY, S, DS, PART, sxb, sxn, sxd, shb, shd, syb, s
     acc = tl.zeros([BLOCK_N], tl.float32)
     n0 = blk * rows
     for start in range(n0, tl.minimum(n0 + rows, N), BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask = mask_n[:, None] & mask_d[None, :]
-        x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + b * syb + offs_n[:, None] * syn + offs_d[None, :] * syd, mask=mask, other=0.0).to(tl.float32)
+        offs_n, mask_n, mask, x, dy = _x_dy_rows(X, DY, b, start, N, offs_d, mask_d, sxb, sxn, sxd, syb, syn, syd,
+                                                 BLOCK_N)
         ds = tl.sum(dy * g[None, :] * x, 1)
         tl.store(DS + b * N + offs_n, ds, mask=mask_n)
         acc += tl.load(S + b * N + offs_n, mask=mask_n, other=0.0) * ds
@@ -248,11 +261,8 @@ def _gate_bwd_kernel(X, H, DY, S, DS, PART, DX, DG, sxb, sxn, sxd, shb, shd, syb
     dg = tl.zeros([BLOCK_D], tl.float32)
     n0 = blk * rows
     for start in range(n0, tl.minimum(n0 + rows, N), BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask = mask_n[:, None] & mask_d[None, :]
-        x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + b * syb + offs_n[:, None] * syn + offs_d[None, :] * syd, mask=mask, other=0.0).to(tl.float32)
+        offs_n, mask_n, mask, x, dy = _x_dy_rows(X, DY, b, start, N, offs_d, mask_d, sxb, sxn, sxd, syb, syn, syd,
+                                                 BLOCK_N)
         s = tl.load(S + b * N + offs_n, mask=mask_n, other=0.0)
         ds0 = s * (tl.load(DS + b * N + offs_n, mask=mask_n, other=0.0) - sds)
         xp = g[None, :] * x

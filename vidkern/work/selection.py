@@ -45,6 +45,8 @@ at the reference shapes).
 """
 from __future__ import annotations
 
+import functools
+
 import math
 
 from . import F32, I64, Launch, Shape, cdiv, formula, measure, minimum
@@ -159,15 +161,11 @@ def _minimum(op: str, direction: str, shape: Shape) -> tuple:
     useful = b * d * ((k - 1) * (n - 1) - (k - 1) * (k - 2) // 2)
     return x + io, useful
 
-
-@minimum("orthogonal_select")
-def orthogonal_select_minimum(direction: str, shape: Shape) -> tuple:
-    return _minimum("orthogonal_select", direction, shape)
+for _op in ("orthogonal_select", "select_meta_tokens"):   # both ops' minima: one rule
+    minimum(_op)(functools.partial(_minimum, _op))
 
 
-@minimum("select_meta_tokens")
-def select_meta_tokens_minimum(direction: str, shape: Shape) -> tuple:
-    return _minimum("select_meta_tokens", direction, shape)
+
 
 
 def step_bytes(launch: Launch, length: int) -> float:
