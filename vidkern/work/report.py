@@ -20,6 +20,9 @@ LONG = dict(B=1, L=12544, N=12544, num_out=6272, D=768, dtype="bf16")
 REFERENCE = [
     ("ViT-B B=32 checkerboard 6+6", "hsda", Shape(B=32, N=1568, grid=(8, 14, 14), **_VIT_B)),
     ("ViT-B B=32 temporal 6+6", "hsda", Shape(B=32, N=1568, grid=(8, 14, 14), pattern="temporal", **_VIT_B)),
+    # the temporal heads alone (T = 8 queries per group): what a tile per group wastes (issue 14)
+    ("ViT-B B=32 temporal heads only", "hsda", Shape(B=32, N=1568, grid=(8, 14, 14), pattern="temporal",
+                                                     num_global_heads=0, **_VIT_B)),
     ("ViT-B B=32", "feature_summary", Shape(B=32, N=1568, **_VIT_B)),
     ("ViT-B B=8", "feature_summary", Shape(B=8, N=1568, **_VIT_B)),
     ("long clip B=1", "feature_summary", Shape(B=1, N=12544, **_VIT_B)),
