@@ -83,13 +83,12 @@ def test_selection_never_picks_a_token_twice(kernels):
     assert torch.equal(got.cpu(), R.orthogonal_select(x.double(), 40, torch.tensor([3])).cpu())
 
 
+@pytest.mark.parametrize("kernels", ["triton"], indirect=True)   # the Gram chunks are the triton launcher's
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_selection_gram_in_chunks(dtype, kernels, monkeypatch, poison):
     """Triton: a Gram scratch of two problems, so 5 problems run in chunks of 2, 2, 1 (the scratch
     is reused; a stale or unwritten entry would show as a wrong pick or a NaN)."""
     backend, dev = kernels
-    if backend != "triton":
-        pytest.skip("the Gram chunks are the triton launcher's")
     from vidkern.kernels import selection
     b, length, d, k = 5, 37, 20, 30
     monkeypatch.setattr(selection, "GRAM_SCRATCH_BYTES", 2 * 4 * length * length + 5)
@@ -100,13 +99,12 @@ def test_selection_gram_in_chunks(dtype, kernels, monkeypatch, poison):
     assert_greedy_picks(got, x, start)
 
 
+@pytest.mark.parametrize("kernels", ["triton"], indirect=True)   # the fallback is the triton launcher's
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_selection_streaming_fallback(dtype, kernels, monkeypatch):
     """Triton: above GREEDY_MAX_L tokens the launcher streams X every step instead of building the
     Gram matrix (lowered here to 32): the same rule, ties included."""
     backend, dev = kernels
-    if backend != "triton":
-        pytest.skip("the fallback is the triton launcher's")
     from vidkern.kernels import selection
     monkeypatch.setattr(selection, "GREEDY_MAX_L", 32)
     x = torch.randn(2, 49, 24).to(dtype)
