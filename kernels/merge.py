@@ -18,8 +18,8 @@ no power-of-two padding of the channel axis). Only a ``D`` wider than 6 chunks (
 channels over programs (``channel_split``), each recomputing ``S``/``G``. The explicit
 accumulator slots (``SLOTS``) are unrolled with constexpr guards; the chunk loads share one offset
 tensor (``_tile``) so the compiler does not hoist a pointer tensor per chunk out of the loops. Tiles are 16 x 16 (the
-smallest ``tl.dot``) to keep both the registers and the ragged-tile padding small (196 -> 147:
-1.155x).
+smallest ``tl.dot``) to keep both the registers and the ragged-tile padding small (196 -> 98:
+208 x 112 computed for 196 x 98, 1.21x).
 
 - forward pass 1 (``_merge_lse_kernel``, per token tile): ``lse[n] = logsumexp_j S[n, j]``, online
   over meta tiles (1U);
@@ -41,8 +41,14 @@ smallest ``tl.dot``) to keep both the registers and the ragged-tile padding smal
 - backward pass 3 (``_merge_bwd_meta_kernel``, per meta tile): ``S``, ``G`` once, ``dS`` (with
   ``delta``), ``dV = dS^T U`` (1U), added in place to the rows ``idx`` of ``dU`` (meta rows are
   distinct within a problem: no races). 4U. Backward total 12U (vs 151U; the classic three
-  passes — delta, token, meta — would be 13U, over 2x useful with stage 1's ragged tiles:
-  13/7 x 1.155; 12U gives 1.98 there, 1.71 with whole tiles).
+  passes — delta, token, meta — would be 13U).
+- **Stored scores** (``stores_scores``: when ``2 L' 4 <= 3 D itemsize``, i.e. an fp32 ``(L, L')``
+  pair of scratch tensors no larger than the token gradients, so memory stays ``O(L D)``): the
+  token pass also writes ``C1`` and ``dC1`` (fp32, exactly the values it computed), the dX/dE pass
+  reads ``C1`` (2U) and the meta pass ``C1``, ``dC1`` (1U) instead of recomputing ``S`` and ``G``.
+  8U, with bit-identical results. It is what keeps sttm_vit_b's spatial stage (196 -> 98 tokens,
+  16-row tiles padded to 208 x 112: 1.21x) within twice the useful work: 8/7 x 1.21 = 1.39
+  (12U would give 2.08); the long clip (L' = 6272) recomputes, 12/7 with whole tiles.
 
 fp32 accumulation throughout; fp32 inputs use tf32x3 products (as in the HSDA kernels) and keep
 fewer chunks resident (their products need about twice the registers). The backward's ``dS``,
@@ -158,6 +164,18 @@ def _tok_store(DU_OUT, u, q, corr, inv_tau, rows, mask_m, c0, DU, CH: tl.constex
 @triton.jit
 def _meta_chunk(v, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0, DU, CH: tl.constexpr, PRECISION: tl.constexpr):
     return v + tl.dot(dsw, _tile(UB, offs_m, mask_m, sul, sud, c0, DU, CH), input_precision=PRECISION) * dsu[:, None]
+
+
+@triton.jit
+def _score_put(PTR, val, b, offs_m, mask_m, offs_n, mask_n, L, LP):
+    """One (BM, BN) tile of a contiguous fp32 ``(B, L, L')`` score scratch, valid pairs only."""
+    tl.store(PTR + (b * L + offs_m)[:, None] * LP + offs_n[None, :], val, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _score_get(PTR, b, offs_m, mask_m, offs_n, mask_n, L, LP):
+    return tl.load(PTR + (b * L + offs_m)[:, None] * LP + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
+                   other=0.0)
 
 
 @triton.jit
@@ -280,14 +298,15 @@ def _merge_tile(UB, XB, EB, DAB, DPB, offs_m, mask_m, meta, offs_n, mask_n, lse,
 
 
 @triton.jit
-def _merge_bwd_tokens_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
+def _merge_bwd_tokens_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT, C1S, DC1S,
                              sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, sab, sal, sad, spb, spl, spd,
                              L, LP, DU, D, inv_tau,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
-                             NC: tl.constexpr, PRECISION: tl.constexpr):
+                             NC: tl.constexpr, STORED: tl.constexpr, PRECISION: tl.constexpr):
     """Per (token tile, channel group), one sweep over the meta tiles: ``DELTA`` and ``dU = dS V``
     (fp32, without the scatter of ``dV``; contiguous), from ``R = C1 (dC1 - r) V`` and ``Q = C1 V``
-    (module docstring)."""
+    (module docstring). ``STORED``: channel group 0 also writes ``C1`` and ``dC1`` (fp32
+    ``(B, L, L')``, valid pairs only) for the dX/dE and meta passes."""
     b = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     c0 = tl.program_id(1) * (NC * CH)
@@ -317,6 +336,10 @@ def _merge_bwd_tokens_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OU
         c1, c, dc1 = _merge_tile(UB, XB, EB, DAB, DPB, offs_m, mask_m, meta, offs_n, mask_n, lse, col, gamma,
                                  sul, sud, sxl, sxd, sel, sed, sal, sad, spl, spd, DU, D, inv_tau,
                                  BM, BN, BK, PRECISION)
+        if STORED:
+            if tl.program_id(1) == 0:
+                _score_put(C1S, c1, b, offs_m, mask_m, offs_n, mask_n, L, LP)
+                _score_put(DC1S, dc1, b, offs_m, mask_m, offs_n, mask_n, L, LP)
         part = tl.sum(c1 * dc1, 1)
         delta += part
         # r: the first meta tile's C1-weighted mean of dC1, the reference the 16-bit operand is taken from
@@ -360,13 +383,14 @@ def _merge_bwd_tokens_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OU
 
 
 @triton.jit
-def _merge_bwd_dx_kernel(U, IDX, DA, DP, LSE, COL, DX, DE, sub, sul, sud, sab, sal, sad, spb, spl, spd,
+def _merge_bwd_dx_kernel(U, IDX, DA, DP, LSE, COL, DX, DE, C1S, sub, sul, sud, sab, sal, sad, spb, spl, spd,
                          L, LP, DU, D, inv_tau,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
-                         NC: tl.constexpr, PRECISION: tl.constexpr):
+                         NC: tl.constexpr, STORED: tl.constexpr, PRECISION: tl.constexpr):
     """Per (token tile, channel group), one sweep over the meta tiles: ``dX = C dA``, ``dE = C dP``
     (contiguous). Only ``S`` is needed (not ``G``), so this is its own pass: beside the token pass's
-    two accumulators per chunk, two more would not fit the registers at D = 768."""
+    two accumulators per chunk, two more would not fit the registers at D = 768. ``STORED``: ``C1``
+    is read from the token pass's ``C1S`` instead of recomputed."""
     b = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     c0 = tl.program_id(1) * (NC * CH)
@@ -374,7 +398,8 @@ def _merge_bwd_dx_kernel(U, IDX, DA, DP, LSE, COL, DX, DE, sub, sul, sud, sab, s
     UB = U + b * sub
     DAB = DA + b * sab
     DPB = DP + b * spb
-    lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
+    if not STORED:
+        lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
     x0, e0 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
     x1, e1 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
     x2, e2 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
@@ -386,11 +411,14 @@ def _merge_bwd_dx_kernel(U, IDX, DA, DP, LSE, COL, DX, DE, sub, sul, sud, sab, s
     for n0 in range(0, LP, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < LP
-        meta = tl.load(IDX + b * LP + offs_n, mask=mask_n, other=0)
         col = tl.load(COL + b * LP + offs_n, mask=mask_n, other=1.0)
         valid = mask_m[:, None] & mask_n[None, :]
-        s = _rows_dot(UB, offs_m, mask_m, sul, sud, UB, meta, mask_n, sul, sud, DU, BM, BN, BK, PRECISION) * inv_tau
-        c1 = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        if STORED:
+            c1 = _score_get(C1S, b, offs_m, mask_m, offs_n, mask_n, L, LP)
+        else:
+            meta = tl.load(IDX + b * LP + offs_n, mask=mask_n, other=0)
+            s = _rows_dot(UB, offs_m, mask_m, sul, sud, UB, meta, mask_n, sul, sud, DU, BM, BN, BK, PRECISION) * inv_tau
+            c1 = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         c = tl.where(valid, tl.exp(c1) / col[None, :], 0.0)
         cw, cu = _scaled(c, DA.dtype.element_ty)
         x0, e0 = _dx_chunk(x0, e0, cw, cu, DAB, DPB, offs_n, mask_n, sal, sad, spl, spd, c0 + 0 * CH, D, CH, PRECISION)
@@ -427,13 +455,14 @@ def _merge_bwd_dx_kernel(U, IDX, DA, DP, LSE, COL, DX, DE, sub, sul, sud, sab, s
 
 
 @triton.jit
-def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
+def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT, C1S, DC1S,
                            sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, sab, sal, sad, spb, spl, spd,
                            L, LP, DU, D, inv_tau,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
-                           NC: tl.constexpr, PRECISION: tl.constexpr):
+                           NC: tl.constexpr, STORED: tl.constexpr, PRECISION: tl.constexpr):
     """Per (meta tile, channel group): ``dV = dS^T U`` streamed over token tiles, added to the rows
-    ``idx`` of ``DU_OUT`` (fp32, contiguous)."""
+    ``idx`` of ``DU_OUT`` (fp32, contiguous). ``STORED``: ``C1`` and ``dC1`` are read from the token
+    pass's ``C1S``/``DC1S`` instead of recomputed (no ``S``, no ``G``)."""
     b = tl.program_id(2).to(tl.int64)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     c0 = tl.program_id(1) * (NC * CH)
@@ -444,8 +473,9 @@ def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
     DAB = DA + b * sab
     DPB = DP + b * spb
     meta = tl.load(IDX + b * LP + offs_n, mask=mask_n, other=0)
-    col = tl.load(COL + b * LP + offs_n, mask=mask_n, other=1.0)
-    gamma = tl.load(GAMMA + b * LP + offs_n, mask=mask_n, other=0.0)
+    if not STORED:
+        col = tl.load(COL + b * LP + offs_n, mask=mask_n, other=1.0)
+        gamma = tl.load(GAMMA + b * LP + offs_n, mask=mask_n, other=0.0)
     v0 = tl.zeros([BN, CH], tl.float32)
     v1 = tl.zeros([BN, CH], tl.float32)
     v2 = tl.zeros([BN, CH], tl.float32)
@@ -457,11 +487,15 @@ def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
     for m0 in range(0, L, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < L
-        lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + b * L + offs_m, mask=mask_m, other=0.0)
-        c1, c, dc1 = _merge_tile(UB, XB, EB, DAB, DPB, offs_m, mask_m, meta, offs_n, mask_n, lse, col, gamma,
-                                 sul, sud, sxl, sxd, sel, sed, sal, sad, spl, spd, DU, D, inv_tau,
-                                 BM, BN, BK, PRECISION)
+        if STORED:
+            c1 = _score_get(C1S, b, offs_m, mask_m, offs_n, mask_n, L, LP)
+            dc1 = _score_get(DC1S, b, offs_m, mask_m, offs_n, mask_n, L, LP)
+        else:
+            lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
+            c1, c, dc1 = _merge_tile(UB, XB, EB, DAB, DPB, offs_m, mask_m, meta, offs_n, mask_n, lse, col, gamma,
+                                     sul, sud, sxl, sxd, sel, sed, sal, sad, spl, spd, DU, D, inv_tau,
+                                     BM, BN, BK, PRECISION)
         ds = c1 * (dc1 - delta[:, None]) * inv_tau                      # (BM, BN)
         dsw, dsu = _scaled(tl.trans(ds), U.dtype.element_ty)
         v0 = _meta_chunk(v0, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0 + 0 * CH, DU, CH, PRECISION)
@@ -530,6 +564,16 @@ def channel_split(width: int, ch: int, counts: tuple) -> tuple:
     groups = triton.cdiv(chunks, counts[-1])
     share = triton.cdiv(chunks, groups)
     return groups, next(n for n in counts if n >= share)
+
+
+def stores_scores(lp: int, d: int, itemsize: int) -> bool:
+    """Whether the backward keeps ``C1`` and ``dC1`` (fp32 ``(B, L, L')`` each) from the token pass
+    for the dX/dE and meta passes instead of recomputing ``S`` (and ``G``) there — 8U instead of
+    12U (module docstring) — when that scratch, ``2 L L' 4`` bytes a problem, is no larger than the
+    token gradients it serves (``dU``, ``dX``, ``dE``: ``3 L D`` elements of ``itemsize``), so peak
+    memory stays ``O(L D)``: few meta tokens per channel, as in sttm_vit_b's spatial stage
+    (``L' = 98``, D = 384 or 768)."""
+    return 2 * lp * 4 <= 3 * d * itemsize
 
 
 #: the least warps per kernel on the running Triton (``kernels.launch.for_triton``)
@@ -607,22 +651,27 @@ def soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, ta
     idx = idx.contiguous()
     gamma = gamma_of(grad_a, grad_p, a, p)
     delta = torch.empty((b, length), dtype=torch.float32, device=x.device)
+    stored = stores_scores(lp, d, x.element_size())
+    c1s, dc1s = ((torch.empty((b, length, lp), dtype=torch.float32, device=x.device) for _ in range(2))
+                 if stored else (delta, delta))    # unused pointers without STORED
     prec = dot_precision(x.dtype)
     common = (*u.stride(), *x.stride(), *e.stride(), *grad_a.stride(), *grad_p.stride(), length, lp, du_dim, d,
               1.0 / tau)
     for bs in batch_chunks(b):
         nb = bs.stop - bs.start
         ins = tuple(t[bs] for t in (u, idx, x, e, grad_a, grad_p, row_lse, col_sum, gamma))
+        scores = (c1s[bs], dc1s[bs]) if stored else (c1s, dc1s)
         _merge_bwd_tokens_kernel[(triton.cdiv(length, bm), groups_u, nb)](
-            *ins, delta[bs], du[bs], *common, BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_u, PRECISION=prec,
-            num_warps=merge_warps("tokens", nc_u, bm, ch, x.dtype))
+            *ins, delta[bs], du[bs], *scores, *common, BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_u, STORED=stored,
+            PRECISION=prec, num_warps=merge_warps("tokens", nc_u, bm, ch, x.dtype))
         _merge_bwd_dx_kernel[(triton.cdiv(length, bm), groups_x, nb)](
-            u[bs], idx[bs], grad_a[bs], grad_p[bs], row_lse[bs], col_sum[bs], dx[bs], de[bs], *u.stride(),
-            *grad_a.stride(), *grad_p.stride(), length, lp, du_dim, d, 1.0 / tau,
-            BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_x, PRECISION=prec, num_warps=merge_warps("dx", nc_x, bm, ch, x.dtype))
+            u[bs], idx[bs], grad_a[bs], grad_p[bs], row_lse[bs], col_sum[bs], dx[bs], de[bs], scores[0],
+            *u.stride(), *grad_a.stride(), *grad_p.stride(), length, lp, du_dim, d, 1.0 / tau,
+            BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_x, STORED=stored, PRECISION=prec,
+            num_warps=merge_warps("dx", nc_x, bm, ch, x.dtype))
         _merge_bwd_meta_kernel[(triton.cdiv(lp, bn), groups_u, nb)](
-            *ins, delta[bs], du[bs], *common, BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_u, PRECISION=prec,
-            num_warps=merge_warps("meta", nc_u, bn, ch, x.dtype))
+            *ins, delta[bs], du[bs], *scores, *common, BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_u, STORED=stored,
+            PRECISION=prec, num_warps=merge_warps("meta", nc_u, bn, ch, x.dtype))
     return du.to(u.dtype), dx, de
 
 
@@ -634,10 +683,10 @@ MERGE_KERNELS = {"merge_lse": _merge_lse_kernel, "merge_fwd": _merge_fwd_kernel,
 def aot_specs(dtype) -> list:
     """The configurations the soft-merge launchers can launch for inputs of ``dtype``
     (``vidkern.aot``): the lse kernel, and each chunked kernel at every ``NC`` of
-    ``merge_chunks(dtype)``."""
+    ``merge_chunks(dtype)`` (the backward's with and without ``STORED`` scores)."""
     import inspect
     types = dict(IDX="*i64", LSE="*fp32", COL="*fp32", GAMMA="*fp32", DELTA="*fp32", DU_OUT="*fp32",
-                 L="i32", LP="i32", DU="i32", D="i32", inv_tau="fp32")
+                 C1S="*fp32", DC1S="*fp32", L="i32", LP="i32", DU="i32", D="i32", inv_tau="fp32")
     bm, bn, bk, ch = merge_blocks(dtype)
     blocks = dict(BM=bm, BN=bn, BK=bk, CH=ch)
     specs = []
@@ -646,7 +695,9 @@ def aot_specs(dtype) -> list:
         consts = {k: v for k, v in blocks.items() if k in params}
         kernel = name.rsplit("_", 1)[-1]
         for nc in (merge_chunks(dtype) if "NC" in params else [1]):
-            cfg = dict(consts, **({"NC": nc} if "NC" in params else {}), PRECISION=dot_precision(dtype))
-            rows = bm if kernel in ("lse", "tokens", "dx") else bn
-            specs.append(AotSpec("sttm", name, fn, dtype, cfg, merge_warps(kernel, nc, rows, ch, dtype), types))
+            for stored in ((False, True) if "STORED" in params else (None,)):
+                cfg = dict(consts, **({"NC": nc} if "NC" in params else {}),
+                           **({"STORED": stored} if stored is not None else {}), PRECISION=dot_precision(dtype))
+                rows = bm if kernel in ("lse", "tokens", "dx") else bn
+                specs.append(AotSpec("sttm", name, fn, dtype, cfg, merge_warps(kernel, nc, rows, ch, dtype), types))
     return specs

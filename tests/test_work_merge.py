@@ -15,10 +15,18 @@ pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="counts run i
               pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")]  # bf16 interpreted dots
 
 SMALL = [  # (B, L, L', D, dtype): L, L' not multiples of the 16-row tiles
-    (2, 37, 19, 24, "fp32"),
+    (2, 37, 19, 24, "fp32"),   # these three keep the backward's scores (merge.stores_scores)
     (1, 50, 25, 40, "fp16"),
     (2, 33, 17, 64, "bf16"),   # counting bf16 is fine; its interpreted values are not checked
+    (2, 45, 30, 16, "fp32"),   # these two recompute S and G in every backward pass
+    (1, 41, 35, 24, "fp16"),
 ]
+
+
+def test_small_shapes_cover_both_backward_designs():
+    from vidkern.kernels.merge import stores_scores
+    kept = [stores_scores(lp, d, Shape(dtype=dt).itemsize) for _, _, lp, d, dt in SMALL]
+    assert kept == [True, True, True, False, False]
 
 
 def _agree(formula, counted):
@@ -70,8 +78,11 @@ def test_the_agreement_check_can_fail():
         _agree(formula, counted)
 
 
-def test_channel_groups_match_reference(small_chunks, poison):
-    """Several programs per tile (and an idle chunk) write every output element correctly."""
+@pytest.mark.parametrize("stored", [True, False], ids=["stored-scores", "recomputed"])
+def test_channel_groups_match_reference(small_chunks, poison, monkeypatch, stored):
+    """Several programs per tile (and an idle chunk) write every output element correctly, with the
+    backward's scores kept from the token pass or recomputed in every pass."""
+    monkeypatch.setattr(small_chunks, "stores_scores", lambda *a: stored)
     b, length, lp, d = 2, 29, 21, 40
     u = R.normalize(torch.randn(b, length, d))
     x, e = torch.randn(b, length, d), torch.randn(b, length, d)

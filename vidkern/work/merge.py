@@ -2,8 +2,9 @@
 
 Mirrors the launchers: the tiles ``(BM, BN, BK, CH)`` (``merge_blocks``), the channel groups and
 resident chunks (``channel_split`` with ``merge_chunks``), the warps (``merge_warps``), the batch
-chunks of the grid (``batch_chunks``), and per program every ``tl.load``/``tl.store`` the kernel
-issues (active lanes only: padded rows and channels issue nothing) and every ``tl.dot`` (padding
+chunks of the grid (``batch_chunks``), the backward's stored-scores choice (``stores_scores``),
+and per program every ``tl.load``/``tl.store`` the kernel issues (active lanes only: padded rows
+and channels issue nothing) and every ``tl.dot`` (padding
 included: ``BM x BN`` score tiles, ``BK``-step contractions, ``CH``-wide chunks). ``U`` (the keys)
 has ``X``'s width: ``Du = D``; ``E`` is taken to be a full ``(B, L, D)`` tensor (a stride-0
 broadcast issues the same loads).
@@ -74,32 +75,40 @@ def merge_launches(direction: str, shape: Shape) -> list:
     pair_k = du * isz + 2 * d * isz                    # one row of U, X, E (or of V, dA, dP) for S and G
     pair_macs = bm * bn * (kp(du) + 2 * kp(d))
     gm, ncm = gu, ncu
+    stored = M.stores_scores(lp, d, isz)
+    scores = L * lp * F32                              # one (L, L') fp32 score scratch, valid pairs
     for b in _chunks(shape.B):
         out.append(Launch("aten.sum", b * lp, b * (4 * lp * d * isz + lp * F32), rate="fp32",
                           config=dict(of="gamma = A.dA + P.dP per meta token")))
         # tokens: lse once; per meta tile idx, col, gamma, S and G (token rows + meta rows), the
-        # V chunks; dU (fp32) and delta out
+        # V chunks; dU (fp32) and delta out (+ C1, dC1 from group 0 when stored)
         tok_bytes = (gu * L * F32 + gu * tm * lp * (I64 + 2 * F32) + gu * (tn * L + tm * lp) * pair_k
-                     + tm * lp * du * isz + L * du * F32 + L * F32)
+                     + tm * lp * du * isz + L * du * F32 + L * F32 + (2 * scores if stored else 0))
         tok_macs = tm * gu * tn * (pair_macs + ncu * 2 * bm * bn * ch)
         out.append(Launch("_merge_bwd_tokens_kernel", tm * gu * b, b * tok_bytes, b * tok_macs, rate=rate,
-                          config=dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=ncu, groups=gu,
+                          config=dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=ncu, groups=gu, STORED=stored,
                                       num_warps=M.merge_warps("tokens", ncu, bm, ch, dtype))))
-        # dx: lse once; per meta tile idx, col, S (token rows + meta rows of U), the dA, dP chunks;
-        # dX, dE out
-        dx_bytes = (gx * L * F32 + gx * tm * lp * (I64 + F32) + gx * (tn * L + tm * lp) * du * isz
-                    + tm * lp * 2 * d * isz + 2 * L * d * isz)
-        dx_macs = tm * gx * tn * (bm * bn * kp(du) + ncx * 2 * bm * bn * ch)
+        # dx: per meta tile col and either C1 (stored) or lse once, idx, S (token rows + meta rows
+        # of U); the dA, dP chunks; dX, dE out
+        if stored:
+            dx_bytes = gx * tm * lp * F32 + gx * scores
+        else:
+            dx_bytes = (gx * L * F32 + gx * tm * lp * (I64 + F32) + gx * (tn * L + tm * lp) * du * isz)
+        dx_bytes += tm * lp * 2 * d * isz + 2 * L * d * isz
+        dx_macs = tm * gx * tn * ((0 if stored else bm * bn * kp(du)) + ncx * 2 * bm * bn * ch)
         out.append(Launch("_merge_bwd_dx_kernel", tm * gx * b, b * dx_bytes, b * dx_macs, rate=rate,
-                          config=dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=ncx, groups=gx,
+                          config=dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=ncx, groups=gx, STORED=stored,
                                       num_warps=M.merge_warps("dx", ncx, bm, ch, dtype))))
-        # meta: idx, col, gamma once; per token tile lse, delta, S and G, the U chunks; dU rows
-        # idx read and written back (+ dV)
-        meta_bytes = (gm * lp * (I64 + 2 * F32) + gm * tn * L * 2 * F32 + gm * (tn * L + tm * lp) * pair_k
-                      + tn * L * du * isz + 2 * lp * du * F32)
-        meta_macs = tn * gm * tm * (pair_macs + ncm * bn * bm * ch)
+        # meta: idx once (and col, gamma unless stored); per token tile delta and either C1, dC1
+        # (stored) or lse, S and G; the U chunks; dU rows idx read and written back (+ dV)
+        if stored:
+            meta_bytes = gm * lp * I64 + gm * tn * L * F32 + gm * 2 * scores
+        else:
+            meta_bytes = (gm * lp * (I64 + 2 * F32) + gm * tn * L * 2 * F32 + gm * (tn * L + tm * lp) * pair_k)
+        meta_bytes += tn * L * du * isz + 2 * lp * du * F32
+        meta_macs = tn * gm * tm * ((0 if stored else pair_macs) + ncm * bn * bm * ch)
         out.append(Launch("_merge_bwd_meta_kernel", tn * gm * b, b * meta_bytes, b * meta_macs, rate=rate,
-                          config=dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=ncm, groups=gm,
+                          config=dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=ncm, groups=gm, STORED=stored,
                                       num_warps=M.merge_warps("meta", ncm, bn, ch, dtype))))
     if shape.dtype != "fp32":
         out.append(Launch("aten._to_copy", shape.B * L, shape.B * L * du * (F32 + isz), rate="fp32",
