@@ -233,6 +233,86 @@ def _hsda_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GOFF, TILES,
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+# =========================================================================== packed small groups
+# Sparse heads whose groups are all small (``temporal`` at T = 8: 196 groups of 8) waste a tile-based
+# kernel's tiles: a 128-row tile holding one group's 8 queries issues ~128x the useful products.
+# Packed tiles hold GPT whole groups of GS tokens of one equal-size bucket (``patterns.layout``),
+# P rows (a power of two >= 2 GS, at least 16), with a same-group mask: the group's keys are the
+# tile's own rows, so the softmax is exact in one pass, and one program does the whole backward
+# (dV, dP, dQ, dK) with no atomics — every token is in exactly one tile.
+@triton.jit
+def _packed_rows(PERM, tile, GS, GPT, COUNT, P: tl.constexpr):
+    """(valid, natural rows, group within the tile) of packed ``tile`` of a bucket of ``COUNT``
+    groups of ``GS`` tokens (``PERM``: the bucket's tokens, group after group)."""
+    r = tl.arange(0, P)
+    gi = r // GS
+    valid = (gi < GPT) & (tile * GPT + gi < COUNT)
+    rows = tl.load(PERM + tile * GPT * GS + r, mask=valid, other=0)
+    return valid, rows.to(tl.int32), gi
+
+
+@triton.jit(do_not_specialize=["N", "H", "HG", "GS", "GPT", "COUNT"])
+def _hsda_packed_fwd_kernel(Q, K, V, O, LSE, PERM,
+                            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+                            N, H, HG, GS, GPT, COUNT, scale,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr):
+    """O and LSE of one packed tile (sparse head ``HG + program_id(1)``): one ``P x P`` score tile,
+    masked to same-group pairs."""
+    tile = tl.program_id(0)
+    head = (HG + tl.program_id(1)).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    valid, rows, gi = _packed_rows(PERM, tile, GS, GPT, COUNT, P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q = _load_rows(Q + b * sqb + head * sqh, rows, valid, sqn, sqd, offs_d, mask_d)
+    k = _load_rows(K + b * skb + head * skh, rows, valid, skn, skd, offs_d, mask_d)
+    v = _load_rows(V + b * svb + head * svh, rows, valid, svn, svd, offs_d, mask_d)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
+    qk = tl.where((gi[:, None] == gi[None, :]) & valid[None, :], qk, float("-inf"))
+    m = tl.where(valid, tl.max(qk, 1), 0.0)                  # rows past the last group see no key
+    p = tl.math.exp2(qk - m[:, None])
+    l_i = tl.sum(p, 1)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l_safe[:, None]
+    tl.store(_rows_ptr(O + b * sob + head * soh, rows, son, sod, offs_d), out.to(O.dtype.element_ty),
+             mask=valid[:, None] & mask_d[None, :])
+    tl.store(LSE + (b * H + head) * N + rows, (m + tl.math.log2(l_safe)) / 1.4426950408889634, mask=valid)
+
+
+@triton.jit(do_not_specialize=["N", "H", "HG", "GS", "GPT", "COUNT"])
+def _hsda_packed_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PERM,
+                            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+                            N, H, HG, GS, GPT, COUNT, scale,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ, dK, dV of one packed tile (contiguous), from ``P`` recomputed once: 5 products."""
+    tile = tl.program_id(0)
+    head = (HG + tl.program_id(1)).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    valid, rows, gi = _packed_rows(PERM, tile, GS, GPT, COUNT, P)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    row_stats = (b * H + head) * N
+    q = _load_rows(Q + b * sqb + head * sqh, rows, valid, sqn, sqd, offs_d, mask_d)
+    k = _load_rows(K + b * skb + head * skh, rows, valid, skn, skd, offs_d, mask_d)
+    v = _load_rows(V + b * svb + head * svh, rows, valid, svn, svd, offs_d, mask_d)
+    do = _load_rows(DO + b * sdb + head * sdh, rows, valid, sdn, sdd, offs_d, mask_d)
+    lse = tl.load(LSE + row_stats + rows, mask=valid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row_stats + rows, mask=valid, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
+    p = tl.math.exp2(qk - lse[:, None])
+    p = tl.where((gi[:, None] == gi[None, :]) & valid[:, None] & valid[None, :], p, 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    out = row_stats * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    mask = valid[:, None] & mask_d[None, :]
+    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
+
+
 # =========================================================================== launchers
 import functools  # noqa: E402
 import weakref  # noqa: E402
@@ -401,23 +481,76 @@ def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.contiguous()
 
 
-def _programs(tab, n, h, num_global_heads, block):
+def _programs(tab, n, h, num_global_heads, block, packed=False):
+    """(tiles per global head, programs): global heads' tiles first, then the sparse heads' unless
+    they are ``packed`` (their own launches), so a launch of the first programs only is exact."""
     tiles_global = triton.cdiv(n, block)
-    sparse_tiles = tab.count if num_global_heads < h else 0
+    sparse_tiles = tab.count if num_global_heads < h and not packed else 0
     return tiles_global, num_global_heads * tiles_global + (h - num_global_heads) * sparse_tiles
+
+
+#: Sparse groups of at most this many tokens run in packed tiles (``_hsda_packed_*``), per dtype
+#: class: the tile kernel's smallest half-precision tiles (64 x 64 backward) would issue at least 4x
+#: the useful products at 32 tokens a group (4096 / 32^2). float32 packs groups of at most 8 (tiles
+#: of 16 rows): its tf32x3 backward spills at 32 rows whatever the warps (``vidkern.aot``).
+PACKED_GROUP_MAX = {"half": 32, "fp32": 8}
+#: Warps per dtype class and packed tile size ``P`` (rows), found spill-free on sm_80 and sm_90 by
+#: ``vidkern.aot`` (half at 32 rows: 4 warps spill 8 bytes in the bf16 forward at d = 64 on sm_90).
+PACKED_WARPS = {"half": {16: 4, 32: 2, 64: 8}, "fp32": {16: 4}}
+
+
+def packed_warps(block: int, dtype) -> int:
+    return PACKED_WARPS[dtype_class(dtype)][block]
+
+
+@dataclass(frozen=True)
+class Pack:
+    """One equal-size bucket of small groups, in packed tiles of ``block`` rows."""
+
+    index: torch.Tensor   # int64 (count * size,): the bucket's tokens, group after group
+    size: int             # GS: tokens per group
+    count: int            # groups in the bucket
+    block: int            # P: rows per tile, a power of two >= 2 * size, at least 16
+
+    @property
+    def per_tile(self) -> int:   # GPT: whole groups per tile
+        return self.block // self.size
+
+    @property
+    def tiles(self) -> int:
+        return triton.cdiv(self.count, self.per_tile)
+
+
+def packed_block(size: int) -> int:
+    return max(16, triton.next_power_of_2(2 * size))
+
+
+def packs(pattern, grid, h: int, num_global_heads: int, dtype, device):
+    """The sparse heads' buckets as :class:`Pack` s when every group holds at most
+    :data:`PACKED_GROUP_MAX` tokens for ``dtype`` (else None: the tile kernel runs them)."""
+    if num_global_heads >= h:
+        return None
+    from vidkern import patterns
+    buckets = patterns.layout(pattern, grid, device).buckets
+    if not buckets or max(bk.size for bk in buckets) > PACKED_GROUP_MAX[dtype_class(dtype)]:
+        return None
+    return [Pack(bk.index, bk.size, bk.count, packed_block(bk.size)) for bk in buckets]
 
 
 @on_input_device
 def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config = None, debug: bool = False):
     """Launch the forward. ``q, k, v``: ``(B, H, N, d)`` any strides. Returns ``(out, lse)``
-    (and the per-program ``(visits, wrong-group keys, is_global)`` counters with ``debug``)."""
+    (and the per-program ``(visits, wrong-group keys, is_global)`` counters with ``debug``).
+    Small sparse groups (:func:`packs`) run in packed tiles, unless a tile ``config`` or ``debug``
+    asks for the tile kernel itself."""
     b, h, n, d = q.shape
     q, k, v = (_kernel_ready(t) for t in (q, k, v))
+    packed = None if (config or debug) else packs(pattern, grid, h, num_global_heads, q.dtype, q.device)
     cfg = config or pick_config("fwd", d, q.dtype, _arch(q.device))
-    tab = tables(pattern if num_global_heads < h else "checkerboard", grid, cfg.block_m, q.device)
+    tab = tables(pattern if num_global_heads < h and not packed else "checkerboard", grid, cfg.block_m, q.device)
     out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    tiles_global, programs = _programs(tab, n, h, num_global_heads, cfg.block_m)
+    tiles_global, programs = _programs(tab, n, h, num_global_heads, cfg.block_m, bool(packed))
     count = (torch.zeros((b, programs, 3), dtype=torch.int32, device=q.device) if debug
              else torch.empty(1, dtype=torch.int32, device=q.device))
     for bs in (batch_chunks(b) if programs else []):
@@ -427,13 +560,22 @@ def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config
             n, h, num_global_heads, tiles_global, grid[0], grid[1], grid[2], scale,
             HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_MODE=tab.mode,
             PRECISION=dot_precision(q.dtype), DEBUG=debug, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    for pk in packed or []:
+        for bs in batch_chunks(b):
+            _hsda_packed_fwd_kernel[(pk.tiles, h - num_global_heads, bs.stop - bs.start)](
+                q[bs], k[bs], v[bs], out[bs], lse[bs], pk.index, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                n, h, num_global_heads, pk.size, pk.per_tile, pk.count, scale,
+                HEAD_DIM=d, BLOCK_D=block_d(d), P=pk.block, PRECISION=dot_precision(q.dtype),
+                num_warps=packed_warps(pk.block, q.dtype))
     return (out, lse, count) if debug else (out, lse)
 
 
 @on_input_device
 def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, scale, config: Config = None):
-    """Launch the backward: preprocess (delta), dK/dV per key tile, dQ per query tile."""
+    """Launch the backward: preprocess (delta), dK/dV per key tile, dQ per query tile; packed small
+    groups (as in :func:`hsda_forward`) all three in one program per packed tile."""
     b, h, n, d = q.shape
+    packed = None if config else packs(pattern, grid, h, num_global_heads, q.dtype, q.device)
     grad_out, q, k, v, out = (_kernel_ready(t) for t in (grad_out, q, k, v, out))
     cfg = config or pick_config("bwd", d, q.dtype, _arch(q.device))
     bd = block_d(d)
@@ -448,12 +590,41 @@ def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, 
                   PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     for kernel, block, outs in ((_hsda_bwd_dkdv_kernel, cfg.block_n, (dk, dv)), (_hsda_bwd_dq_kernel, cfg.block_m, (dq,))):
-        tab = tables(pattern if num_global_heads < h else "checkerboard", grid, block, q.device)
-        tiles_global, programs = _programs(tab, n, h, num_global_heads, block)
-        for bs in batch_chunks(b):
+        tab = tables(pattern if num_global_heads < h and not packed else "checkerboard", grid, block, q.device)
+        tiles_global, programs = _programs(tab, n, h, num_global_heads, block, bool(packed))
+        for bs in (batch_chunks(b) if programs else []):
             kernel[(programs, bs.stop - bs.start)](
                 q[bs], k[bs], v[bs], grad_out[bs], lse[bs], delta[bs], *(t[bs] for t in outs),
                 tab.perm, tab.goff, tab.tiles, *strides,
                 n, h, num_global_heads, tiles_global, grid[0], grid[1], grid[2], scale,
                 HEAD_DIM=d, SPARSE_MODE=tab.mode, **common)
+    for pk in packed or []:
+        for bs in batch_chunks(b):
+            _hsda_packed_bwd_kernel[(pk.tiles, h - num_global_heads, bs.stop - bs.start)](
+                q[bs], k[bs], v[bs], grad_out[bs], lse[bs], delta[bs], dq[bs], dk[bs], dv[bs], pk.index, *strides,
+                n, h, num_global_heads, pk.size, pk.per_tile, pk.count, scale,
+                HEAD_DIM=d, BLOCK_D=bd, P=pk.block, PRECISION=dot_precision(q.dtype),
+                num_warps=packed_warps(pk.block, q.dtype))
     return dq, dk, dv
+
+
+PACKED_KERNELS = {"packed_fwd": _hsda_packed_fwd_kernel, "packed_bwd": _hsda_packed_bwd_kernel}
+
+
+def aot_specs(dtype) -> list:
+    """The packed-tile kernels at every tile size ``P`` (:data:`PACKED_WARPS`) and head dim the
+    launchers use for inputs of ``dtype`` (``vidkern.aot``; the tile kernels are its
+    ``all_configurations``). Head-dim strides are 1, as ``_kernel_ready`` makes them."""
+    from .launch import AotSpec
+    types = dict(LSE="*fp32", DELTA="*fp32", PERM="*i64", N="i32", H="i32", HG="i32", GS="i32", GPT="i32",
+                 COUNT="i32", scale="fp32")
+    specs = []
+    for d in HEAD_DIMS:
+        if d > MAX_HEAD_DIM[dtype_class(dtype)]:
+            continue
+        for name, fn in PACKED_KERNELS.items():
+            unit = dict(sqd=1, skd=1, svd=1, **({"sod": 1} if name == "packed_fwd" else {"sdd": 1}))
+            for block, warps in PACKED_WARPS[dtype_class(dtype)].items():
+                specs.append(AotSpec("hsda", name, fn, dtype, dict(HEAD_DIM=d, BLOCK_D=block_d(d), P=block,
+                                                                    PRECISION=dot_precision(dtype), **unit), warps, types))
+    return specs

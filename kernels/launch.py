@@ -108,7 +108,7 @@ class AotSpec:
 
     @property
     def label(self) -> str:
-        shown = " ".join(f"{k}={v}" for k, v in self.constexprs.items() if k not in ("EPS", "PRECISION"))
+        shown = " ".join(f"{k}={v}" for k, v in self.constexprs.items() if k not in ("EPS", "PRECISION") and not k.islower())
         stages = "" if self.num_stages is None else f" s={self.num_stages}"
         return f"{_DTYPE_NAMES[self.dtype]} {shown} w={self.num_warps}{stages}".replace("  ", " ")
 

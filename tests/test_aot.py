@@ -35,7 +35,7 @@ def test_every_launcher_configuration_compiles_cleanly(tmp_path):
     # TEAM: archs x 3 dtypes x (3 column kernels + the dh reduction + 4 row kernels x 5 channel blocks);
     # STTM selection: archs x 3 dtypes x (inverse norms, Gram, 8 greedy widths, the streaming fallback);
     # STTM merge: archs x (13 fp16 + 13 bf16 + 9 fp32 channel-chunk variants of its 5 kernels)
-    assert expected == 2 * (3 + 3 + 2) * (7 + 1) + 2 * 3 * (4 + 4 * 5) + 2 * 3 * 11 + 2 * (22 + 22 + 15)
+    assert expected == 2 * (3 + 3 + 2) * (7 + 1) + 2 * 2 * (3 * 3 + 3 * 3 + 2 * 1) + 2 * 3 * (4 + 4 * 5) + 2 * 3 * 11 + 2 * (22 + 22 + 15)
     assert len(rows) == expected + len(aot.cuda_resources())
     assert any(r.startswith("| team gate_bwd") for r in rows) and any(r.startswith("| sttm merge_bwd_meta") for r in rows)
     assert all(r.endswith("| ok |") or (" debug |" in r and "| ok (debug" in r) for r in rows)

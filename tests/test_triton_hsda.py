@@ -186,3 +186,65 @@ def test_compiles_as_one_custom_op():
 def test_backend_declares_the_compiled_head_dims():
     from vidkern.backends import triton as triton_backend
     assert triton_backend._HEAD_DIMS == K.HEAD_DIMS
+
+
+# ----------------------------------------------------------------------- packed small groups
+def _explicit_small(n):
+    """Groups of 1 to 8 tokens in shuffled positions: several equal-size buckets."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [8, 8, 5, 5, 5, 3, 1][: n]
+    ids = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
+    return ids[torch.randperm(ids.numel(), generator=g)]
+
+
+PACKED_CASES = [  # (grid, pattern, hg, heads): every case packs for float32 (groups <= 8)
+    ((8, 2, 3), "temporal", 1, 3),        # T = 8: 2 groups per 16-row tile, 3 tiles (one half full)
+    ((5, 1, 3), "temporal", 0, 2),        # 3 groups of 5 in one tile
+    ((1, 3, 5), "checkerboard", 2, 4),    # two buckets (8 and 7 tokens)
+    ((1, 5, 7), "explicit", 1, 3),        # buckets of 8, 5, 3 and 1 token
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("grid, pattern, hg, heads", PACKED_CASES, ids=["temporal8", "temporal5", "odd-grid",
+                                                                        "explicit"])
+def test_packed_small_groups_match_reference(grid, pattern, hg, heads, dtype, poison):
+    n = grid[0] * grid[1] * grid[2]
+    pat = _explicit_small(n) if pattern == "explicit" else pattern
+    packs = K.packs(pat, grid, heads, hg, dtype, torch.device(DEVICE))
+    assert packs, "the case must take the packed path"
+    check_against_reference(f"triton hsda packed {pattern} {grid} Hg={hg}", _triton(grid, hg, pat),
+                            lambda q, k, v: R.hsda(q, k, v, grid, hg, pat), _qkv(2, heads, n, 32), dtype)
+
+
+def test_packed_strided_qkv_and_stride0_grad():
+    """Views of a fused qkv projection and an expanded output gradient, through the packed path."""
+    b, heads, d, grid = 2, 4, 32, (8, 2, 2)
+    n = 32
+    assert K.packs("temporal", grid, heads, 2, torch.float32, torch.device(DEVICE))
+    base = torch.randn(b, n, 3, heads, d).to(DEVICE).requires_grad_()
+    q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)
+    out = vidkern.hsda(q, k, v, grid, 2, "temporal", backend="triton")
+    out.sum().backward()
+    ref_base = base.detach().double().requires_grad_()
+    ref = R.hsda(*ref_base.permute(2, 0, 3, 1, 4).unbind(0), grid, 2, "temporal")
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(base.grad.double(), ref_base.grad, rtol=1e-5, atol=2e-5)
+
+
+def test_packing_rule():
+    """Packed only when every sparse group is small for the dtype; a tile config or the debug
+    counters ask for the tile kernel itself."""
+    dev = torch.device(DEVICE)
+    assert [(p.size, p.count, p.block, p.per_tile, p.tiles) for p in
+            K.packs("temporal", (8, 14, 14), 12, 6, torch.bfloat16, dev)] == [(8, 196, 16, 2, 98)]
+    assert K.packs("temporal", (16, 2, 2), 2, 1, torch.float16, dev)[0].block == 32
+    assert K.packs("temporal", (16, 2, 2), 2, 1, torch.float32, dev) is None     # fp32: groups <= 8
+    assert K.packs("temporal", (33, 1, 2), 2, 1, torch.float16, dev) is None     # 33 > 32
+    assert K.packs("checkerboard", (8, 14, 14), 12, 6, torch.float16, dev) is None
+    assert K.packs("temporal", (8, 2, 2), 2, 2, torch.float16, dev) is None      # no sparse heads
+    q, k, v = _qkv(1, 2, 32, 32)
+    _, _, count = K.hsda_forward(q, k, v, (8, 2, 2), "temporal", 1, 0.2, debug=True)
+    block = K.pick_config("fwd", 32, torch.float32, 80).block_m
+    assert count.shape[1] == triton.cdiv(32, block) + 4    # the tile kernel: global tiles + one per group

@@ -91,13 +91,27 @@ def test_hsda_useful_work_counts_attended_pairs():
 
 
 HSDA_SHAPES = [
-    Shape(B=1, H=4, N=30, grid=(2, 3, 5), d=32, dtype="fp32", num_global_heads=2),               # odd grid
+    # the tile kernel on the sparse heads (groups of more than PACKED_GROUP_MAX = 32 tokens)
+    Shape(B=1, H=4, N=70, grid=(2, 5, 7), d=32, dtype="fp32", num_global_heads=2),               # odd grid
+    Shape(B=2, H=3, N=80, grid=(40, 1, 2), d=32, dtype="fp16", num_global_heads=1, pattern="temporal"),
+    Shape(B=1, H=2, N=81, grid=(1, 9, 9), d=64, dtype="fp32", num_global_heads=0),               # T = 1
+    # packed small groups: one bucket, two buckets (odd grid), sparse heads only
     Shape(B=2, H=3, N=18, grid=(2, 3, 3), d=32, dtype="fp16", num_global_heads=1, pattern="temporal"),
-    Shape(B=1, H=2, N=49, grid=(1, 7, 7), d=64, dtype="fp32", num_global_heads=0),               # T = 1
+    Shape(B=1, H=4, N=30, grid=(2, 3, 5), d=32, dtype="fp16", num_global_heads=2),
+    Shape(B=1, H=2, N=15, grid=(1, 3, 5), d=64, dtype="fp32", num_global_heads=0),   # fp32 packs <= 8
 ]
+HSDA_IDS = ["odd-grid", "temporal-table", "sparse-only", "packed-temporal", "packed-two-buckets",
+            "packed-sparse-only"]
 
 
-@pytest.mark.parametrize("shape", HSDA_SHAPES, ids=["odd-grid", "temporal-table", "sparse-only"])
+def test_hsda_shapes_cover_both_kernels():
+    from vidkern.work import hsda as M
+    assert [bool(M.packed_buckets(s)) for s in HSDA_SHAPES] == [False] * 3 + [True] * 3
+    assert [len(M.packed_buckets(s)) for s in HSDA_SHAPES[3:]] == [1, 2, 2]
+    assert M._mode(HSDA_SHAPES[1]) == 2
+
+
+@pytest.mark.parametrize("shape", HSDA_SHAPES, ids=HSDA_IDS)
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_hsda_formula_matches_the_interpreters_count(shape, direction):
     if not count.interpreting():
@@ -108,7 +122,8 @@ def test_hsda_formula_matches_the_interpreters_count(shape, direction):
 
 
 def test_the_agreement_check_can_fail(monkeypatch):
-    """A formula that forgets the PERM table loads of mode 2 is caught."""
+    """A formula that forgets the PERM table loads of mode 2 (or the packed kernel's index loads) is
+    caught."""
     if not count.interpreting():
         pytest.skip("counting needs the Triton interpreter (TRITON_INTERPRET=1)")
     from vidkern.work import hsda as M
@@ -117,6 +132,15 @@ def test_the_agreement_check_can_fail(monkeypatch):
     monkeypatch.setattr(M, "_span_bytes", lambda mode, block: 0)
     with pytest.raises(AssertionError):
         agree(W.launches("hsda", "forward", "triton", shape), counted)
+    shape = HSDA_SHAPES[3]
+    counted = W.MEASURES[("hsda", "triton")]("backward", shape)
+    formula = W.launches("hsda", "backward", "triton", shape)
+    agree(formula, counted, rel=0.0)
+    packed = formula[-1]
+    assert packed.kernel == "_hsda_packed_bwd_kernel"
+    packed.bytes -= 8 * shape.B * 2 * shape.N        # the index loads of the two sparse heads
+    with pytest.raises(AssertionError):
+        agree(formula, counted, rel=0.0)
 
 
 def test_reference_table_lists_every_modelled_op():
@@ -164,3 +188,18 @@ def test_soft_merge_recompute_target_at_the_reference_shapes(stage, direction, d
         assert merge.stores_scores(98, d, 2)
         assert ratio == pytest.approx(8 / 7 * (208 / 196) * (112 / 98), rel=1e-3)
     assert ratio <= 2.0
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("hg", [0, 6])
+def test_temporal_heads_target_at_the_reference_shape(hg, dtype, direction):
+    """Issue 14's target: the temporal heads at T = 8 (ViT-B, 14 x 14 patches) issue at most 4x
+    their useful products — packed tiles of 2 groups of 8 in 16 rows: exactly 2x (a tile per group
+    of 8 was 128x forward, 45x backward)."""
+    from vidkern.work import hsda as M
+    base = dict(B=32, H=12, N=1568, d=64, grid=(8, 14, 14), pattern="temporal", dtype=dtype)
+    sparse = W.total("hsda", direction, "triton", Shape(num_global_heads=0, **dict(base, H=12 - hg)))
+    assert M.packed_buckets(Shape(num_global_heads=hg, **base)) == [(8, 196, 16)]
+    assert sparse["macs"] == 2 * sparse["useful_macs"]
+    assert sparse["macs"] <= 4 * sparse["useful_macs"]

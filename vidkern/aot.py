@@ -56,7 +56,8 @@ class Result:
 
     @property
     def needs_mma(self) -> bool:
-        return self.kernel in ("fwd", "bwd_dkdv", "bwd_dq") or self.kernel.startswith("sttm merge")  # products
+        return (self.kernel in ("fwd", "bwd_dkdv", "bwd_dq")
+                or self.kernel.startswith(("sttm merge", "hsda packed")))  # products
 
     @property
     def ok(self) -> bool:
@@ -88,7 +89,7 @@ def _signature(fn, dtype_name: str, constexprs: dict) -> dict:
     return sig
 
 
-SPEC_MODULES = ("team", "selection", "merge")   # kernel modules whose aot_specs() this compiles
+SPEC_MODULES = ("hsda", "team", "selection", "merge")   # kernel modules whose aot_specs() this compiles
 
 
 def compile_spec(spec, arch: int) -> Result:
@@ -112,7 +113,8 @@ def compile_spec(spec, arch: int) -> Result:
 
 
 def spec_configurations(archs=ARCHS, dtypes=tuple(DTYPES)):
-    """(spec, arch) for every configuration the TEAM and STTM launchers declare (``aot_specs``)."""
+    """(spec, arch) for every configuration the packed HSDA, TEAM and STTM launchers declare
+    (``aot_specs``)."""
     import importlib
     for arch, dtype, module in itertools.product(archs, dtypes, SPEC_MODULES):
         for spec in importlib.import_module(f"vidkern.kernels.{module}").aot_specs(dtype):

@@ -34,7 +34,10 @@ def group_sizes(shape: Shape) -> list:
 
 
 def _mode(shape: Shape) -> int:
-    return 1 if shape.pattern == "checkerboard" or shape.global_heads >= shape.H else 2
+    """The tile kernel's sparse mode: its tables are the checkerboard's (mode 1) unless it runs
+    sparse heads with another pattern."""
+    plain = shape.pattern == "checkerboard" or shape.global_heads >= shape.H or packed_buckets(shape)
+    return 1 if plain else 2
 
 
 def _config(kind: str, shape: Shape):
@@ -47,13 +50,48 @@ def _tiles(sizes, block):
     return [(size, min(block, size - s)) for size in sizes for s in range(0, size, block)]
 
 
+def packed_buckets(shape: Shape) -> list:
+    """The launcher's packed buckets (``kernels.hsda.packs``): ``[(size, count, P)]`` when every
+    sparse group holds at most ``PACKED_GROUP_MAX`` tokens, else ``[]``."""
+    from ..kernels import hsda as K
+    if shape.global_heads >= shape.H:
+        return []
+    sizes = group_sizes(shape)
+    if max(sizes) > K.PACKED_GROUP_MAX[K.dtype_class(shape.torch_dtype)]:
+        return []
+    return [(size, sizes.count(size), K.packed_block(size)) for size in sorted(set(sizes), reverse=True)]
+
+
 def _program_kinds(shape: Shape, block: int):
-    """[(count, group length, valid rows, is_global)] of the programs of one batch row."""
+    """[(count, group length, valid rows, is_global)] of the tile kernel's programs of one batch row
+    (no sparse ones when the sparse heads are packed)."""
     n, h, hg = shape.N, shape.H, shape.global_heads
     kinds = [(hg, n, rows, True) for _, rows in _tiles([n], block)]
-    if hg < h:
+    if hg < h and not packed_buckets(shape):
         kinds += [(h - hg, glen, rows, False) for glen, rows in _tiles(group_sizes(shape), block)]
     return kinds
+
+
+def packed_launches(direction: str, shape: Shape) -> list:
+    """One launch per packed bucket: a program per (tile of ``P // size`` whole groups, sparse head,
+    batch row); per program the bucket's index entries and the valid rows of Q, K, V, O, LSE
+    (forward) or Q, K, V, dO, LSE, delta, dQ, dK, dV (backward); ``P x P x BLOCK_D`` products, 2
+    forward and 5 backward."""
+    from ..kernels import hsda as K
+    d, isz, bd = shape.d, shape.itemsize, K.block_d(shape.d)
+    heads = shape.B * (shape.H - shape.global_heads)
+    out = []
+    for size, count, block in packed_buckets(shape):
+        per = block // size
+        tiles = math.ceil(count / per)
+        rows = count * size                                   # valid rows of all tiles, per head
+        if direction == "forward":
+            nbytes, products, name = rows * (8 + 4 * d * isz + 4), 2, "_hsda_packed_fwd_kernel"
+        else:
+            nbytes, products, name = rows * (8 + 7 * d * isz + 8), 5, "_hsda_packed_bwd_kernel"
+        out.append(Launch(name, tiles * heads, heads * nbytes, tiles * heads * products * block * block * bd,
+                          rate=shape.rate, config=dict(P=block, GS=size, GPT=per, num_warps=K.packed_warps(block, shape.torch_dtype))))
+    return out
 
 
 def _tile_map_bytes(is_global: bool) -> int:
@@ -72,6 +110,8 @@ def forward_launch(shape: Shape) -> Launch:
     bm, bn, isz, d, mode = cfg.block_m, cfg.block_n, shape.itemsize, shape.d, _mode(shape)
     nbytes = macs = programs = 0
     for count, glen, rows, is_global in _program_kinds(shape, bm):
+        if not count:
+            continue
         key_tiles = math.ceil(glen / bn)
         per = _tile_map_bytes(is_global) + _span_bytes(mode, bm) + rows * d * isz        # Q tile
         per += key_tiles * _span_bytes(mode, bn) + 2 * glen * d * isz                    # K, V tiles
@@ -82,6 +122,12 @@ def forward_launch(shape: Shape) -> Launch:
     return Launch("_hsda_fwd_kernel", programs * shape.B, nbytes * shape.B, macs * shape.B, rate=shape.rate,
                   config=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                               SPARSE_MODE=mode))
+
+
+def forward_launches(shape: Shape) -> list:
+    """The tile kernel (unless every program is packed) and the packed launches."""
+    tile = forward_launch(shape)
+    return ([tile] if tile.programs else []) + packed_launches("forward", shape)
 
 
 def backward_launches(shape: Shape) -> list:
@@ -102,7 +148,9 @@ def backward_launches(shape: Shape) -> list:
         nbytes += count * per
         macs += count * q_tiles * 4 * bm * bn * bd
         programs += count
-    out.append(Launch("_hsda_bwd_dkdv_kernel", programs * b, nbytes * b, macs * b, rate=shape.rate, config=config))
+    if programs:
+        out.append(Launch("_hsda_bwd_dkdv_kernel", programs * b, nbytes * b, macs * b, rate=shape.rate,
+                          config=config))
     # dQ: a program per query tile, looping over the group's key tiles (K, V)
     nbytes = macs = programs = 0
     for count, glen, rows, is_global in _program_kinds(shape, bm):
@@ -113,13 +161,14 @@ def backward_launches(shape: Shape) -> list:
         nbytes += count * per
         macs += count * k_tiles * 3 * bm * bn * bd
         programs += count
-    out.append(Launch("_hsda_bwd_dq_kernel", programs * b, nbytes * b, macs * b, rate=shape.rate, config=config))
-    return out
+    if programs:
+        out.append(Launch("_hsda_bwd_dq_kernel", programs * b, nbytes * b, macs * b, rate=shape.rate, config=config))
+    return out + packed_launches("backward", shape)
 
 
 @formula("hsda", "triton")
 def hsda_triton(direction: str, shape: Shape) -> list:
-    return [forward_launch(shape)] if direction == "forward" else backward_launches(shape)
+    return forward_launches(shape) if direction == "forward" else backward_launches(shape)
 
 
 def attended_pairs(shape: Shape) -> int:
