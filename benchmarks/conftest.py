@@ -277,7 +277,14 @@ def _rows(session) -> list:
     for r in rows:
         ref = next((x for x in rows if x["case"] == r["case"] and x["provider"] == "reference"), None)
         r["x_reference"] = ref["median_ms"] / r["median_ms"] if ref else None
+        dense = [x["median_ms"] for x in rows if x["case"] == r["case"] and x["provider"] in DENSE_PROVIDERS]
+        r["vs_dense"] = r["median_ms"] / min(dense) if dense else None
     return rows
+
+
+#: Dense attention on every head, the cost HSDA must beat (issue 14): the fastest of these in a
+#: case is its ``vs dense`` denominator.
+DENSE_PROVIDERS = ("global_sdpa", "cudnn_sdpa", "flash_attn", "xformers")
 
 
 def _cpu_model() -> str:
@@ -401,19 +408,22 @@ def pytest_sessionfinish(session, exitstatus):
              "forward. `peak MiB`: GPU allocator peak; on CPU the peak of the tensors allocated during one call "
              "(inputs excluded), tracked per ATen op. "
              "`x ref`: the reference provider's median over this one's, same case, same run. "
+             "`vs dense`: this provider's median over the fastest dense provider's (attention on every head: "
+             + ", ".join(DENSE_PROVIDERS) + ") in the same case and run — below 1 is faster than dense. "
              "`model us`: the counted work model's H200 lower bound for the triton/cuda kernels "
              "(vidkern.work; a model, not a measurement — on another device it is only a scale)."
              + (" QUICK run: tiny shapes, one round — not a measurement." if QUICK else ""), ""]
     for case in dict.fromkeys(r["case"] for r in rows):
         lines += [f"## {case}", "",
                   "| provider | median ms | IQR ms | rounds | TFLOP/s | GB/s | roofline % | saved MiB | peak MiB | x ref "
-                  "| model us | measured/model |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| vs dense | model us | measured/model |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["case"] == case):
             ref = f"{r['x_reference']:.2f}" if r["x_reference"] else "-"
+            dense = f"{r['vs_dense']:.2f}" if r.get("vs_dense") else "-"
             lines.append(f"| {r['provider']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {r['rounds']} | "
                          f"{r['tflops']:.4f} | {r['gbps']:.2f} | {r['roofline_pct']:.1f} | {r['saved_mib']:.1f} | "
-                         f"{r['peak_mem_mib']:.0f} | {ref} | {_model_cells(r)} |")
+                         f"{r['peak_mem_mib']:.0f} | {ref} | {dense} | {_model_cells(r)} |")
         lines.append("")
     lines += ["## Providers that compute something else", "",
               "They answer what the case would cost done another way; their 'x ref' compares latency only.", ""]

@@ -1,7 +1,9 @@
 """Head-split sparse-dense attention (SPEC §1.2): vidkern against the ways people write it today.
 
 Providers: ``reference`` (dense masked, eager), ``triton`` (vidkern's fused kernels),
-``torch`` (vidkern's per-group path),
+``torch`` (vidkern's per-group path), ``split`` and ``views`` (vidkern's SDPA strategies,
+``vidkern.sdpa``: global heads on SDPA with the sparse heads on the automatic backend; every head
+on SDPA over grouped-order views), ``auto`` (``vidkern.hsda`` with every default: what a user gets),
 ``compile`` (torch.compile of the reference), ``masked_sdpa`` (SDPA with a boolean mask — the
 naive way), ``global_sdpa`` (plain attention on every head: the cost of not being sparse),
 ``flex`` (FlexAttention, compiled, with the same groups as a mask_mod), ``flash_attn`` and
@@ -23,7 +25,7 @@ from conftest import INTERPRET, MODES, note_provider, skip_provider, work_shape
 # "global": every head global — the triton kernel's own global-head TFLOP/s, against which its
 # sparse-dense heads are judged (issue goal: >= 85%).
 SPLITS = {"hsda": lambda h: h // 2, "sparse_dense": lambda h: 0, "global": lambda h: h}
-GLOBAL_ONLY = ("global_sdpa", "flash_attn", "xformers")
+GLOBAL_ONLY = ("global_sdpa", "cudnn_sdpa", "flash_attn", "xformers")
 
 
 def pairs(hg, heads):
@@ -102,6 +104,11 @@ def provider_fn(provider, hg, heads, mode):
         return lambda q, k, v: vidkern.hsda(q, k, v, GRID, hg, backend="reference")
     if provider == "torch":
         return lambda q, k, v: vidkern.hsda(q, k, v, GRID, hg, backend="torch")
+    if provider in ("split", "views", "auto"):
+        # grouped order: the inputs stand for grouped tokens (random data: the order does not change the timing)
+        order = "grouped" if provider == "views" else "natural"
+        strategy = None if provider == "auto" else provider
+        return lambda q, k, v: vidkern.hsda(q, k, v, GRID, hg, token_order=order, strategy=strategy)
     if provider == "triton":
         if DEVICE == "cpu" and not INTERPRET:
             skip_provider("triton", "needs a CUDA device (VIDKERN_BENCH_INTERPRET=1 times Triton's interpreter on CPU)")
@@ -124,6 +131,15 @@ def provider_fn(provider, hg, heads, mode):
                     return F.scaled_dot_product_attention(q, k, v)
             return flash_sdpa
         return F.scaled_dot_product_attention
+    if provider == "cudnn_sdpa":
+        if DEVICE != "cuda":
+            skip_provider(provider, "needs a CUDA device (cuDNN attention)")
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def cudnn_sdpa(q, k, v):
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v)
+        return cudnn_sdpa
     if provider == "flex":
         if DEVICE == "cpu" and mode != "fwd":
             skip_provider("flex", f"FlexAttention has no CPU backward in torch {torch.__version__} (forward only here)")
@@ -153,8 +169,9 @@ def provider_fn(provider, hg, heads, mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("provider", ["reference", "triton", "torch", "compile", "masked_sdpa", "global_sdpa",
-                                      "flex", "flash_attn", "flash_varlen", "xformers", "xformers_blockdiag"])
+@pytest.mark.parametrize("provider", ["reference", "triton", "torch", "split", "views", "auto", "compile",
+                                      "masked_sdpa", "global_sdpa", "cudnn_sdpa", "flex", "flash_attn",
+                                      "flash_varlen", "xformers", "xformers_blockdiag"])
 def test_attention(measure, provider, size, split, mode):
     if split == "global" and provider not in ("reference", "triton", "torch"):
         pytest.skip("the all-global split only calibrates vidkern's own kernels")

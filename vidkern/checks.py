@@ -126,6 +126,15 @@ def finite(name: str, value, positive: bool = False) -> float:
     return value
 
 
+def choice(name: str, value, options: tuple) -> str:
+    """One of the strings ``options``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {options}, got {type(value).__name__}")
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
 def count(name: str, value, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -16,7 +16,7 @@ from torch.library import custom_op
 from torch.utils.flop_counter import register_flop_formula
 
 from . import backends as _backends  # noqa: F401  (registers the backends)
-from . import checks, dispatch, patterns, reference
+from . import checks, dispatch, patterns, reference, sdpa
 
 
 def _pattern_arg(name: str, ids: Optional[Tensor]):
@@ -92,27 +92,53 @@ _hsda_op.register_autograd(_hsda_backward, setup_context=_hsda_setup)
 
 
 def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] = None,
-         pattern="checkerboard", scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+         pattern="checkerboard", scale: Optional[float] = None, backend: Optional[str] = None,
+         token_order: str = "natural", strategy: Optional[str] = None) -> Tensor:
     """Head-split sparse-dense attention (FAR, SPEC §1.2).
 
     Args:
         q, k, v: ``(B, H, N, d)``, any strides (e.g. views of a fused qkv projection),
-            float16/bfloat16/float32/float64, tokens in natural grid order.
+            float16/bfloat16/float32/float64.
         grid: ``(T, Hp, Wp)`` with ``N == T * Hp * Wp``; may be ``None`` when every head is global.
         num_global_heads: heads ``[0, Hg)`` attend globally; default ``H // 2`` (the paper's 1:1).
         pattern: group rule of the other heads: ``"checkerboard"`` (default), ``"temporal"``,
-            ``"global"`` or an int tensor ``(N,)`` of group ids. Tokens already in grouped order
-            (all of group 0 first) are an explicit pattern such as ``(torch.arange(N) >= N0).long()``;
-            the sparse heads are then plain block-diagonal attention.
+            ``"global"`` or an int tensor ``(N,)`` of group ids (of the natural-order tokens).
         scale: softmax scale, default ``d ** -0.5``.
-        backend: force a backend (else ``$VIDKERN_BACKEND``, else automatic).
+        backend: force a backend (else ``$VIDKERN_BACKEND``, else automatic); a forced backend
+            runs every head (strategy ``"fused"``) unless ``strategy`` says otherwise.
+        token_order: ``"natural"`` (grid order ``n = (t Hp + h) Wp + w``) or ``"grouped"``: the
+            tokens of ``q, k, v`` and of the output are in ``pattern``'s grouped order
+            (``patterns.grouped_order``: group 0's tokens first, each group in natural order).
+        strategy: ``"fused"``, ``"split"`` or ``"views"`` (grouped order only), see
+            :mod:`vidkern.sdpa`; default :func:`vidkern.sdpa.default_strategy`.
 
     Returns:
-        ``(B, H, N, d)``, dtype of ``q``:
+        ``(B, H, N, d)``, dtype of ``q``, tokens in ``token_order``:
         ``O[b,h,n] = sum_{m in G_h(n)} softmax_m(scale q[b,h,n].k[b,h,m]) v[b,h,m]``.
     """
     q, k, v = _autocast("lower", q, k, v)
     grid, name, ids, hg, scale = checks.attention(q, k, v, grid, num_global_heads, pattern, scale)
+    token_order = checks.choice("token_order", token_order, sdpa.TOKEN_ORDERS)
+    if strategy is None:
+        strategy = "fused" if backend is not None else sdpa.default_strategy(q.device, token_order)
+    strategy = checks.choice("strategy", strategy, sdpa.STRATEGIES)
+    if strategy == "views" and token_order != "grouped":
+        raise ValueError("strategy='views' needs token_order='grouped' (each group's tokens contiguous); "
+                         "got token_order='natural'")
+    if token_order == "grouped" and hg < q.shape[1]:
+        if strategy == "views":
+            sizes = patterns.group_sizes(_pattern_arg(name, ids), grid)
+            return sdpa.split(q, k, v, hg, lambda qs, ks, vs: sdpa.block_diagonal(qs, ks, vs, sizes, scale), scale)
+        # the fused kernels take grouped tokens as the explicit pattern of sorted ids (cached)
+        name, ids = "explicit", patterns.grouped_order(_pattern_arg(name, ids), grid, q.device)[1]
+    if strategy == "split":
+        return sdpa.split(q, k, v, hg, lambda qs, ks, vs: _hsda_fused(qs, ks, vs, grid, name, ids, 0, scale, backend),
+                          scale)
+    return _hsda_fused(q, k, v, grid, name, ids, hg, scale, backend)
+
+
+def _hsda_fused(q, k, v, grid, name, ids, hg, scale, backend):
+    """Every head of ``q, k, v`` in one ``vidkern::hsda`` op on the selected backend."""
     be = dispatch.select("hsda", q.device, q.dtype, backend, head_dim=q.shape[-1])
     if be.native_autograd or q.numel() == 0:  # empty inputs: the reference returns empty outputs and grads
         return reference.hsda(q, k, v, grid, hg, _pattern_arg(name, ids), scale)

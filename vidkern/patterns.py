@@ -154,3 +154,54 @@ def layout(pattern: Pattern, grid, device) -> GroupLayout:
                                       version, made)
         return made
     return _named_layout(pattern, tuple(int(g) for g in grid), torch.device(device))
+
+
+# --------------------------------------------------------------------------- grouped token order
+# Tokens may also be stored *group-major* ("grouped" order): group 0's tokens first, then group
+# 1's, ..., each group's tokens in natural order. A pattern's sparse heads are then plain
+# block-diagonal attention over contiguous runs, which SDPA can run on views (``vidkern.sdpa``).
+def group_sizes(pattern: Pattern, grid) -> tuple:
+    """Tokens per group, by id (named patterns from the grid alone; an explicit pattern from its
+    cached host copy). Ids that no token has count 0."""
+    if isinstance(pattern, torch.Tensor):
+        return tuple(host_ids(pattern).counts.tolist())
+    t, hp, wp = grid
+    hw = hp * wp
+    if pattern == "checkerboard":
+        return (t * ((hw + 1) // 2), t * (hw // 2)) if hw > 1 else (t * hw,)
+    if pattern == "temporal":
+        return (t,) * hw
+    return (t * hw,)
+
+
+@functools.lru_cache(maxsize=256)
+def _named_grouped(pattern: str, grid: tuple, device: torch.device) -> tuple:
+    ids = group_ids(pattern, grid, "cpu")
+    perm = torch.argsort(ids, stable=True)
+    return perm.to(device), ids[perm].to(device)
+
+
+_GROUPED: dict = {}   # (id(tensor), device) -> (weakref, version, (perm, grouped ids))
+
+
+def grouped_order(pattern: Pattern, grid, device) -> tuple:
+    """``(perm, grouped_ids)``, int64 ``(N,)`` each: grouped position ``i`` holds natural token
+    ``perm[i]`` (``x_grouped = x[..., perm, :]``; back with ``argsort(perm)``), and
+    ``grouped_ids = group_ids[perm]`` (sorted: the pattern as an explicit pattern of grouped
+    tokens). Cached per named pattern and grid, and per explicit pattern tensor and version."""
+    device = torch.device(device)
+    if not isinstance(pattern, torch.Tensor):
+        return _named_grouped(pattern, tuple(int(g) for g in grid), device)
+    key = (id(pattern), device)
+    hit = _GROUPED.get(key)
+    version = _version(pattern)
+    if hit is not None and hit[0]() is pattern and version is not None and hit[1] == version:
+        return hit[2]
+    ids = host_ids(pattern).ids
+    perm = torch.argsort(ids, stable=True)
+    made = (perm.to(device), ids[perm].to(device))
+    if version is not None:
+        if len(_GROUPED) > 256:
+            _GROUPED.clear()
+        _GROUPED[key] = (weakref.ref(pattern, lambda _, key=key: _GROUPED.pop(key, None)), version, made)
+    return made

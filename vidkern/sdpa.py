@@ -1,0 +1,111 @@
+"""HSDA strategies built on ``torch.nn.functional.scaled_dot_product_attention`` (issue 14).
+
+:func:`vidkern.hsda` runs one of three exact strategies (:data:`STRATEGIES`); each computes the
+same attention (SPEC §1.2), so they differ only in which kernels do the work:
+
+- ``"fused"``: every head in one ``vidkern::hsda`` custom op on the selected backend (the Triton
+  kernel on CUDA, the gathered per-group flash attention of the torch backend on CPU).
+- ``"split"``: the global heads through SDPA (cuDNN/flash on CUDA, ATen's flash kernel on CPU)
+  on their head slice — a view, no copy — and the sparse heads through the custom op.
+- ``"views"``: tokens in *grouped* order (``token_order="grouped"``: each group's tokens
+  contiguous, ``patterns.grouped_order``), so the sparse heads are block-diagonal attention over
+  contiguous runs: equal-size groups run as one SDPA call over a view that folds the groups into
+  a batch axis (``(B, Hs, c * size, d) -> (B, Hs * c, size, d)`` or ``(B * c, Hs, size, d)``,
+  whichever the strides allow without a copy), unequal ones as one call per run. No gather and
+  no custom kernel: every head runs on SDPA.
+
+SDPA's autograd gives the backward of the SDPA parts. The results are concatenated over heads
+(one copy of the output; the kernels' own ``(B, N, H, d)`` output layout is future work).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+STRATEGIES = ("fused", "split", "views")
+TOKEN_ORDERS = ("natural", "grouped")
+
+
+def default_strategy(device: torch.device, token_order: str) -> str:
+    """The rule :func:`vidkern.hsda` applies when neither ``strategy`` nor ``backend`` is given.
+
+    - grouped tokens: ``"views"`` — every head on SDPA (cuDNN on an H100/H200), no gather.
+    - natural tokens: ``"split"`` — the global half of the heads on SDPA (cuDNN, which published
+      measurements put at 1.2-1.5x FlashAttention-2 on Hopper; our Triton kernel is an FA2-style
+      kernel), the sparse heads on the automatic backend (Triton on CUDA, torch on CPU).
+
+    Measured on CPU (ViT-S, B = 1, 6 heads, d = 64, fp32, 2 threads, fwd+bwd, median of 20
+    interleaved rounds; global SDPA 157 ms = 1.00): views 0.83, split 0.88, fused 0.94. On a GPU
+    not yet measured (``make gpu-check`` times all three beside cuDNN and flash); until then the
+    CUDA choice is the reasoned one above.
+    """
+    return "views" if token_order == "grouped" else "split"
+
+
+def attention(q, k, v, scale):
+    """SDPA on ``(B, H, N, d)`` tensors (any strides SDPA accepts).
+
+    On CPU, ATen's flash backward gives each thread whole (batch, head) pairs, so 3 heads on 2
+    threads take as long as 4 (ViT-S's global half at B = 1: 95 ms where 6 heads take 148). The
+    queries are then split into ``f`` row blocks (a view) against the same keys (expanded: a copy
+    of K and V only), so the pairs divide evenly among the threads: 79 ms."""
+    b, h, n = q.shape[:3]
+    if q.device.type == "cpu":
+        threads = torch.get_num_threads()
+        f = threads // math.gcd(b * h, threads)
+        if f > 1 and n % f == 0 and n >= 64 * f:
+            qf = q.unflatten(2, (f, n // f)).flatten(1, 2)
+            kf, vf = (t.unsqueeze(2).expand(b, h, f, *t.shape[2:]).flatten(1, 2) for t in (k, v))
+            out = F.scaled_dot_product_attention(qf, kf, vf, scale=scale)
+            return out.unflatten(1, (h, f)).flatten(2, 3)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _fold(t, count: int, size: int):
+    """``t (B, Hs, count * size, d)`` -> a 4-D tensor with the ``count`` groups folded into a
+    batch-like axis, and the function that unfolds SDPA's result of the same shape."""
+    b, hs = t.shape[:2]
+    u = t.unflatten(2, (count, size))                         # (B, Hs, count, size, d): a view
+    if u.stride(1) == count * u.stride(2):                    # heads outside tokens: fold into heads
+        return u.flatten(1, 2), lambda o: o.unflatten(1, (hs, count)).flatten(2, 3)
+    w = u.transpose(1, 2)                                     # (B, count, Hs, size, d)
+    if w.stride(0) == count * w.stride(1):                    # tokens outside heads ((B, N, H, d) views)
+        return w.flatten(0, 1), lambda o: o.unflatten(0, (b, count)).transpose(1, 2).flatten(2, 3)
+    return u.flatten(1, 2), lambda o: o.unflatten(1, (hs, count)).flatten(2, 3)   # copies once
+
+
+def _runs(sizes) -> list:
+    """``[(start, count, size)]``: maximal runs of consecutive equal-size groups (empty ids skipped)."""
+    runs, start = [], 0
+    for size in sizes:
+        if size == 0:
+            continue
+        if runs and runs[-1][2] == size and runs[-1][0] + runs[-1][1] * size == start:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, size)
+        else:
+            runs.append((start, 1, size))
+        start += size
+    return runs
+
+
+def block_diagonal(q, k, v, sizes, scale):
+    """Attention within contiguous groups of ``sizes`` tokens (in order) of ``q, k, v (B, Hs, N, d)``."""
+    outs = []
+    for start, count, size in _runs(sizes):
+        part = slice(start, start + count * size)
+        (qf, unfold), (kf, _), (vf, _) = (_fold(t[:, :, part], count, size) for t in (q, k, v))
+        outs.append(unfold(attention(qf, kf, vf, scale)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def split(q, k, v, hg: int, sparse, scale):
+    """Global heads ``[0, hg)`` on SDPA, the others by ``sparse(q, k, v)`` on their head slice."""
+    h = q.shape[1]
+    parts = []
+    if hg:
+        parts.append(attention(q[:, :hg], k[:, :hg], v[:, :hg], scale))
+    if hg < h:
+        parts.append(sparse(q[:, hg:], k[:, hg:], v[:, hg:]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
