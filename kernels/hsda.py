@@ -251,6 +251,17 @@ def _packed_rows(PERM, tile, GS, GPT, COUNT, P: tl.constexpr):
     return valid, rows.to(tl.int32), gi
 
 
+@triton.jit
+def _packed_program(PERM, HG, GS, GPT, COUNT, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr):
+    """This program's (batch row, head, valid, rows, group within the tile, head-dim offsets, mask):
+    grid ``(tiles, sparse heads, batch)``."""
+    head = (HG + tl.program_id(1)).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    valid, rows, gi = _packed_rows(PERM, tl.program_id(0), GS, GPT, COUNT, P)
+    offs_d = tl.arange(0, BLOCK_D)
+    return b, head, valid, rows, gi, offs_d, offs_d < HEAD_DIM
+
+
 @triton.jit(do_not_specialize=["N", "H", "HG", "GS", "GPT", "COUNT"])
 def _hsda_packed_fwd_kernel(Q, K, V, O, LSE, PERM,
                             sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
@@ -258,12 +269,7 @@ def _hsda_packed_fwd_kernel(Q, K, V, O, LSE, PERM,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr):
     """O and LSE of one packed tile (sparse head ``HG + program_id(1)``): one ``P x P`` score tile,
     masked to same-group pairs."""
-    tile = tl.program_id(0)
-    head = (HG + tl.program_id(1)).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    valid, rows, gi = _packed_rows(PERM, tile, GS, GPT, COUNT, P)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
+    b, head, valid, rows, gi, offs_d, mask_d = _packed_program(PERM, HG, GS, GPT, COUNT, HEAD_DIM, BLOCK_D, P)
     q = _load_rows(Q + b * sqb + head * sqh, rows, valid, sqn, sqd, offs_d, mask_d)
     k = _load_rows(K + b * skb + head * skh, rows, valid, skn, skd, offs_d, mask_d)
     v = _load_rows(V + b * svb + head * svh, rows, valid, svn, svd, offs_d, mask_d)
@@ -285,12 +291,7 @@ def _hsda_packed_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PERM,
                             N, H, HG, GS, GPT, COUNT, scale,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr):
     """dQ, dK, dV of one packed tile (contiguous), from ``P`` recomputed once: 5 products."""
-    tile = tl.program_id(0)
-    head = (HG + tl.program_id(1)).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    valid, rows, gi = _packed_rows(PERM, tile, GS, GPT, COUNT, P)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
+    b, head, valid, rows, gi, offs_d, mask_d = _packed_program(PERM, HG, GS, GPT, COUNT, HEAD_DIM, BLOCK_D, P)
     row_stats = (b * H + head) * N
     q = _load_rows(Q + b * sqb + head * sqh, rows, valid, sqn, sqd, offs_d, mask_d)
     k = _load_rows(K + b * skb + head * skh, rows, valid, skn, skd, offs_d, mask_d)
@@ -447,7 +448,7 @@ def tables(pattern, grid, block: int, device) -> Tables:
     if len(_EXPLICIT_TABLES) > 256:
         _EXPLICIT_TABLES.clear()
     made = _table_tables(pattern, block)
-    _EXPLICIT_TABLES[key] = (weakref.ref(pattern, lambda _, key=key: _EXPLICIT_TABLES.pop(key, None)),
+    _EXPLICIT_TABLES[key] = (weakref.ref(pattern, lambda _, key=key, cache=_EXPLICIT_TABLES: cache.pop(key, None)),
                              pattern._version, made)
     return made
 

@@ -46,17 +46,19 @@ def _grouped_reference(grid, hg, pat):
     return ref
 
 
+def _inputs(grid, heads):
+    return [torch.randn(2, heads, grid[0] * grid[1] * grid[2], 16) for _ in range(3)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("strategy", sdpa.STRATEGIES)
 @pytest.mark.parametrize("grid, pattern, hg, heads", CASES, ids=IDS)
 def test_grouped_order_matches_reference(grid, pattern, hg, heads, strategy, dtype):
     pat = _pattern(pattern, grid)
-    n = grid[0] * grid[1] * grid[2]
-    inputs = [torch.randn(2, heads, n, 16) for _ in range(3)]
     check_against_reference(f"hsda grouped {pattern} {strategy}",
                             lambda q, k, v: vidkern.hsda(q, k, v, grid, hg, pat, token_order="grouped",
                                                          strategy=strategy),
-                            _grouped_reference(grid, hg, pat), inputs, dtype)
+                            _grouped_reference(grid, hg, pat), _inputs(grid, heads), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -64,11 +66,9 @@ def test_grouped_order_matches_reference(grid, pattern, hg, heads, strategy, dty
 @pytest.mark.parametrize("grid, pattern, hg, heads", CASES, ids=IDS)
 def test_natural_order_strategies_match_reference(grid, pattern, hg, heads, strategy, dtype):
     pat = _pattern(pattern, grid)
-    n = grid[0] * grid[1] * grid[2]
-    inputs = [torch.randn(2, heads, n, 16) for _ in range(3)]
     check_against_reference(f"hsda natural {pattern} {strategy}",
                             lambda q, k, v: vidkern.hsda(q, k, v, grid, hg, pat, strategy=strategy),
-                            lambda q, k, v: R.hsda(q, k, v, grid, hg, pat), inputs, dtype)
+                            lambda q, k, v: R.hsda(q, k, v, grid, hg, pat), _inputs(grid, heads), dtype)
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

@@ -63,6 +63,11 @@ def report() -> str:
             lines.append(f"    {dev.type}: {', '.join(dtypes) or 'not supported'}; ops: {', '.join(sorted(be.ops))}")
             if not why and dev.type in per_device:
                 lines.append(f"      on {dev.type}: {'; '.join(per_device[dev.type])}")
+    from . import sdpa
+    lines.append("hsda strategy (vidkern.sdpa.default_strategy; a forced backend runs 'fused'):")
+    for dev in devices:
+        rule = ", ".join(f"{order} tokens -> {sdpa.default_strategy(dev, order)}" for order in sdpa.TOKEN_ORDERS)
+        lines.append(f"  {dev.type}: {rule}")
     return "\n".join(lines)
 
 

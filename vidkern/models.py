@@ -37,12 +37,14 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .checkpoints import LoadReport, load_checkpoint  # noqa: F401  (vidkern.models.load_checkpoint)
-from . import checks
+from . import checks, patterns
+from .sdpa import TOKEN_ORDERS
 from .nn import STTM, TEAM_RATIOS, Block, GroupAveragedClassifier
 from .nn import _checks
 from .nn.attention import ATTENTION_KINDS
 
 CLASSIFIERS = ("mean", "group_mean", "cls")
+GROUPED_ATTENTION = ("hsda", "sparse_dense")     # the attention kinds whose pattern is the checkerboard
 POS_EMBEDS = ("sincos", "learned_st")
 QKV_BIASES = ("qv", "qkv", "none")
 
@@ -79,6 +81,7 @@ class ViTConfig:
     head_drop_rate: float = 0.0
     head_init_scale: float = 0.001      # VideoMAE fine-tuning scales the head's initial weights
     backend: Optional[str] = None
+    token_order: str = "natural"       # "grouped": tokens in checkerboard group-major order (vidkern.sdpa)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -89,7 +92,7 @@ class ViTConfig:
 
 _S = dict(embed_dim=384, depth=12, num_heads=6)
 _B = dict(embed_dim=768, depth=12, num_heads=12)
-_FAR = dict(attention="hsda", token_group_interaction=True, classifier="group_mean")
+_FAR = dict(attention="hsda", token_group_interaction=True, classifier="group_mean", token_order="grouped")
 _STTM_VIT = dict(patch_size=16, tubelet_size=1, num_frames=8, cls_token=True, pos_embed="learned_st",
                  qkv_bias="qkv", classifier="cls", sttm=True, head_init_scale=1.0)
 
@@ -194,6 +197,12 @@ def check_config(cfg: ViTConfig) -> ViTConfig:
             raise ValueError(f"attention={cfg.attention!r} and token_group_interaction act on the token grid, "
                              "i.e. in the blocks before the first STTM merge; sttm_blocks[0]=0 leaves none "
                              "(they would never run)")
+    checks.choice("token_order", cfg.token_order, TOKEN_ORDERS)
+    if cfg.token_order == "grouped" and (cfg.attention not in GROUPED_ATTENTION or cfg.cls_token or cfg.sttm):
+        raise ValueError(f"token_order='grouped' orders the tokens by checkerboard group for attention in "
+                         f"{GROUPED_ATTENTION} (the pattern FAR's classifier pools), with no CLS token and no "
+                         f"STTM merging (which needs frame order); got attention={cfg.attention!r}, "
+                         f"cls_token={cfg.cls_token}, sttm={cfg.sttm}")
     return cfg
 
 
@@ -307,7 +316,8 @@ class VideoViT(nn.Module):
                 attention=cfg.attention if gridded else "global",
                 qkv_bias=cfg.qkv_bias == "qkv", qv_bias=cfg.qkv_bias == "qv",
                 token_group_interaction=cfg.token_group_interaction and gridded, tgi_groups=cfg.tgi_groups,
-                team_ratios=team_ratios, drop_path=dpr[i], norm_eps=cfg.norm_eps, backend=cfg.backend))
+                team_ratios=team_ratios, drop_path=dpr[i], norm_eps=cfg.norm_eps, backend=cfg.backend,
+                token_order=cfg.token_order))
         self.blocks = nn.ModuleList(blocks)
         if cfg.sttm:
             self.sttm_spatial = STTM(d, merge_ratio=cfg.sttm_ratios[0], backend=cfg.backend)
@@ -315,7 +325,7 @@ class VideoViT(nn.Module):
 
         if cfg.classifier == "group_mean":
             self.classifier = GroupAveragedClassifier(d, cfg.num_classes, grid, combine=cfg.classifier_combine,
-                                                      head_dropout=cfg.head_drop_rate)
+                                                      head_dropout=cfg.head_drop_rate, token_order=cfg.token_order)
         else:
             self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.classifier == "cls" else nn.Identity()
             self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.classifier == "mean" else nn.Identity()
@@ -352,6 +362,9 @@ class VideoViT(nn.Module):
     def _tokens(self, clips):
         x = self.patch_embed(clips).flatten(2).transpose(1, 2)        # (B, N, D), natural grid order
         pos = self._positions()
+        if self.cfg.token_order == "grouped":   # once, here: every block then runs on grouped tokens
+            perm = patterns.grouped_order("checkerboard", self.cfg.grid, x.device)[0]
+            x, pos = x[:, perm], pos[:, perm]
         return x + pos, pos
 
     def _positions(self) -> torch.Tensor:

@@ -437,13 +437,31 @@ def attended_pairs(q_shape, grid, pattern, group_ids, num_global_heads) -> int:
     """Sum over heads and batch of the (query, key) pairs attended (SPEC §4: pairs actually attended)."""
     b, h, n, _ = q_shape
     if pattern == "explicit":
-        if group_ids.device.type == "meta":
+        known = patterns.known_host_ids(group_ids)     # e.g. grouped token order's ids, made by vidkern
+        if known is not None:
+            sizes = known.counts
+        elif group_ids.device.type == "meta":
             raise ValueError("FLOPs of an explicit pattern need its group ids; count on real tensors, not meta")
-        sizes = torch.bincount(group_ids.cpu())
+        else:
+            sizes = torch.bincount(group_ids.cpu())
     else:
         sizes = torch.bincount(patterns.group_ids(pattern, grid))
     sparse = int((sizes.long() ** 2).sum())
     return b * (num_global_heads * n * n + (h - num_global_heads) * sparse)
+
+
+# torch (2.14) counts SDPA's CUDA kernels but not ATen's CPU flash kernel, which SDPA runs on CPU:
+# hsda's split and views strategies would otherwise count no FLOPs for their SDPA heads there.
+from torch.utils.flop_counter import flop_registry as _flop_registry, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
+
+if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in _flop_registry:
+    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
+    def _cpu_sdpa_flops(query, key, value, *args, **kwargs) -> int:
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)
+    def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
 
 
 @register_flop_formula(torch.ops.vidkern.hsda, get_raw=True)

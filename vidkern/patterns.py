@@ -97,19 +97,33 @@ def host_ids(t: torch.Tensor) -> HostIds:
     """The host copy of the explicit pattern ``t``, made once per tensor object and version (for a
     CUDA pattern, one device-to-host copy when it is first seen, none on later calls — a pattern is
     typically a module buffer), so the per-call value checks never synchronise."""
-    key = id(t)
-    hit = _HOST_IDS.get(key)
+    hit = known_host_ids(t)
+    if hit is not None:
+        return hit
+    return _remember(t, t.detach().to("cpu", torch.long))
+
+
+def known_host_ids(t: torch.Tensor):
+    """The cached :class:`HostIds` of ``t`` if there is one (no device access), else None — e.g.
+    for the meta-device copy of a pattern vidkern made itself (:func:`grouped_order`)."""
+    hit = _HOST_IDS.get(id(t))
     version = _version(t)
     if hit is not None and hit[0]() is t and version is not None and hit[1] == version:
         return hit[2]
-    ids = t.detach().to("cpu", torch.long)
+    return None
+
+
+def _remember(t: torch.Tensor, ids: torch.Tensor) -> HostIds:
+    """Cache ``ids`` (int64, CPU) as the host copy of ``t``."""
+    key = id(t)
+    version = _version(t)
     lo = int(ids.min()) if ids.numel() else 0
     counts = torch.bincount(ids) if lo >= 0 else torch.zeros(0, dtype=torch.long)
     facts = HostIds(ids, lo, counts, tuple(torch.nonzero(counts == 0).flatten().tolist()))
     if version is not None:
         if len(_HOST_IDS) > 256:
             _HOST_IDS.clear()
-        _HOST_IDS[key] = (weakref.ref(t, lambda _, key=key: _HOST_IDS.pop(key, None)), version, facts)
+        _HOST_IDS[key] = (weakref.ref(t, lambda _, key=key, cache=_HOST_IDS: cache.pop(key, None)), version, facts)
     return facts
 
 
@@ -150,7 +164,7 @@ def layout(pattern: Pattern, grid, device) -> GroupLayout:
         if version is not None:
             if len(_EXPLICIT_LAYOUTS) > 256:
                 _EXPLICIT_LAYOUTS.clear()
-            _EXPLICIT_LAYOUTS[key] = (weakref.ref(pattern, lambda _, key=key: _EXPLICIT_LAYOUTS.pop(key, None)),
+            _EXPLICIT_LAYOUTS[key] = (weakref.ref(pattern, lambda _, key=key, cache=_EXPLICIT_LAYOUTS: cache.pop(key, None)),
                                       version, made)
         return made
     return _named_layout(pattern, tuple(int(g) for g in grid), torch.device(device))
@@ -174,11 +188,19 @@ def group_sizes(pattern: Pattern, grid) -> tuple:
     return (t * hw,)
 
 
+def _grouped_pair(ids: torch.Tensor, device: torch.device) -> tuple:
+    """``(perm, grouped ids)`` on ``device`` from host ids; the grouped ids' host copy is cached
+    with them, so nothing reads them back (not even on the meta device)."""
+    perm = torch.argsort(ids, stable=True)
+    grouped = ids[perm]
+    made = grouped.to(device)
+    _remember(made, grouped)
+    return perm.to(device), made
+
+
 @functools.lru_cache(maxsize=256)
 def _named_grouped(pattern: str, grid: tuple, device: torch.device) -> tuple:
-    ids = group_ids(pattern, grid, "cpu")
-    perm = torch.argsort(ids, stable=True)
-    return perm.to(device), ids[perm].to(device)
+    return _grouped_pair(group_ids(pattern, grid, "cpu"), device)
 
 
 _GROUPED: dict = {}   # (id(tensor), device) -> (weakref, version, (perm, grouped ids))
@@ -197,11 +219,9 @@ def grouped_order(pattern: Pattern, grid, device) -> tuple:
     version = _version(pattern)
     if hit is not None and hit[0]() is pattern and version is not None and hit[1] == version:
         return hit[2]
-    ids = host_ids(pattern).ids
-    perm = torch.argsort(ids, stable=True)
-    made = (perm.to(device), ids[perm].to(device))
+    made = _grouped_pair(host_ids(pattern).ids, device)
     if version is not None:
         if len(_GROUPED) > 256:
             _GROUPED.clear()
-        _GROUPED[key] = (weakref.ref(pattern, lambda _, key=key: _GROUPED.pop(key, None)), version, made)
+        _GROUPED[key] = (weakref.ref(pattern, lambda _, key=key, cache=_GROUPED: cache.pop(key, None)), version, made)
     return made

@@ -50,9 +50,10 @@ def attention(q, k, v, scale):
     On CPU, ATen's flash backward gives each thread whole (batch, head) pairs, so 3 heads on 2
     threads take as long as 4 (ViT-S's global half at B = 1: 95 ms where 6 heads take 148). The
     queries are then split into ``f`` row blocks (a view) against the same keys (expanded: a copy
-    of K and V only), so the pairs divide evenly among the threads: 79 ms."""
+    of K and V only), so the pairs divide evenly among the threads: 79 ms. (Not while
+    ``torch.compile`` traces: the thread count is a runtime fact, and inductor lowers SDPA itself.)"""
     b, h, n = q.shape[:3]
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
         threads = torch.get_num_threads()
         f = threads // math.gcd(b * h, threads)
         if f > 1 and n % f == 0 and n >= 64 * f:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import checks
+from .. import checks, sdpa
 from ..ops import hsda
 from . import _checks
 
@@ -66,6 +66,9 @@ class HSDAttention(nn.Module):
             name of :data:`vidkern.patterns.PATTERN_NAMES` or an int tensor ``(N,)``).
         head_dim: ``d``, default ``D // H``. qk_scale: default ``d ** -0.5``.
         backend: ``None`` (automatic) or one of :func:`vidkern.dispatch.names`.
+        token_order: ``"natural"`` (grid order, the default for drop-in use) or ``"grouped"``: the
+            tokens come in ``pattern``'s grouped order (``vidkern.patterns.grouped_order``), so the
+            sparse heads run as block-diagonal SDPA over views (``vidkern.sdpa``).
 
     Shapes: ``forward(x (B, N, D), grid=None) -> (B, N, dim_out)``. timm's call
     ``attn(x, attn_mask=None, is_causal=False)`` is accepted; a mask or causal attention is not
@@ -77,7 +80,7 @@ class HSDAttention(nn.Module):
                  qk_scale: Optional[float] = None, head_dim: Optional[int] = None, proj_drop: float = 0.0,
                  backend: Optional[str] = None, *, dim_out: Optional[int] = None, proj_bias: bool = True,
                  qk_norm: bool = False, scale_norm: bool = False, gated: bool = False,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm):
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, token_order: str = "natural"):
         super().__init__()
         _checks.positive_int("dim", dim)
         _checks.positive_int("num_heads", num_heads)
@@ -96,6 +99,7 @@ class HSDAttention(nn.Module):
         _checks.set_pattern(self, pattern, self.grid)
         self.scale = checks.finite("qk_scale", qk_scale) if qk_scale is not None else self.head_dim ** -0.5
         self.backend = _checks.backend(backend)
+        self.token_order = checks.choice("token_order", token_order, sdpa.TOKEN_ORDERS)
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         if qv_bias:
             self.q_bias = nn.Parameter(torch.zeros(inner))
@@ -200,7 +204,7 @@ class HSDAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)     # strided (B, H, N, d) views: no copy
         q, k = self.q_norm(q), self.k_norm(k)
         o = hsda(q, k, v, grid if grid is not None else self.grid, self.num_global_heads, self.pattern,
-                 self.scale, backend=self.backend)
+                 self.scale, backend=self.backend, token_order=self.token_order)
         o = self.norm(o.transpose(1, 2).reshape(b, n, inner))
         if self.gate is not None:
             o = o * torch.sigmoid(self.gate(x))
@@ -216,5 +220,6 @@ class HSDAttention(nn.Module):
 
     def extra_repr(self) -> str:
         pattern = "tensor" if isinstance(self.pattern, torch.Tensor) else self.pattern
+        order = "" if self.token_order == "natural" else f", token_order={self.token_order}"
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, num_global_heads={self.num_global_heads}, "
-                f"pattern={pattern}, grid={self.grid}")
+                f"pattern={pattern}, grid={self.grid}{order}")

@@ -58,6 +58,8 @@ class Block(nn.Module):
         token_group_interaction: add FAR's TGI branch (``tgi_groups`` defaults to ``num_heads``).
         team_ratios: ``(r1, r2, r3)`` adds a TEAM sub-block (SPEC §2), ``None`` leaves it out.
         qv_bias: VideoMAE's q/v biases (``qkv_bias`` gives timm's full qkv bias instead).
+        token_order: ``"natural"`` or ``"grouped"`` (the tokens in the attention pattern's grouped
+            order, for the attention and TGI; see :class:`HSDAttention`).
 
     Shapes: ``forward(x (B, N, D), grid=None) -> (B, N, D)``; ``grid`` overrides the default.
     """
@@ -65,7 +67,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, grid=None, mlp_ratio: float = 4.0, attention: str = "hsda",
                  qkv_bias: bool = False, qv_bias: bool = True, token_group_interaction: bool = False,
                  tgi_groups: Optional[int] = None, team_ratios=None, drop_path: float = 0.0,
-                 norm_eps: float = 1e-6, backend: Optional[str] = None):
+                 norm_eps: float = 1e-6, backend: Optional[str] = None, token_order: str = "natural"):
         super().__init__()
         _checks.positive_int("dim", dim)
         hg, pattern = attention_kind(attention, num_heads)        # checks num_heads and attention
@@ -75,11 +77,12 @@ class Block(nn.Module):
                              f"(int(dim * mlp_ratio) = {hidden})")
         _checks.positive_float("norm_eps", norm_eps)
         self.grid = _checks.grid(grid)
-        self.tgi = (TokenGroupInteraction(dim, grid, num_heads if tgi_groups is None else tgi_groups)
+        self.tgi = (TokenGroupInteraction(dim, grid, num_heads if tgi_groups is None else tgi_groups,
+                                          token_order=token_order, pattern=pattern)
                     if token_group_interaction else None)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = HSDAttention(dim, num_heads, grid, hg, pattern, qkv_bias=qkv_bias, qv_bias=qv_bias,
-                                 backend=backend)
+                                 backend=backend, token_order=token_order)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, hidden)
         if team_ratios is not None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import patterns
+from .. import checks, patterns, sdpa
 from ..ops import group_mean
 from . import _checks
 
@@ -43,10 +43,13 @@ class TokenGroupInteraction(nn.Module):
     ``Linear(D/4 -> D)(GELU(Conv3d_{3x3x3, groups}(Linear(D -> D/4)(x))))``; the FAR block adds it
     to ``x``. The convolution is PyTorch's (cuDNN on GPU; on the CPU a bfloat16 one runs in
     float32, see :func:`_grouped_conv3d`). ``zero_init`` zeroes the last projection so a
-    pretrained network starts unchanged.
+    pretrained network starts unchanged. With ``token_order="grouped"`` the tokens come in
+    ``pattern``'s grouped order: the ``D / 4``-channel bottleneck is gathered to grid order for the
+    convolution and back (two gathers of a quarter of the width).
     """
 
-    def __init__(self, dim: int, grid=None, num_groups: int = 6, reduction: int = 4, zero_init: bool = False):
+    def __init__(self, dim: int, grid=None, num_groups: int = 6, reduction: int = 4, zero_init: bool = False,
+                 token_order: str = "natural", pattern="checkerboard"):
         super().__init__()
         _checks.positive_int("dim", dim)
         _checks.positive_int("num_groups", num_groups)
@@ -56,6 +59,8 @@ class TokenGroupInteraction(nn.Module):
             raise ValueError(f"dim // reduction = {dim} // {reduction} = {hidden} must be a positive multiple of "
                              f"num_groups, got num_groups={num_groups}")
         self.grid = _checks.grid(grid)
+        self.token_order = checks.choice("token_order", token_order, sdpa.TOKEN_ORDERS)
+        _checks.set_pattern(self, pattern, self.grid)
         self.fc1 = nn.Linear(dim, hidden)
         self.conv = nn.Conv3d(hidden, hidden, kernel_size=3, padding=1, groups=num_groups)
         self.act = nn.GELU()
@@ -68,8 +73,14 @@ class TokenGroupInteraction(nn.Module):
         x = _checks.tokens(x, self.fc1.in_features)
         b, n, _ = x.shape
         t, hp, wp = _checks.forward_grid(grid, self.grid, n)
-        u = self.fc1(x).transpose(1, 2).reshape(b, self.fc1.out_features, t, hp, wp)
+        u = self.fc1(x)
+        if self.token_order == "grouped":
+            perm = patterns.grouped_order(self.pattern, (t, hp, wp), x.device)[0]
+            u = u[:, torch.argsort(perm)]                              # to grid order
+        u = u.transpose(1, 2).reshape(b, self.fc1.out_features, t, hp, wp)
         u = self.act(_grouped_conv3d(self.conv, u)).flatten(2).transpose(1, 2)
+        if self.token_order == "grouped":
+            u = u[:, perm]                                             # back to grouped order
         return self.fc2(u)
 
 
@@ -82,11 +93,13 @@ class GroupAveragedClassifier(nn.Module):
 
     With ``"concat"`` the group count ``G`` is fixed by ``grid`` and ``pattern`` at construction
     (2 for the checkerboard, 1 on a 1x1 spatial grid, ``Hp * Wp`` for ``"temporal"``), and a
-    forward grid with another ``G`` is refused; ``"mean"`` takes any grid.
+    forward grid with another ``G`` is refused; ``"mean"`` takes any grid. With
+    ``token_order="grouped"`` the tokens come in ``pattern``'s grouped order: each group is a
+    contiguous run, pooled as such.
     """
 
     def __init__(self, dim: int, num_classes: int, grid=None, pattern="checkerboard", combine: str = "concat",
-                 eps: float = 1e-6, head_dropout: float = 0.0):
+                 eps: float = 1e-6, head_dropout: float = 0.0, token_order: str = "natural"):
         super().__init__()
         _checks.positive_int("dim", dim)
         _checks.positive_int("num_classes", num_classes)
@@ -95,6 +108,7 @@ class GroupAveragedClassifier(nn.Module):
         self.grid = _checks.grid(grid)
         _checks.set_pattern(self, pattern, self.grid)
         self.combine = combine
+        self.token_order = checks.choice("token_order", token_order, sdpa.TOKEN_ORDERS)
         if combine == "concat" and self.grid is None:
             raise ValueError("grid is required with combine='concat' (it fixes the number of groups G)")
         explicit = isinstance(self.pattern, torch.Tensor)
@@ -118,7 +132,10 @@ class GroupAveragedClassifier(nn.Module):
     def forward(self, x: torch.Tensor, grid: Optional[tuple] = None) -> torch.Tensor:
         x = _checks.tokens(x, self.fc_norm.normalized_shape[0])
         grid = _checks.forward_grid(grid, self.grid, x.shape[1])
-        pooled = self.fc_norm(group_mean(x, grid, self.pattern, self._groups(grid)))
+        pattern = self.pattern
+        if self.token_order == "grouped":     # the grouped tokens' ids: sorted, so each group is contiguous
+            pattern = patterns.grouped_order(self.pattern, grid, x.device)[1]
+        pooled = self.fc_norm(group_mean(x, grid, pattern, self._groups(grid)))
         pooled = pooled.flatten(1) if self.combine == "concat" else pooled.mean(1)
         return self.head(self.head_dropout(pooled))
 
