@@ -549,7 +549,8 @@ def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config
     packed = None if (config or debug) else packs(pattern, grid, h, num_global_heads, q.dtype, q.device)
     cfg = config or pick_config("fwd", d, q.dtype, _arch(q.device))
     tab = tables(pattern if num_global_heads < h and not packed else "checkerboard", grid, cfg.block_m, q.device)
-    out = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    from vidkern.sdpa import token_major_empty
+    out = token_major_empty(q)            # (B, N, H, d) in memory: the projection reads it in place
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     tiles_global, programs = _programs(tab, n, h, num_global_heads, cfg.block_m, bool(packed))
     count = (torch.zeros((b, programs, 3), dtype=torch.int32, device=q.device) if debug

@@ -59,7 +59,7 @@ def _hsda_op(q: Tensor, k: Tensor, v: Tensor, grid: list[int], pattern: str, gro
 @_hsda_op.register_fake
 def _(q, k, v, grid, pattern, group_ids, num_global_heads, scale, backend):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:-1], dtype=lse_dtype)
+    return sdpa.token_major_empty(q), q.new_empty(q.shape[:-1], dtype=lse_dtype)   # the backends' strides
 
 
 @custom_op("vidkern::hsda_backward", mutates_args=())
@@ -125,10 +125,10 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
     if strategy == "views" and token_order != "grouped":
         raise ValueError("strategy='views' needs token_order='grouped' (each group's tokens contiguous); "
                          "got token_order='natural'")
+    if strategy == "views":
+        sizes = patterns.group_sizes(_pattern_arg(name, ids), grid)
+        return sdpa.split(q, k, v, hg, lambda qs, ks, vs: sdpa.block_diagonal(qs, ks, vs, sizes, scale), scale)
     if token_order == "grouped" and hg < q.shape[1]:
-        if strategy == "views":
-            sizes = patterns.group_sizes(_pattern_arg(name, ids), grid)
-            return sdpa.split(q, k, v, hg, lambda qs, ks, vs: sdpa.block_diagonal(qs, ks, vs, sizes, scale), scale)
         # the fused kernels take grouped tokens as the explicit pattern of sorted ids (cached)
         name, ids = "explicit", patterns.grouped_order(_pattern_arg(name, ids), grid, q.device)[1]
     if strategy == "split":

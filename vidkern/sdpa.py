@@ -14,8 +14,9 @@ same attention (SPEC §1.2), so they differ only in which kernels do the work:
   whichever the strides allow without a copy), unequal ones as one call per run. No gather and
   no custom kernel: every head runs on SDPA.
 
-SDPA's autograd gives the backward of the SDPA parts. The results are concatenated over heads
-(one copy of the output; the kernels' own ``(B, N, H, d)`` output layout is future work).
+SDPA's autograd gives the backward of the SDPA parts. Every strategy returns its ``(B, H, N, d)``
+output laid out as ``(B, N, H, d)`` (:func:`token_major_empty`; the parts are concatenated in
+that layout), so the output projection's ``o.transpose(1, 2).reshape(B, N, H * d)`` is a view.
 """
 from __future__ import annotations
 
@@ -42,6 +43,14 @@ def default_strategy(device: torch.device, token_order: str) -> str:
     CUDA choice is the reasoned one above.
     """
     return "views" if token_order == "grouped" else "split"
+
+
+def token_major_empty(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``(B, H, N, d)`` tensor like ``q`` laid out as ``(B, N, H, d)``, the layout
+    the attention's output projection reads (``o.transpose(1, 2).reshape(B, N, H * d)`` is then a
+    view, not a copy). The fake implementation of ``vidkern::hsda`` reports the same strides."""
+    b, h, n, d = q.shape
+    return torch.empty((b, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
 def attention(q, k, v, scale):
@@ -109,4 +118,5 @@ def split(q, k, v, hg: int, sparse, scale):
         parts.append(attention(q[:, :hg], k[:, :hg], v[:, :hg], scale))
     if hg < h:
         parts.append(sparse(q[:, hg:], k[:, hg:], v[:, hg:]))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    # concatenated as (B, N, H, d), the layout the output projection reads
+    return torch.cat([p.transpose(1, 2) for p in parts], dim=2).transpose(1, 2)

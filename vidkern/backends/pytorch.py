@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import patterns, reference
+from .. import patterns, reference, sdpa
 from ..checks import FLOAT_DTYPES
 from ..dispatch import OPS, Backend
 from ..reference import NORM_EPS
@@ -138,7 +138,7 @@ class TorchBackend(Backend):
     def hsda_forward(self, q, k, v, grid, pattern, num_global_heads, scale):
         """Returns ``(out (B, H, N, d), lse (B, H, N) in acc dtype)``."""
         layout = patterns.layout(pattern, grid, q.device)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = sdpa.token_major_empty(q)
         lse = torch.empty(q.shape[:-1], dtype=acc_dtype(q.dtype), device=q.device)
         for heads, bucket in _parts(layout, q.shape[1], num_global_heads):
             o, row_lse = self._attention_forward(*(_gather(t, heads, bucket) for t in (q, k, v)), scale)
