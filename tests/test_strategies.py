@@ -162,3 +162,13 @@ def test_outputs_are_token_major(strategy, backend):
     if backend == "reference" and strategy == "fused":
         pytest.skip("the reference backend's output is whatever autograd's ops return")
     assert out.transpose(1, 2).is_contiguous(), out.stride()
+
+
+def test_forced_backend_by_environment_runs_every_head(monkeypatch):
+    """$VIDKERN_BACKEND forces a backend like backend= does: strategy "fused", no SDPA heads."""
+    grid = (2, 4, 4)
+    q, k, v = (torch.randn(1, 4, 32, 8) for _ in range(3))
+    want = R.hsda(q, k, v, grid, 2, "checkerboard", 8 ** -0.5)
+    monkeypatch.setenv("VIDKERN_BACKEND", "reference")
+    assert torch.equal(vidkern.hsda(q, k, v, grid, 2), want)
+    assert torch.equal(vidkern.hsda(q, k, v, grid, 2, backend="reference"), want)

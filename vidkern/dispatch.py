@@ -91,6 +91,11 @@ def names() -> list:
     return [name for _, name in _PRIORITY]
 
 
+def requested_backend(backend: Optional[str] = None) -> Optional[str]:
+    """The backend asked for: ``backend``, else ``$VIDKERN_BACKEND``, else None (automatic)."""
+    return backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+
+
 def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend: Optional[str] = None,
            **shape) -> Backend:
     """Pick the backend for ``op`` on inputs of ``device``/``dtype``.
@@ -99,7 +104,7 @@ def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend:
     ``NotImplementedError`` with its reasons. Otherwise the first backend without reasons runs.
     ``shape`` carries the shape facts backends declare limits on (``head_dim`` for attention).
     """
-    requested = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+    requested = requested_backend(backend)
     if requested is not None:
         chosen = get(requested, "backend" if backend is not None else f"${ENV_VAR}")
         reasons = chosen.not_supported_reasons(op, device, dtype, forced=True, **shape)

@@ -105,7 +105,7 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
             ``"global"`` or an int tensor ``(N,)`` of group ids (of the natural-order tokens).
         scale: softmax scale, default ``d ** -0.5``.
         backend: force a backend (else ``$VIDKERN_BACKEND``, else automatic); a forced backend
-            runs every head (strategy ``"fused"``) unless ``strategy`` says otherwise.
+            (either way) runs every head (strategy ``"fused"``) unless ``strategy`` says otherwise.
         token_order: ``"natural"`` (grid order ``n = (t Hp + h) Wp + w``) or ``"grouped"``: the
             tokens of ``q, k, v`` and of the output are in ``pattern``'s grouped order
             (``patterns.grouped_order``: group 0's tokens first, each group in natural order).
@@ -119,8 +119,9 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
     q, k, v = _autocast("lower", q, k, v)
     grid, name, ids, hg, scale = checks.attention(q, k, v, grid, num_global_heads, pattern, scale)
     token_order = checks.choice("token_order", token_order, sdpa.TOKEN_ORDERS)
-    if strategy is None:
-        strategy = "fused" if backend is not None else sdpa.default_strategy(q.device, token_order)
+    if strategy is None:   # a forced backend (argument or $VIDKERN_BACKEND) runs every head
+        forced = dispatch.requested_backend(backend) is not None
+        strategy = "fused" if forced else sdpa.default_strategy(q.device, token_order)
     strategy = checks.choice("strategy", strategy, sdpa.STRATEGIES)
     if strategy == "views" and token_order != "grouped":
         raise ValueError("strategy='views' needs token_order='grouped' (each group's tokens contiguous); "
