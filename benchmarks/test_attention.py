@@ -58,10 +58,9 @@ def _grouped(hg, heads, sparse_fn, global_fn):
     """Baselines that need group-major token order: the sparse heads' tokens are gathered into
     group order (the gather is timed too), attended per group by ``sparse_fn(q, k, v, seqlens)``
     on (B, N, Hs, d), and scattered back; global heads go to ``global_fn`` on (B, N, Hg, d)."""
-    ids = patterns.group_ids("checkerboard", GRID, DEVICE)
-    perm = torch.argsort(ids, stable=True)
+    perm, _ = patterns.grouped_order("checkerboard", GRID, DEVICE)
     inverse = torch.argsort(perm)
-    seqlens = torch.bincount(ids).tolist()
+    seqlens = list(patterns.group_sizes("checkerboard", GRID))
 
     def run(q, k, v):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                     # (B, N, H, d)
@@ -94,6 +93,16 @@ def _xformers_blockdiag(q, k, v, seqlens):
     return out.reshape(b, n, h, d)
 
 
+def _pinned_sdpa(kernel: str):
+    """SDPA restricted to one of its kernels (``torch.nn.attention.SDPBackend`` name)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(getattr(SDPBackend, kernel)):
+            return F.scaled_dot_product_attention(q, k, v)
+    return run
+
+
 def _bshd(fn):
     """flash-attn and xformers take (B, N, H, d)."""
     return lambda q, k, v: fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
@@ -123,23 +132,12 @@ def provider_fn(provider, hg, heads, mode):
     if provider in GLOBAL_ONLY:
         note_provider(provider, "plain global attention on every head (the cost of not being sparse)")
     if provider == "global_sdpa":
-        if DEVICE == "cuda":   # pin FlashAttention-2 (SDPA may otherwise pick cuDNN on H100)
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            def flash_sdpa(q, k, v):
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    return F.scaled_dot_product_attention(q, k, v)
-            return flash_sdpa
-        return F.scaled_dot_product_attention
+        # pin FlashAttention-2 on CUDA (SDPA may otherwise pick cuDNN on H100); cudnn_sdpa pins cuDNN
+        return _pinned_sdpa("FLASH_ATTENTION") if DEVICE == "cuda" else F.scaled_dot_product_attention
     if provider == "cudnn_sdpa":
         if DEVICE != "cuda":
             skip_provider(provider, "needs a CUDA device (cuDNN attention)")
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        def cudnn_sdpa(q, k, v):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v)
-        return cudnn_sdpa
+        return _pinned_sdpa("CUDNN_ATTENTION")
     if provider == "flex":
         if DEVICE == "cpu" and mode != "fwd":
             skip_provider("flex", f"FlexAttention has no CPU backward in torch {torch.__version__} (forward only here)")
