@@ -14,6 +14,7 @@ Environment:
   MAX_JOBS=N                  parallel compile jobs (read by torch's BuildExtension)
   CUDA_HOME                   the toolkit folder (holding include/cuda_runtime.h); else found from nvcc
 """
+import glob
 import os
 import shutil
 import sys
@@ -27,7 +28,8 @@ with open(os.path.join(here, "vidkern", "_version.py")) as f:
     exec(f.read(), version)
 
 CSRC = "csrc"
-CUDA_SOURCES = [f"{CSRC}/module.cpp", f"{CSRC}/team.cu", f"{CSRC}/sttm.cu"]
+# module.cpp (the Python module) and every kernel family's .cu: a new family needs no edit here
+CUDA_SOURCES = [f"{CSRC}/module.cpp"] + sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, CSRC, "*.cu")))
 
 
 def _toolkit_home():
@@ -55,6 +57,15 @@ def _why_no_cuda_build(torch):
     if _toolkit_home() is None:
         return "no CUDA toolkit found (set CUDA_HOME to the folder holding include/cuda_runtime.h and bin/nvcc)"
     return None
+
+
+def _limits():
+    """``kernels/limits.py``, loaded from the source tree (the package is not installed yet)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_vidkern_limits", os.path.join(here, "kernels", "limits.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cuda_extensions():
@@ -86,7 +97,7 @@ def cuda_extensions():
                          if os.path.isdir(os.path.join(p, "cu13", "include"))]
     except ImportError:
         pass
-    std = ["-O3", "-std=c++20"]
+    std = ["-O3", "-std=c++20"] + _limits().cpp_defines()   # the shared constants (kernels/limits.py)
     return [CUDAExtension("vidkern._C", CUDA_SOURCES, include_dirs=include_dirs,
                           extra_compile_args={"cxx": std, "nvcc": std + ["--expt-relaxed-constexpr", "-lineinfo"]})]
 

@@ -238,11 +238,11 @@ def measure(benchmark):
 
 
 def model_us(work, provider: str, mode: str):
-    """The work model's H200 time of a case's op calls on ``provider``'s kernels (``None`` when the
-    provider has no model: the reference, torch, baselines)."""
-    if not work or provider not in ("triton", "cuda"):
-        return None
+    """The work model's H200 time of a case's op calls on ``provider``'s kernels, or its hsda SDPA
+    strategy's (``None`` when the provider has no model: the reference, torch, baselines)."""
     from vidkern import work as W
+    if not work or provider not in W.PATHS:
+        return None
     directions = {"fwd": ("forward",), "bwd": ("backward",), "fwd+bwd": ("forward", "backward")}[mode]
     try:
         return sum(W.total(op, direction, provider, shape)["model_us"] for op, shape in work
@@ -410,7 +410,8 @@ def pytest_sessionfinish(session, exitstatus):
              "`x ref`: the reference provider's median over this one's, same case, same run. "
              "`vs dense`: this provider's median over the fastest dense provider's (attention on every head: "
              + ", ".join(DENSE_PROVIDERS) + ") in the same case and run — below 1 is faster than dense. "
-             "`model us`: the counted work model's H200 lower bound for the triton/cuda kernels "
+             "`model us`: the counted work model's H200 lower bound for the triton/cuda kernels and hsda's "
+             "split/views strategies (their SDPA calls as an ideal flash kernel) "
              "(vidkern.work; a model, not a measurement — on another device it is only a scale)."
              + (" QUICK run: tiny shapes, one round — not a measurement." if QUICK else ""), ""]
     for case in dict.fromkeys(r["case"] for r in rows):

@@ -14,6 +14,10 @@
 // The same source builds for the GPU (nvcc) and for the CPU emulator (compat.h, VERIFY.md §3).
 #include "compat.h"
 
+#ifndef VK_NORM_EPS
+#error "VK_NORM_EPS comes from kernels/limits.py (cpp_defines): build through setup.py or the emulator loader"
+#endif
+
 namespace {
 
 using vk::cdiv;
@@ -470,7 +474,7 @@ at::Tensor orthogonal_select(const at::Tensor& x, int64_t k, const at::Tensor& s
     gram = gram.contiguous();
     VK_LAUNCH(select_greedy, dim3(P), dim3(kThreads), shared_state ? state_bytes : 0, gram.data_ptr<float>(),
               static_cast<int>(L), start_c.data_ptr<int64_t>(), b0, out.data_ptr<int64_t>(), static_cast<int>(k),
-              1e-12f, shared_state ? nullptr : state.data_ptr<float>());
+              VK_NORM_EPS, shared_state ? nullptr : state.data_ptr<float>());
   }
   return out;
 }

@@ -32,7 +32,10 @@ using vk::with_pack;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerBlock = 32;  // tokens per block of the row kernels (4 per warp)
-constexpr int kMaxChannels = 1024;  // the backward keeps (1 + warps) x D floats in shared memory
+#ifndef VK_TEAM_MAX_CHANNELS
+#error "VK_TEAM_MAX_CHANNELS comes from kernels/limits.py (cpp_defines): build through setup.py or the emulator loader"
+#endif
+constexpr int kMaxChannels = VK_TEAM_MAX_CHANNELS;  // the backward keeps (1 + warps) x D floats in shared memory
 
 // ------------------------------------------------------------------------ feature_summary
 // Column tiles: CT threads across channels (V each, 128 contiguous bytes per token row when
@@ -183,11 +186,11 @@ __device__ __forceinline__ void stage_gate(const T* h, int64_t shb, int64_t shd,
   __syncthreads();
 }
 
-// Per token: s0 = sum_c softmax_c(X') X', and its log-sum-exp over channels.
+// Per token: s0 = sum_c softmax_c(X') X'.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
 gate_rows_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd, const T* __restrict__ h, int64_t shb,
-                 int64_t shd, int N, int D, float* __restrict__ s0, float* __restrict__ lse) {
+                 int64_t shd, int N, int D, float* __restrict__ s0) {
   VK_DYNAMIC_SHARED(float, g);
   stage_gate(h, shb, shd, D, g);
   const int lane = threadIdx.x % 32;
@@ -200,10 +203,7 @@ gate_rows_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxn, int64_t sxd,
       for (int i = 0; i < V; ++i) vk::push(st, g[c + i] * v[i]);
     });
     st = vk::warp_merge(st);
-    if (lane == 0) {
-      vk::st(s0 + b * N + n, st.w / st.z);
-      vk::st(lse + b * N + n, st.m + logf(st.z));
-    }
+    if (lane == 0) vk::st(s0 + b * N + n, st.w / st.z);
   });
 }
 
@@ -470,14 +470,14 @@ void check_gate(const at::Tensor& x, const at::Tensor& h) {
   TORCH_CHECK(x.size(0) < 65536, "team_gate: at most 65535 batch rows");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> team_gate_fwd(const at::Tensor& x, const at::Tensor& h) {
+std::tuple<at::Tensor, at::Tensor> team_gate_fwd(const at::Tensor& x, const at::Tensor& h) {
   check_gate(x, h);
   VK_DEVICE_GUARD(x);
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   auto y = at::empty({B, N, D}, x.options());
   auto fopts = x.options().dtype(at::kFloat);
-  auto s0 = at::empty({B, N}, fopts), lse = at::empty({B, N}, fopts), s = at::empty({B, N}, fopts);
-  if (B == 0 || D == 0) return {y, lse, s};
+  auto s0 = at::empty({B, N}, fopts), s = at::empty({B, N}, fopts);
+  if (B == 0 || D == 0) return {y, s};
   const dim3 grid(cdiv(N, kRowsPerBlock), B);
   const size_t smem = D * sizeof(float);
   VK_DISPATCH_FLOATS(x.scalar_type(), "team_gate_fwd", [&] {
@@ -485,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> team_gate_fwd(const at::Tensor& x
       auto gate_rows = &gate_rows_kernel<scalar_t, V>;
       VK_LAUNCH(gate_rows, grid, dim3(kThreads), smem, x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
                 h.data_ptr<scalar_t>(), h.stride(0), h.stride(1), static_cast<int>(N), static_cast<int>(D),
-                s0.data_ptr<float>(), lse.data_ptr<float>());
+                s0.data_ptr<float>());
       auto token_softmax = &token_softmax_kernel;
       VK_LAUNCH(token_softmax, dim3(B), dim3(kThreads), 0, s0.data_ptr<float>(), s.data_ptr<float>(), static_cast<int>(N));
       auto gate_apply = &gate_apply_kernel<scalar_t, V>;
@@ -494,7 +494,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> team_gate_fwd(const at::Tensor& x
                 static_cast<int>(D), y.data_ptr<scalar_t>());
     });
   });
-  return {y, lse, s};
+  return {y, s};
 }
 
 std::tuple<at::Tensor, at::Tensor> team_gate_bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h,
@@ -544,7 +544,7 @@ std::tuple<at::Tensor, at::Tensor> team_gate_bwd(const at::Tensor& grad_y, const
 TORCH_LIBRARY_FRAGMENT(VK_NAMESPACE, m) {
   m.def("feature_summary_fwd(Tensor x, int splits=0) -> (Tensor f, Tensor stats)");
   m.def("feature_summary_bwd(Tensor grad_f, Tensor x, Tensor stats) -> Tensor");
-  m.def("team_gate_fwd(Tensor x, Tensor h) -> (Tensor y, Tensor tok_lse, Tensor s)");
+  m.def("team_gate_fwd(Tensor x, Tensor h) -> (Tensor y, Tensor s)");
   m.def("team_gate_bwd(Tensor grad_y, Tensor x, Tensor h, Tensor s) -> (Tensor dx, Tensor dh)");
 }
 

@@ -314,13 +314,14 @@ def _hsda_packed_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PERM,
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
 
 
-# =========================================================================== launchers
+# =========================================================================== launch configuration
 import functools  # noqa: E402
 import weakref  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 
+from .limits import HSDA_HEAD_DIMS, HSDA_MAX_HEAD_DIM, PACKED_GROUP_MAX, dtype_class  # noqa: E402,F401
 from .launch import TRITON_VERSION, batch_chunks, dot_precision, for_triton, on_input_device  # noqa: E402
 
 
@@ -334,7 +335,7 @@ class Config:
     num_stages: int = 2
 
 
-HEAD_DIMS = (32, 64, 128)   # compiled per head dim (a constexpr) and each checked by vidkern.aot
+HEAD_DIMS = HSDA_HEAD_DIMS   # compiled per head dim (a constexpr) and each checked by vidkern.aot
 
 
 def block_d(head_dim: int) -> int:
@@ -365,7 +366,7 @@ CONFIGS = {
 CONFIGS_BEFORE = {
     (3, 8): {("fwd", "fp32", 64): Config(32, 32, 4, 1), ("bwd", "fp32", 64): Config(16, 16, 4, 1)},
 }
-MAX_HEAD_DIM = {"half": 128, "fp32": 64}   # largest head dim with a verified forward and backward
+MAX_HEAD_DIM = HSDA_MAX_HEAD_DIM   # largest head dim with a verified forward and backward
 
 
 def configs(version: tuple = None) -> dict:
@@ -374,10 +375,6 @@ def configs(version: tuple = None) -> dict:
 
 
 _ACTIVE_CONFIGS = configs(TRITON_VERSION)   # chosen once, at import
-
-
-def dtype_class(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "half"
 
 
 def pick_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> Config:
@@ -490,11 +487,6 @@ def _programs(tab, n, h, num_global_heads, block, packed=False):
     return tiles_global, num_global_heads * tiles_global + (h - num_global_heads) * sparse_tiles
 
 
-#: Sparse groups of at most this many tokens run in packed tiles (``_hsda_packed_*``), per dtype
-#: class: the tile kernel's smallest half-precision tiles (64 x 64 backward) would issue at least 4x
-#: the useful products at 32 tokens a group (4096 / 32^2). float32 packs groups of at most 8 (tiles
-#: of 16 rows): its tf32x3 backward spills at 32 rows whatever the warps (``vidkern.aot``).
-PACKED_GROUP_MAX = {"half": 32, "fp32": 8}
 #: Warps per dtype class and packed tile size ``P`` (rows), found spill-free on sm_80 and sm_90 by
 #: ``vidkern.aot`` (half at 32 rows: 4 warps spill 8 bytes in the bf16 forward at d = 64 on sm_90).
 PACKED_WARPS = {"half": {16: 4, 32: 2, 64: 8}, "fp32": {16: 4}}
@@ -538,6 +530,7 @@ def packs(pattern, grid, h: int, num_global_heads: int, dtype, device):
     return [Pack(bk.index, bk.size, bk.count, packed_block(bk.size)) for bk in buckets]
 
 
+# =========================================================================== launchers
 @on_input_device
 def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config = None, debug: bool = False):
     """Launch the forward. ``q, k, v``: ``(B, H, N, d)`` any strides. Returns ``(out, lse)``
@@ -610,23 +603,50 @@ def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, 
     return dq, dk, dv
 
 
+# =========================================================================== AOT configurations (vidkern.aot)
+TILE_KERNELS = {"fwd": _hsda_fwd_kernel, "bwd_preprocess": _hsda_bwd_preprocess_kernel,
+                "bwd_dkdv": _hsda_bwd_dkdv_kernel, "bwd_dq": _hsda_bwd_dq_kernel}
 PACKED_KERNELS = {"packed_fwd": _hsda_packed_fwd_kernel, "packed_bwd": _hsda_packed_bwd_kernel}
+SPARSE_MODES = (1, 2)   # the tile kernels' group rule: checkerboard arithmetic, or PERM/GOFF tables
+_TILE_TYPES = dict(LSE="*fp32", DELTA="*fp32", PERM="*i32", GOFF="*i32", TILES="*i32", COUNT="*i32", scale="fp32",
+                   **dict.fromkeys(("N", "H", "HG", "TILES_GLOBAL", "T", "HP", "WP"), "i32"))
+_PACKED_TYPES = dict(LSE="*fp32", DELTA="*fp32", PERM="*i64", scale="fp32",
+                     **dict.fromkeys(("N", "H", "HG", "GS", "GPT", "COUNT"), "i32"))
+
+
+def tile_aot_spec(name: str, dtype, head_dim: int, mode: int = 1, debug: bool = False):
+    """The configuration the launchers compile of tile kernel ``name`` (:data:`TILE_KERNELS`) for
+    ``dtype``, ``head_dim`` and sparse ``mode``: :func:`pick_config`'s tiles, warps and stages;
+    head-dim strides 1 (``_kernel_ready``); batch/head/row strides 16-divisible, as Triton's JIT
+    sees a contiguous or fused-qkv launch; ``debug``: the work-counting forward the tests launch."""
+    from .launch import AotSpec
+    fn, bd = TILE_KERNELS[name], block_d(head_dim)
+    if name == "bwd_preprocess":
+        return AotSpec("hsda", name, fn, dtype, dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=64, sod=1, sdd=1), 4,
+                       _TILE_TYPES, stride_hints=True)
+    cfg = pick_config("fwd" if name == "fwd" else "bwd", head_dim, dtype, 90)
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_MODE=mode,
+                  PRECISION=dot_precision(dtype), sqd=1, skd=1, svd=1,
+                  **({"sod": 1, "DEBUG": debug} if name == "fwd" else {"sdd": 1}))
+    return AotSpec("hsda", name, fn, dtype, consts, cfg.num_warps, _TILE_TYPES, cfg.num_stages, stride_hints=True)
 
 
 def aot_specs(dtype) -> list:
-    """The packed-tile kernels at every tile size ``P`` (:data:`PACKED_WARPS`) and head dim the
-    launchers use for inputs of ``dtype`` (``vidkern.aot``; the tile kernels are its
-    ``all_configurations``). Head-dim strides are 1, as ``_kernel_ready`` makes them."""
+    """Every configuration the HSDA launchers can launch for inputs of ``dtype`` (``vidkern.aot``):
+    per head dim, the tile kernels in both sparse modes (:func:`tile_aot_spec`) plus the debug
+    forward, and the packed-tile kernels at every tile size ``P`` (:data:`PACKED_WARPS`)."""
     from .launch import AotSpec
-    types = dict(LSE="*fp32", DELTA="*fp32", PERM="*i64", N="i32", H="i32", HG="i32", GS="i32", GPT="i32",
-                 COUNT="i32", scale="fp32")
     specs = []
     for d in HEAD_DIMS:
         if d > MAX_HEAD_DIM[dtype_class(dtype)]:
-            continue
+            continue   # declared unsupported (limits.hsda_head_dim_reasons): dispatch falls back to torch
+        specs.append(tile_aot_spec("bwd_preprocess", dtype, d))
+        specs += [tile_aot_spec(name, dtype, d, mode) for name in ("fwd", "bwd_dkdv", "bwd_dq") for mode in SPARSE_MODES]
+        specs.append(tile_aot_spec("fwd", dtype, d, 1, debug=True))
         for name, fn in PACKED_KERNELS.items():
             unit = dict(sqd=1, skd=1, svd=1, **({"sod": 1} if name == "packed_fwd" else {"sdd": 1}))
             for block, warps in PACKED_WARPS[dtype_class(dtype)].items():
                 specs.append(AotSpec("hsda", name, fn, dtype, dict(HEAD_DIM=d, BLOCK_D=block_d(d), P=block,
-                                                                    PRECISION=dot_precision(dtype), **unit), warps, types))
+                                                                    PRECISION=dot_precision(dtype), **unit), warps,
+                                     _PACKED_TYPES))
     return specs

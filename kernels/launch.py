@@ -105,12 +105,20 @@ class AotSpec:
     num_warps: int
     types: dict = field(default_factory=dict)
     num_stages: int = None
+    stride_hints: bool = False   # also hint the batch/head/row strides (``s?b``, ``s?h``, ``s?n``) 16-divisible
+
+    @property
+    def debug(self) -> bool:
+        """The work-counting variant (``DEBUG=True``), launched only by the tests."""
+        return bool(self.constexprs.get("DEBUG"))
 
     @property
     def label(self) -> str:
-        shown = " ".join(f"{k}={v}" for k, v in self.constexprs.items() if k not in ("EPS", "PRECISION") and not k.islower())
+        shown = " ".join(f"{k}={v}" for k, v in self.constexprs.items()
+                         if k not in ("EPS", "PRECISION", "DEBUG") and not k.islower())
         stages = "" if self.num_stages is None else f" s={self.num_stages}"
-        return f"{_DTYPE_NAMES[self.dtype]} {shown} w={self.num_warps}{stages}".replace("  ", " ")
+        debug = " debug" if self.debug else ""
+        return f"{_DTYPE_NAMES[self.dtype]} {shown} w={self.num_warps}{stages}{debug}".replace("  ", " ")
 
     def signature(self) -> dict:
         sig = {}
@@ -122,6 +130,10 @@ class AotSpec:
             else:
                 sig[name] = f"*{_DTYPE_NAMES[self.dtype]}" if name.isupper() else "i32"
         return sig
+
+    def hinted(self, name: str, kind: str) -> bool:
+        """Whether argument ``name`` (signature type ``kind``) gets Triton's 16-divisibility hint."""
+        return kind.startswith("*") or (self.stride_hints and kind == "i32" and name[0] == "s" and name[-1] in "bhn")
 
     def options(self) -> dict:
         return dict(num_warps=self.num_warps, **({} if self.num_stages is None else dict(num_stages=self.num_stages)))

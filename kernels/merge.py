@@ -675,6 +675,7 @@ def soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, ta
     return du.to(u.dtype), dx, de
 
 
+# =========================================================================== AOT configurations (vidkern.aot)
 MERGE_KERNELS = {"merge_lse": _merge_lse_kernel, "merge_fwd": _merge_fwd_kernel,
                  "merge_bwd_tokens": _merge_bwd_tokens_kernel, "merge_bwd_dx": _merge_bwd_dx_kernel,
                  "merge_bwd_meta": _merge_bwd_meta_kernel}

@@ -55,41 +55,10 @@ import triton
 import triton.language as tl
 
 from .launch import AotSpec, dot_precision, on_input_device
-
-NORM_EPS = 1e-12   # vidkern.reference.NORM_EPS (this module must not import vidkern: it is vidkern.kernels)
-
-GREEDY_MAX_L = 16384            # largest L of the register (Gram) regime: 16 scores per thread at 32 warps
-GREEDY_MIN_BLOCK = 128          # smallest BLOCK_L (fewer configurations; padding lanes issue no loads)
-GRAM_SCRATCH_BYTES = 2 ** 31    # Gram scratch per launch of the chunk loop (at least one problem)
-# (BLOCK, BLOCK_D, num_warps, num_stages) of the Gram kernel: 16-bit inputs on the bf16/fp16 tensor
-# cores; float32 as tf32x3 (three products: more registers per tile, so smaller tiles)
-GRAM_BLOCKS = {"half": (128, 32, 8, 3), "fp32": (64, 16, 4, 3)}
-NORM_BLOCKS = (32, 64)          # (BLOCK_L, BLOCK_D) of the inverse-norm kernel, 4 warps
-SELECT_BLOCKS = (32, 64)        # (BLOCK_L, BLOCK_D) of the streaming fallback, 4 warps
+from .limits import NORM_EPS  # SPEC §3.1's eps (its one home: kernels.limits)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def gram_config(dtype) -> tuple:
-    """(BLOCK, BLOCK_D, num_warps, num_stages) of :func:`_gram_kernel` for inputs of ``dtype``."""
-    return GRAM_BLOCKS["fp32" if dtype == torch.float32 else "half"]
-
-
-def greedy_config(length: int) -> tuple:
-    """(BLOCK_L, num_warps) of :func:`_greedy_kernel` for ``length`` tokens: 4 warps up to 1024
-    scores (8 per thread), then more warps, 8 scores per thread, up to 32 warps (16 per thread at
-    BLOCK_L = 16384)."""
-    block = max(GREEDY_MIN_BLOCK, triton.next_power_of_2(length))
-    return block, min(32, max(4, block // 256))
-
-
-def chunk_problems(length: int) -> int:
-    """Problems per Gram-scratch chunk: ``GRAM_SCRATCH_BYTES`` of float32 ``(L, L)`` matrices, at least one."""
-    return max(1, GRAM_SCRATCH_BYTES // (4 * length * length))
-
-
+# =========================================================================== helpers
 @triton.jit
 def _inv_norms(xb, offs, sxl, sxd, L, D, EPS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """``1 / max(|x_l|, eps)`` (fp32, IEEE square root) of rows ``offs`` of one problem, read once."""
@@ -213,6 +182,39 @@ def _stream_select_kernel(X, START, OUT, WORK, sxb, sxl, sxd, L, D, K, EPS: tl.c
         tl.debug_barrier()
 
 
+# =========================================================================== launch configuration
+GREEDY_MAX_L = 16384            # largest L of the register (Gram) regime: 16 scores per thread at 32 warps
+GREEDY_MIN_BLOCK = 128          # smallest BLOCK_L (fewer configurations; padding lanes issue no loads)
+GRAM_SCRATCH_BYTES = 2 ** 31    # Gram scratch per launch of the chunk loop (at least one problem)
+# (BLOCK, BLOCK_D, num_warps, num_stages) of the Gram kernel: 16-bit inputs on the bf16/fp16 tensor
+# cores; float32 as tf32x3 (three products: more registers per tile, so smaller tiles)
+GRAM_BLOCKS = {"half": (128, 32, 8, 3), "fp32": (64, 16, 4, 3)}
+NORM_BLOCKS = (32, 64)          # (BLOCK_L, BLOCK_D) of the inverse-norm kernel, 4 warps
+SELECT_BLOCKS = (32, 64)        # (BLOCK_L, BLOCK_D) of the streaming fallback, 4 warps
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gram_config(dtype) -> tuple:
+    """(BLOCK, BLOCK_D, num_warps, num_stages) of :func:`_gram_kernel` for inputs of ``dtype``."""
+    return GRAM_BLOCKS["fp32" if dtype == torch.float32 else "half"]
+
+
+def greedy_config(length: int) -> tuple:
+    """(BLOCK_L, num_warps) of :func:`_greedy_kernel` for ``length`` tokens: 4 warps up to 1024
+    scores (8 per thread), then more warps, 8 scores per thread, up to 32 warps (16 per thread at
+    BLOCK_L = 16384)."""
+    block = max(GREEDY_MIN_BLOCK, triton.next_power_of_2(length))
+    return block, min(32, max(4, block // 256))
+
+
+def chunk_problems(length: int) -> int:
+    """Problems per Gram-scratch chunk: ``GRAM_SCRATCH_BYTES`` of float32 ``(L, L)`` matrices, at least one."""
+    return max(1, GRAM_SCRATCH_BYTES // (4 * length * length))
+
+
 # =========================================================================== launcher
 @on_input_device
 def orthogonal_select(x, k, start):
@@ -256,6 +258,7 @@ def orthogonal_select(x, k, start):
     return out
 
 
+# =========================================================================== AOT configurations (vidkern.aot)
 def aot_specs(dtype) -> list:
     """The configurations :func:`orthogonal_select` launches for inputs of ``dtype`` (``vidkern.aot``):
     the Gram kernel, the greedy kernel at every ``BLOCK_L`` from ``GREEDY_MIN_BLOCK`` to

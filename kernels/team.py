@@ -153,11 +153,11 @@ def _channel_softmax(xp, mask):
 
 
 @triton.jit
-def _gate_rows_kernel(X, H, S0, LSE, PART, sxb, sxn, sxd, shb, shd, N, D, rows,
+def _gate_rows_kernel(X, H, S0, PART, sxb, sxn, sxd, shb, shd, N, D, rows,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (row block, batch) over tokens ``[blk * rows, (blk + 1) * rows)``: X' = sigmoid(h) X,
-    s0 = sum_c softmax_c(X') X', LSE = logsumexp_c X' (fp32, per token), and
-    PART[b, blk] = (max, sum-exp) of its s0 (the token softmax's partial state)."""
+    s0 = sum_c softmax_c(X') X' (fp32, per token), and PART[b, blk] = (max, sum-exp) of its s0
+    (the token softmax's partial state)."""
     b, offs_d, mask_d, g = _gate(H, shb, shd, D, BLOCK_D)
     blk = tl.program_id(0)
     # the running (max, sum-exp) of s0 as scalars (fp32 0-d tensors): per-token-lane vectors put a
@@ -170,9 +170,8 @@ def _gate_rows_kernel(X, H, S0, LSE, PART, sxb, sxn, sxd, shb, shd, N, D, rows,
         mask_n = offs_n < N
         mask = mask_n[:, None] & mask_d[None, :]
         x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0)
-        m, z, q, s0 = _channel_softmax(g[None, :] * x.to(tl.float32), mask)
+        s0 = _channel_softmax(g[None, :] * x.to(tl.float32), mask)[3]
         tl.store(S0 + b * N + offs_n, s0, mask=mask_n)
-        tl.store(LSE + b * N + offs_n, m + tl.log(z), mask=mask_n)
         s0m = tl.where(mask_n, s0, float("-inf"))
         m_new = tl.maximum(mt, tl.max(s0m, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -289,7 +288,7 @@ def _gate_dh_kernel(DG, H, DH, shb, shd, D, blocks, BLOCK_D: tl.constexpr):
     tl.store(DH + b * D + offs_d, (acc * g * (1.0 - g)).to(DH.dtype.element_ty), mask=mask_d)
 
 
-# =========================================================================== launchers
+# =========================================================================== launch configuration
 #: Programs a launch touching B*N*D data aims for: two full waves on a 132-SM H100/H200, so a
 #: small batch or a single long clip still fills the GPU. A fixed number (not the device's SM
 #: count): the split, and with it every result bit, is the same on every GPU.
@@ -365,6 +364,7 @@ def summary_splits(b: int, n: int, d: int) -> tuple:
     return best[1], best[2]
 
 
+# =========================================================================== launchers
 @on_input_device
 def feature_summary_forward(x):
     """``x (B, N, D)`` any strides -> ``(f (B, D) in x's dtype, stats (B, 3, D) fp32)``."""
@@ -402,31 +402,31 @@ def feature_summary_backward(grad_f, x, f, stats):
 
 @on_input_device
 def team_gate_forward(x, h):
-    """``x (B, N, D)``, ``h (B, D)`` -> ``(y, tok_lse (B, N) fp32, s (B, N) fp32)``."""
+    """``x (B, N, D)``, ``h (B, D)`` -> ``(y, s (B, N) fp32)``: the gated tokens and the token softmax
+    the backward reads (it recomputes the channel softmax from the row)."""
     b, n, d = x.shape
     block_n, block_d, warps = rows_config(d)
     rows = gate_rows(b, n, d)
     blocks = triton.cdiv(n, rows)
     s0 = torch.empty((b, n), dtype=torch.float32, device=x.device)
-    tok_lse = torch.empty_like(s0)
     s = torch.empty_like(s0)
     part = torch.empty((b, blocks, 2), dtype=torch.float32, device=x.device)   # per-program (max, sum-exp) of s0
     y = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
     for bs in batch_chunks(b):
-        _gate_rows_kernel[(blocks, bs.stop - bs.start)](x[bs], h[bs], s0[bs], tok_lse[bs], part[bs], *x.stride(),
+        _gate_rows_kernel[(blocks, bs.stop - bs.start)](x[bs], h[bs], s0[bs], part[bs], *x.stride(),
                                                         *h.stride(), n, d, rows, BLOCK_N=block_n, BLOCK_D=block_d,
                                                         num_warps=warps)
     for bs in batch_chunks(b):
         _gate_apply_kernel[(blocks, bs.stop - bs.start)](x[bs], h[bs], s0[bs], part[bs], s[bs], y[bs], *x.stride(),
                                                          *h.stride(), n, d, rows, BLOCK_N=block_n, BLOCK_D=block_d,
                                                          num_warps=warps)
-    return y, tok_lse, s
+    return y, s
 
 
 @on_input_device
-def team_gate_backward(grad_y, x, h, tok_lse, s):
-    """``grad_y (B, N, D)`` any strides, and the forward's inputs and ``s`` -> ``(dx, dh)``
-    (``tok_lse`` is not read: Q is recomputed from the row)."""
+def team_gate_backward(grad_y, x, h, s):
+    """``grad_y (B, N, D)`` any strides, and the forward's inputs and ``s`` -> ``(dx, dh)`` (the
+    channel softmax Q is recomputed from the row)."""
     b, n, d = x.shape
     block_n, block_d, warps = rows_config(d)
     dx = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
@@ -453,6 +453,7 @@ def team_gate_backward(grad_y, x, h, tok_lse, s):
     return dx, dh
 
 
+# =========================================================================== AOT configurations (vidkern.aot)
 TEAM_KERNELS = {"summary_fwd": _summary_fwd_kernel, "summary_merge": _summary_merge_kernel,
                 "summary_bwd": _summary_bwd_kernel, "gate_rows": _gate_rows_kernel,
                 "gate_apply": _gate_apply_kernel, "gate_bwd_rows": _gate_bwd_rows_kernel,
@@ -463,7 +464,7 @@ def aot_specs(dtype) -> list:
     """Every configuration the TEAM launchers can launch for inputs of ``dtype`` (``vidkern.aot``):
     the column kernels at their one channel block, the merge kernels at their one block, the row
     kernels at every padded row width."""
-    types = dict(PART="*fp32", STATS="*fp32", S0="*fp32", LSE="*fp32", S="*fp32", DS="*fp32", DG="*fp32",
+    types = dict(PART="*fp32", STATS="*fp32", S0="*fp32", S="*fp32", DS="*fp32", DG="*fp32",
                  N="i32", D="i32")
     specs = []
     for name, fn in TEAM_KERNELS.items():

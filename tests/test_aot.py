@@ -30,7 +30,8 @@ def test_every_launcher_configuration_compiles_cleanly(tmp_path):
     run = aot.run_in_subprocess("--out", str(out))
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and "kernel" not in ln]
-    expected = len(list(aot.all_configurations())) + len(list(aot.spec_configurations()))
+    expected = len(list(aot.spec_configurations()))
+    assert [m.__name__.rsplit(".", 1)[1] for m in aot.spec_modules()] == ["hsda", "merge", "selection", "team"]
     # HSDA: archs x (fp16, bf16: d<=128; fp32: d<=64) x (7 kernels + the debug forward);
     # TEAM: archs x 3 dtypes x (3 column kernels + the dh reduction + 4 row kernels x 5 channel blocks);
     # STTM selection: archs x 3 dtypes x (inverse norms, Gram, 8 greedy widths, the streaming fallback);
@@ -40,7 +41,8 @@ def test_every_launcher_configuration_compiles_cleanly(tmp_path):
     assert any(r.startswith("| team gate_bwd") for r in rows) and any(r.startswith("| sttm merge_bwd_meta") for r in rows)
     assert all(r.endswith("| ok |") or (" debug |" in r and "| ok (debug" in r) for r in rows)
     assert all(r.endswith("| ok |") for r in rows if " debug |" not in r)
-    assert any("sm_90" in r and "| fwd |" in r for r in rows) and any("sm_80" in r for r in rows)
+    assert any("sm_90" in r and "| hsda fwd |" in r for r in rows) and any("sm_80" in r for r in rows)
+    assert sum(" debug |" in r for r in rows) == 2 * (3 + 3 + 2)     # the debug forward per arch, dtype, head dim
 
 
 def test_the_check_catches_spills():
@@ -50,7 +52,7 @@ def test_the_check_catches_spills():
         from vidkern import aot
         from vidkern.kernels import hsda as K
         K.pick_config = lambda *a, **k: K.Config(128, 128, 4, 2)
-        r = aot.compile_one("bwd_dkdv", torch.float32, 128, 1, 80)
+        r = aot.compile_spec(K.tile_aot_spec("bwd_dkdv", torch.float32, 128, 1), 80)
         print(r.error == "", r.spill > 0, r.ok)
     """)
     assert out.split() == ["True", "True", "False"]
@@ -101,7 +103,7 @@ def test_the_check_compiles_what_the_launchers_launch():
         print(r.config == f"fp32 BLOCK_N={n} BLOCK_D={d} w={w}", seen[-1][1] == dict(num_warps=w))
         for kernel, kind in (("fwd", "fwd"), ("bwd_dkdv", "bwd"), ("bwd_dq", "bwd")):
             cfg = K.configs()[(kind, "fp32", 64)]
-            aot.compile_one(kernel, torch.float32, 64, 1, 80)
+            aot.compile_spec(K.tile_aot_spec(kernel, torch.float32, 64, 1), 80)
             consts, options = seen[-1]
             print(options == dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                   (consts["BLOCK_M"], consts["BLOCK_N"]) == (cfg.block_m, cfg.block_n))
@@ -113,7 +115,8 @@ def test_the_check_requires_tensor_core_code():
     out = _python("""
         import torch
         from vidkern import aot
-        r = aot.compile_one("fwd", torch.bfloat16, 64, 1, 90)
+        from vidkern.kernels import hsda as K
+        r = aot.compile_spec(K.tile_aot_spec("fwd", torch.bfloat16, 64, 1), 90)
         print(r.ok, r.mma, r.regs > 32)   # a dead kernel would compile to a few registers
     """)
     assert out.split() == ["True", "True", "True"]

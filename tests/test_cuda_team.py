@@ -100,10 +100,10 @@ def test_dispatch_limits(dev):
     with pytest.raises(NotImplementedError, match="2048 channels > 1024"):
         gate(torch.randn(1, 4, 2048).to(dev), torch.randn(1, 2048).to(dev))
     # float64 stays on the torch backend
-    assert dispatch.select("team_gate", torch.device(dev), torch.float64).name != "cuda"
+    assert dispatch.select(dispatch.Inputs("team_gate", torch.device(dev), torch.float64)).name != "cuda"
     if dev.type == "cpu":   # the emulator never runs unless asked for by name
-        assert dispatch.select("team_gate", dev, torch.float32).name == "torch"
-        assert "asked for" in " ".join(dispatch.get("cuda").not_supported_reasons("team_gate", dev, torch.float32))
+        assert dispatch.select(dispatch.Inputs("team_gate", dev, torch.float32)).name == "torch"
+        assert "asked for" in " ".join(dispatch.get("cuda").reasons("team_gate", dev, torch.float32))
 
 
 def test_empty_batch(dev):

@@ -12,8 +12,8 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_automatic_choice_prefers_torch_on_cpu():
-    assert dispatch.select("hsda", CPU, torch.float32).name == "torch"
-    assert dispatch.select("team_gate", CPU, torch.float32).name == "torch"
+    assert dispatch.select(dispatch.Inputs("hsda", CPU, torch.float32)).name == "torch"
+    assert dispatch.select(dispatch.Inputs("team_gate", CPU, torch.float32)).name == "torch"
     assert dispatch.names() == ["cuda", "triton", "torch", "reference"]
 
 
@@ -21,52 +21,52 @@ def test_automatic_choice_prefers_torch_on_cpu():
 def test_triton_interpreter_runs_only_when_asked_for(monkeypatch):
     triton_backend = dispatch.get("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert dispatch.select("hsda", CPU, torch.float32, backend="triton") is triton_backend
+    assert dispatch.select(dispatch.Inputs("hsda", CPU, torch.float32), "triton") is triton_backend
     assert "only when backend='triton' is asked for" in " ".join(
-        triton_backend.not_supported_reasons("hsda", CPU, torch.float32))
+        triton_backend.reasons("hsda", CPU, torch.float32))
     with pytest.raises(NotImplementedError, match="does not implement group_mean"):
-        dispatch.select("group_mean", CPU, torch.float32, backend="triton")
+        dispatch.select(dispatch.Inputs("group_mean", CPU, torch.float32), "triton")
     with pytest.raises(NotImplementedError, match="dtype torch.float64 not supported"):
-        dispatch.select("hsda", CPU, torch.float64, backend="triton")
+        dispatch.select(dispatch.Inputs("hsda", CPU, torch.float64), "triton")
     with pytest.raises(NotImplementedError, match="head dim 256 > 128"):
-        dispatch.select("hsda", CPU, torch.float16, backend="triton", head_dim=256)
+        dispatch.select(dispatch.Inputs("hsda", CPU, torch.float16, head_dim=256), "triton")
     with pytest.raises(NotImplementedError, match="float32 with head dim 128 > 64"):
-        dispatch.select("hsda", CPU, torch.float32, backend="triton", head_dim=128)
+        dispatch.select(dispatch.Inputs("hsda", CPU, torch.float32, head_dim=128), "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(NotImplementedError, match="needs a CUDA device"):
-        dispatch.select("hsda", CPU, torch.float32, backend="triton")
+        dispatch.select(dispatch.Inputs("hsda", CPU, torch.float32), "triton")
 
 
 def test_forced_backend_and_env_var(monkeypatch):
-    assert dispatch.select("hsda", CPU, torch.float16, backend="reference").name == "reference"
+    assert dispatch.select(dispatch.Inputs("hsda", CPU, torch.float16), "reference").name == "reference"
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
-    assert dispatch.select("soft_merge", CPU, torch.float32).name == "reference"
-    assert dispatch.select("soft_merge", CPU, torch.float32, backend="torch").name == "torch"  # argument wins
+    assert dispatch.select(dispatch.Inputs("soft_merge", CPU, torch.float32)).name == "reference"
+    assert dispatch.select(dispatch.Inputs("soft_merge", CPU, torch.float32), "torch").name == "torch"  # argument wins
 
 
 def test_forced_backend_that_cannot_run_raises_with_reasons(monkeypatch):
     with pytest.raises(ValueError, match=r"backend must be one of \['cuda', 'triton', 'torch', 'reference'\], got 'flash'"):
-        dispatch.select("hsda", CPU, torch.float32, backend="flash")
+        dispatch.select(dispatch.Inputs("hsda", CPU, torch.float32), "flash")
     if not torch.cuda.is_available():
         with pytest.raises(NotImplementedError, match="backend='torch' cannot run hsda on cuda.*CUDA is not available"):
-            dispatch.select("hsda", CUDA, torch.float32, backend="torch")
+            dispatch.select(dispatch.Inputs("hsda", CUDA, torch.float32), "torch")
         monkeypatch.setenv(dispatch.ENV_VAR, "torch")
         with pytest.raises(NotImplementedError, match="VIDKERN_BACKEND='torch' cannot run"):
-            dispatch.select("hsda", CUDA, torch.float32)
+            dispatch.select(dispatch.Inputs("hsda", CUDA, torch.float32))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="lists reasons only when no backend can run")
 def test_no_capable_backend_lists_every_reason():
     with pytest.raises(NotImplementedError, match=r"no vidkern backend can run hsda on cuda.*\n  cuda: .*does not implement hsda.*\n  triton: .*\n  torch: .*\n  reference: "):
-        dispatch.select("hsda", CUDA, torch.float32)
+        dispatch.select(dispatch.Inputs("hsda", CUDA, torch.float32))
 
 
 def test_env_var_reaches_the_ops(monkeypatch):
     calls = []
     real = dispatch.select
 
-    def spy(op, device, dtype, backend=None, **shape):
-        chosen = real(op, device, dtype, backend, **shape)
+    def spy(inputs, backend=None):
+        chosen = real(inputs, backend)
         calls.append(chosen.name)
         return chosen
     monkeypatch.setattr(dispatch, "select", spy)
@@ -91,20 +91,48 @@ def test_kernels_package_lives_under_vidkern():
 
 
 def test_soft_merge_prefers_triton_over_the_simt_cuda_kernels(monkeypatch):
-    """On a GPU the cuda backend (first in priority) leaves soft_merge to Triton's tensor-core kernels
-    when Triton can run it; asked for by name, or without Triton, it runs."""
-    from vidkern.backends import cuda as cuda_module
+    """On a GPU soft_merge goes to Triton's tensor-core kernels before the cuda backend (first in
+    priority for every other op); asked for by name, or without Triton, cuda runs it. The rule is
+    dispatch's (PREFERENCES), not the backend's: cuda itself has no reason to decline."""
     cuda_backend, triton_backend = dispatch.get("cuda"), dispatch.get("triton")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(cuda_module, "extension_error", lambda: None)   # as if vidkern._C loaded
-    monkeypatch.setattr(triton_backend, "not_supported_reasons", lambda *a, **k: [])
-    why = cuda_backend.not_supported_reasons("soft_merge", CUDA, torch.bfloat16)
-    assert any("prefers the triton backend" in r for r in why)
-    assert cuda_backend.not_supported_reasons("soft_merge", CUDA, torch.bfloat16, forced=True) == []
-    assert cuda_backend.not_supported_reasons("orthogonal_select", CUDA, torch.bfloat16) == []
-    monkeypatch.setattr(triton_backend, "not_supported_reasons", lambda *a, **k: ["triton missing"])
-    assert cuda_backend.not_supported_reasons("soft_merge", CUDA, torch.bfloat16) == []
+    assert dispatch.order("soft_merge") == ["triton", "cuda", "torch", "reference"]
+    assert dispatch.order("orthogonal_select") == dispatch.names()
+    capable = {"cuda": [], "triton": []}
+    for name, be in (("cuda", cuda_backend), ("triton", triton_backend)):
+        monkeypatch.setattr(be, "not_supported_reasons", lambda inputs, name=name: capable[name])
+    assert dispatch.select(dispatch.Inputs("soft_merge", CUDA, torch.bfloat16)) is triton_backend
+    assert dispatch.select(dispatch.Inputs("orthogonal_select", CUDA, torch.bfloat16)) is cuda_backend
+    assert dispatch.select(dispatch.Inputs("soft_merge", CUDA, torch.bfloat16), "cuda") is cuda_backend
+    capable["triton"] = ["triton missing"]
+    assert dispatch.select(dispatch.Inputs("soft_merge", CUDA, torch.bfloat16)) is cuda_backend
+
+
+def test_register_checks_the_op_interface():
+    """A backend whose methods do not match the declared interface is refused at registration,
+    naming each difference; every registered backend matches."""
+    class Broken(dispatch.Backend):
+        name = "broken"
+        ops = frozenset({"team_gate", "feature_summary", "group_mean"})
+
+        def team_gate_forward(self, x, h):
+            return x, x
+
+        def team_gate_backward(self, grad_y, x, h, tok_lse, s):   # an old, wrong signature
+            return x, h
+
+    with pytest.raises(TypeError, match=r"backend 'broken' does not implement the op interface.*"
+                       r"feature_summary: no method feature_summary_forward\(x\).*"
+                       r"group_mean: no method group_mean.*"
+                       r"team_gate: team_gate_backward\(grad_y, x, h, tok_lse, s\) must take \(grad_y, x, h, s\)"):
+        dispatch.register(Broken(), priority=50)
+    assert "broken" not in dispatch.names()
+    for name in dispatch.names():
+        assert dispatch.interface_errors(dispatch.get(name)) == []
+    assert dispatch.interface("hsda") == {
+        "hsda_forward": ["q", "k", "v", "grid", "pattern", "num_global_heads", "scale"],
+        "hsda_backward": ["grad_out", "q", "k", "v", "out", "lse", "grid", "pattern", "num_global_heads", "scale"]}
+    with pytest.raises(ValueError, match="op must be one of"):
+        dispatch.Inputs("flash", CPU)
 
 
 def test_info_prints_the_override_value_and_says_where_each_backend_runs():

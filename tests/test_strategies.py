@@ -116,6 +116,12 @@ def test_strategy_rule_and_bad_arguments():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert sdpa.default_strategy(cpu, "natural") == sdpa.default_strategy(cuda, "natural") == "split"
     assert sdpa.default_strategy(cpu, "grouped") == sdpa.default_strategy(cuda, "grouped") == "views"
+    # small groups (temporal heads at T = 8) go to the packed Triton kernel on CUDA only
+    assert sdpa.default_strategy(cuda, "grouped", 8) == sdpa.default_strategy(cuda, "grouped", 32) == "split"
+    assert sdpa.default_strategy(cuda, "grouped", 33) == sdpa.default_strategy(cpu, "grouped", 8) == "views"
+    assert sdpa.default_strategy(cuda, "grouped", 8, torch.float32) == "split"
+    assert sdpa.default_strategy(cuda, "grouped", 9, torch.float32) == "views"
+    assert sdpa.default_strategy(cuda, "natural", 8) == "split"
     q = torch.randn(1, 2, 18, 8)
     with pytest.raises(ValueError, match="token_order must be one of"):
         vidkern.hsda(q, q, q, (2, 3, 3), token_order="group-major")
@@ -145,7 +151,7 @@ def test_cpu_query_folding_is_exact(threads, n):
 def _backends_here():
     from vidkern import dispatch
     names = ["torch", "reference"]
-    if not dispatch.get("triton").not_supported_reasons("hsda", torch.device("cpu"), torch.float32, forced=True):
+    if not dispatch.get("triton").reasons("hsda", torch.device("cpu"), torch.float32, forced=True):
         names.append("triton")                       # Triton's interpreter
     return names
 

@@ -23,7 +23,7 @@ def kernels(request, monkeypatch):
     if request.param == "cuda":
         return "cuda", request.getfixturevalue("cuda_kernel_device")
     device = torch.device("cuda" if GPU else "cpu")
-    reasons = dispatch.get("triton").not_supported_reasons("soft_merge", device, torch.float32, forced=True)
+    reasons = dispatch.get("triton").reasons("soft_merge", device, torch.float32, forced=True)
     if reasons:
         pytest.skip("; ".join(reasons))
     if not GPU:
@@ -38,7 +38,7 @@ def kernels(request, monkeypatch):
 def skip_unsupported(backend, op, dev, dtype):
     """Skip with the backend's own reasons (the triton backend refuses bf16 soft merging on CPU:
     Triton's interpreter computes bf16 tl.dot wrongly; tests/test_triton_backend.py checks that)."""
-    reasons = dispatch.get(backend).not_supported_reasons(op, dev, dtype, forced=True)
+    reasons = dispatch.get(backend).reasons(op, dev, dtype, forced=True)
     if reasons:
         pytest.skip("; ".join(reasons))
 

@@ -138,16 +138,7 @@ def test_hsda_empty_batch():
 
 
 # --------------------------------------------------------------------------- TEAM
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 37, 24), (1, 1, 5), (3, 98, 64)])
-def test_team_ops_match_reference(dtype, shape, poison):
-    x, h = torch.randn(shape) * 2, torch.randn(shape[0], shape[2])
-    check_against_reference("feature_summary", lambda a: vidkern.feature_summary(a, backend="torch"),
-                            R.feature_summary, [x], dtype)
-    check_against_reference("team_gate", lambda a, b: vidkern.team_gate(a, b, backend="torch"),
-                            R.team_gate, [x, h], dtype)
-
-
+# Against the reference at the shared awkward shapes: tests/test_backends.py (every backend).
 def test_team_noncontiguous_and_stride0_grad():
     h = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 10, 16, dtype=torch.float64).transpose(1, 2).requires_grad_()  # channels-first storage
@@ -250,23 +241,23 @@ def test_group_mean_matches_reference(pattern, dtype):
 
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementations and autograd registration of every custom op."""
-    from vidkern import ops
+    from vidkern import library
     q, k, v = [t.double().requires_grad_() for t in _qkv(1, 2, 12, 4)]
-    torch.library.opcheck(ops._hsda_op, (q, k, v, [1, 3, 4], "checkerboard", None, 1, 0.5, "torch"))
-    torch.library.opcheck(ops._hsda_op, (q, k, v, [1, 3, 4], "explicit", torch.randint(0, 3, (12,)), 0, 0.5, "torch"))
+    torch.library.opcheck(library.DEFINED["hsda"].op, (q, k, v, [1, 3, 4], "checkerboard", None, 1, 0.5, "torch"))
+    torch.library.opcheck(library.DEFINED["hsda"].op, (q, k, v, [1, 3, 4], "explicit", torch.randint(0, 3, (12,)), 0, 0.5, "torch"))
     x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
     h = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(ops._feature_summary_op, (x, "torch"))
-    torch.library.opcheck(ops._team_gate_op, (x, h, "torch"))
+    torch.library.opcheck(library.DEFINED["feature_summary"].op, (x, "torch"))
+    torch.library.opcheck(library.DEFINED["team_gate"].op, (x, h, "torch"))
     u = R.normalize(torch.randn(2, 7, 5, dtype=torch.float64)).requires_grad_()
     idx = torch.tensor([[0, 2, 6], [1, 3, 5]])
-    torch.library.opcheck(ops._soft_merge_op, (u, idx, x, x.detach().clone().requires_grad_(), 1.0, "torch", True))
-    torch.library.opcheck(ops._orthogonal_select_op, (x.detach(), 3, torch.tensor([0, 4]), "torch", True))
+    torch.library.opcheck(library.DEFINED["soft_merge"].op, (u, idx, x, x.detach().clone().requires_grad_(), 1.0, "torch", True))
+    torch.library.opcheck(library.DEFINED["orthogonal_select"].op, (x.detach(), 3, torch.tensor([0, 4]), "torch", True))
     # Non-contiguous inputs: the real outputs must have the (contiguous) strides the fakes promise.
     xt = torch.randn(2, 5, 7, dtype=torch.float64).transpose(1, 2).requires_grad_()
-    torch.library.opcheck(ops._feature_summary_op, (xt, "torch"))
-    torch.library.opcheck(ops._team_gate_op, (xt, h, "torch"))
+    torch.library.opcheck(library.DEFINED["feature_summary"].op, (xt, "torch"))
+    torch.library.opcheck(library.DEFINED["team_gate"].op, (xt, h, "torch"))
     qt, kt, vt = [torch.randn(1, 2, 4, 12, dtype=torch.float64).transpose(-1, -2).requires_grad_() for _ in range(3)]
-    torch.library.opcheck(ops._hsda_op, (qt, kt, vt, [1, 3, 4], "checkerboard", None, 1, 0.5, "torch"))
-    torch.library.opcheck(ops._soft_merge_op, (u.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(),
+    torch.library.opcheck(library.DEFINED["hsda"].op, (qt, kt, vt, [1, 3, 4], "checkerboard", None, 1, 0.5, "torch"))
+    torch.library.opcheck(library.DEFINED["soft_merge"].op, (u.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(),
                                                idx, xt, xt.detach().clone().requires_grad_(), 1.0, "torch", True))

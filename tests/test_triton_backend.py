@@ -20,7 +20,7 @@ from tolerance import check_against_reference
 from selection_check import assert_greedy_picks
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-reasons = dispatch.get("triton").not_supported_reasons("hsda", DEVICE, torch.float32, forced=True)
+reasons = dispatch.get("triton").reasons("hsda", DEVICE, torch.float32, forced=True)
 pytestmark = pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
 
 import triton  # noqa: E402
@@ -162,9 +162,9 @@ def test_bf16_dot_ops_are_refused_on_cpu_with_the_reason(op):
         call()
     be = dispatch.get("triton")
     for other in ("feature_summary", "team_gate", "orthogonal_select"):   # no tl.dot: interpreted in bf16
-        assert triton_backend.INTERPRETED_BF16_DOT not in be.not_supported_reasons(
+        assert triton_backend.INTERPRETED_BF16_DOT not in be.reasons(
             other, torch.device("cpu"), torch.bfloat16, forced=True)
-    assert triton_backend.INTERPRETED_BF16_DOT not in be.not_supported_reasons(op, torch.device("cuda"), torch.bfloat16)
+    assert triton_backend.INTERPRETED_BF16_DOT not in be.reasons(op, torch.device("cuda"), torch.bfloat16)
 
 
 @triton.jit

@@ -203,3 +203,60 @@ def test_temporal_heads_target_at_the_reference_shape(hg, dtype, direction):
     assert M.packed_buckets(Shape(num_global_heads=hg, **base)) == [(8, 196, 16)]
     assert sparse["macs"] == 2 * sparse["useful_macs"]
     assert sparse["macs"] <= 4 * sparse["useful_macs"]
+
+
+# ----------------------------------------------------------------------- hsda's SDPA strategies
+def test_sdpa_split_is_the_triton_formula_on_the_sparse_slice_plus_flash_and_the_head_cat():
+    """split = the ideal flash kernel on the global heads + exactly the Triton formula of the sparse
+    head slice + one read and write of the output (the (B, N, H, d) cat); its backward adds no cat."""
+    from dataclasses import replace
+    shape = Shape(B=2, H=12, N=1568, grid=(8, 14, 14), num_global_heads=4)
+    slab = shape.B * shape.H * shape.N * shape.d * shape.itemsize
+    sparse = replace(shape, H=8, num_global_heads=0)
+    for direction in ("forward", "backward"):
+        rows = W.launches("hsda", direction, "split", shape)
+        tri = W.launches("hsda", direction, "triton", sparse)
+        flash = [r for r in rows if r.kernel.startswith("sdpa.")]
+        assert [r.kernel for r in rows if r.kernel.startswith("_hsda")] == [r.kernel for r in tri]
+        assert sum(r.bytes for r in rows if r.kernel.startswith("_hsda")) == sum(r.bytes for r in tri)
+        assert all("[global heads]" in r.kernel for r in flash) and flash
+        cats = [r for r in rows if r.kernel.startswith("aten.cat")]
+        assert [c.bytes for c in cats] == ([2 * slab] if direction == "forward" else [])
+
+
+@pytest.mark.parametrize("direction, products", [("forward", 2), ("backward", 5)])
+def test_flash_model_counts_tile_padding_and_nothing_else(direction, products):
+    """The ideal flash kernel issues exactly the useful products on whole 128-row tiles (N = 1024)
+    and pads a group of 8 to a whole tile: (128 / 8)^2 = 256x (the views strategy on temporal heads)."""
+    from vidkern.work import sdpa as S
+    dense = Shape(B=1, H=4, N=1024, grid=(4, 16, 16), num_global_heads=4)
+    t = W.total("hsda", direction, "views", dense)
+    assert t["macs"] == t["useful_macs"] and t["bytes"] >= t["min_bytes"]
+    assert t["macs"] == products * 4 * 1024 * 1024 * 64
+    temporal = Shape(B=2, H=6, N=1568, grid=(8, 14, 14), pattern="temporal", num_global_heads=0)
+    t = W.total("hsda", direction, "views", temporal)
+    assert t["macs"] == 256 * t["useful_macs"]
+    assert [r.kernel for r in W.launches("hsda", direction, "views", temporal) if "flash_" in r.kernel
+            and "[" in r.kernel][0].endswith("[196x8 groups]")
+    assert S.dense_us(direction, dense) == pytest.approx(W.total("hsda", direction, "views", dense)["model_us"])
+
+
+def test_views_runs_unequal_groups_as_separate_calls():
+    """An odd spatial grid gives two checkerboard groups of different sizes (25 and 24 positions):
+    one flash call per run and a cat of the runs, besides the head cat."""
+    shape = Shape(B=1, H=4, N=4 * 49, grid=(4, 7, 7), num_global_heads=2)
+    names = [r.kernel for r in W.launches("hsda", "forward", "views", shape)]
+    assert names == ["sdpa.flash_fwd[global heads]", "sdpa.flash_fwd[1x100 groups]", "sdpa.flash_fwd[1x96 groups]",
+                     "aten.cat[runs]", "aten.cat[heads]"]
+
+
+def test_the_output_layout_saving_is_one_read_and_write_of_the_output():
+    from vidkern.work import sdpa as S
+    from vidkern.work import report
+    shape = Shape(B=32, H=12, N=1568, grid=(8, 14, 14))
+    assert S.output_copy(shape).bytes == 2 * 32 * 1568 * 12 * 64 * 2
+    text = report.markdown()
+    assert "Saved by the (B, N, H, d) output layout" in text and "154.1 MB" in text
+    rows = [r for r in report.reference_rows() if r["op"] == "hsda"]
+    assert {r["backend"] for r in rows} == {"triton", "split", "views"}
+    assert all(r["dense_us"] > 0 for r in rows)

@@ -1,12 +1,14 @@
-"""``python -m vidkern.aot``: compile every Triton kernel configuration the launchers can pick
-(HSDA attention, TEAM and STTM; each kernel module's ``aot_specs``), for sm_80 and sm_90, without a GPU, and report registers, shared
-memory and spills — and the same for every kernel of the built CUDA extension ``vidkern._C``.
+"""``python -m vidkern.aot``: compile every Triton kernel configuration the launchers can pick, for
+sm_80 and sm_90, without a GPU, and report registers, shared memory and spills — and the same for
+every kernel of the built CUDA extension ``vidkern._C``.
 
-For each kernel x dtype x head dim (32, 64, 128) x sparse mode x arch it compiles exactly the configuration
-``vidkern.kernels.hsda.pick_config`` chooses on the running Triton version (a launch table may
-differ per version: ``vidkern.kernels.launch.for_triton``), specialised the way Triton's JIT
-specialises a launch (unit head-dim stride and 16-divisible pointers and strides, which the
-launcher guarantees), plus the work-counting debug variant, and reads the cubin's resource usage with the
+The configurations are not listed here: every module of ``vidkern.kernels`` that exports
+``aot_specs(dtype)`` (found by :func:`spec_modules`) declares them as
+:class:`vidkern.kernels.launch.AotSpec` s, built from the functions its launchers call — for HSDA
+each kernel x dtype x head dim x sparse mode at the tiles ``pick_config`` chooses on the running
+Triton version (``vidkern.kernels.launch.for_triton``), specialised the way Triton's JIT
+specialises a launch (unit head-dim stride, 16-divisible pointers and strides, which the launcher
+guarantees), plus the work-counting debug variant. It reads the cubin's resource usage with the
 ``cuobjdump`` shipped in the triton wheel. It exits non-zero on a compile error, a spill
 (``STACK``/``LOCAL`` > 0), shared memory over the architecture's limit, or a kernel whose code
 lacks the instructions it must hold (tensor-core ``mma`` for the attention kernels; a kernel the
@@ -21,7 +23,6 @@ floats at most, 36 KiB at D = 1024) and is not in the cubin.
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import os
 import re
@@ -35,7 +36,6 @@ import torch
 ARCHS = (80, 90)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}   # opt-in dynamic shared memory per block (A100, H100)
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-MODES = (1, 2)   # checkerboard arithmetic, table
 
 
 @dataclass
@@ -56,8 +56,7 @@ class Result:
 
     @property
     def needs_mma(self) -> bool:
-        return (self.kernel in ("fwd", "bwd_dkdv", "bwd_dq")
-                or self.kernel.startswith(("sttm merge", "hsda packed")))  # products
+        return self.kernel.startswith(("hsda fwd", "hsda bwd_dkdv", "hsda bwd_dq", "hsda packed", "sttm merge"))
 
     @property
     def ok(self) -> bool:
@@ -72,24 +71,18 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def _signature(fn, dtype_name: str, constexprs: dict) -> dict:
-    pointer = {"LSE": "*fp32", "DELTA": "*fp32", "PERM": "*i32", "GOFF": "*i32", "TILES": "*i32", "COUNT": "*i32"}
-    sig = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointer:
-            sig[name] = pointer[name]
-        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            sig[name] = f"*{dtype_name}"
-        elif name == "scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+def spec_modules() -> list:
+    """The kernel modules of ``vidkern.kernels`` that export ``aot_specs`` (found, not listed)."""
+    import importlib
+    import pkgutil
 
-
-SPEC_MODULES = ("hsda", "team", "selection", "merge")   # kernel modules whose aot_specs() this compiles
+    from . import kernels
+    found = []
+    for info in sorted(pkgutil.iter_modules(kernels.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"vidkern.kernels.{info.name}")
+        if hasattr(module, "aot_specs"):
+            found.append(module)
+    return found
 
 
 def compile_spec(spec, arch: int) -> Result:
@@ -100,8 +93,7 @@ def compile_spec(spec, arch: int) -> Result:
     from triton.compiler import ASTSource
 
     sig = spec.signature()
-    names = list(sig)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if sig[name].startswith("*")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(sig.items()) if spec.hinted(name, kind)}
     res = Result(f"{spec.family} {spec.name}", spec.label, arch)
     try:
         compiled = triton.compile(ASTSource(fn=spec.fn, signature=sig, constexprs=spec.constexprs, attrs=attrs),
@@ -112,13 +104,13 @@ def compile_spec(spec, arch: int) -> Result:
     return _resources(res, compiled)
 
 
-def spec_configurations(archs=ARCHS, dtypes=tuple(DTYPES)):
-    """(spec, arch) for every configuration the packed HSDA, TEAM and STTM launchers declare
-    (``aot_specs``)."""
-    import importlib
-    for arch, dtype, module in itertools.product(archs, dtypes, SPEC_MODULES):
-        for spec in importlib.import_module(f"vidkern.kernels.{module}").aot_specs(dtype):
-            yield spec, arch
+def spec_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=()):
+    """(spec, arch) for every configuration the launchers declare (each kernel module's
+    ``aot_specs``); ``head_dims``: only the HSDA kernels of these head dims."""
+    for arch, dtype, module in itertools.product(archs, dtypes, spec_modules()):
+        for spec in module.aot_specs(dtype):
+            if not head_dims or spec.constexprs.get("HEAD_DIM", head_dims[0]) in head_dims:
+                yield spec, arch
 
 
 def _resources(res: Result, compiled) -> Result:
@@ -133,62 +125,6 @@ def _resources(res: Result, compiled) -> Result:
     res.regs = int(fields.get("REG", 0))
     res.spill = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
     return res
-
-
-def compile_one(kernel: str, dtype: torch.dtype, head_dim: int, mode: int, arch: int, aligned: bool = True,
-                debug: bool = False) -> Result:
-    """Compile one launchable variant (``head_dim``: 32, 64 or 128). ``aligned``: the JIT's 16-divisibility hints on pointers and
-    batch/head/row strides (``False``: none, as for odd head dims or offset views)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from .kernels import hsda as K
-    from .kernels.launch import dot_precision
-    fn = {"fwd": K._hsda_fwd_kernel, "bwd_preprocess": K._hsda_bwd_preprocess_kernel,
-          "bwd_dkdv": K._hsda_bwd_dkdv_kernel, "bwd_dq": K._hsda_bwd_dq_kernel}[kernel]
-    cfg = K.pick_config("fwd" if kernel == "fwd" else "bwd", head_dim, dtype, arch)
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=K.block_d(head_dim))
-    variant = ("" if aligned else " unaligned") + (" debug" if debug else "")
-    if kernel == "bwd_preprocess":
-        consts.update(BLOCK_M=64, sod=1, sdd=1)
-        label = f"{DTYPES[dtype]} d={head_dim} M=64{variant}"
-        options = {}
-    else:
-        consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_MODE=mode, PRECISION=dot_precision(dtype),
-                      sqd=1, skd=1, svd=1)
-        consts.update({"sod": 1, "DEBUG": debug} if kernel == "fwd" else {"sdd": 1})
-        label = (f"{DTYPES[dtype]} d={head_dim} mode={mode} M={cfg.block_m} N={cfg.block_n} "
-                 f"w={cfg.num_warps} s={cfg.num_stages}{variant}")
-        options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    res = Result(kernel, label, arch)
-    sig = _signature(fn, DTYPES[dtype], consts)
-    # What Triton's JIT assumes of a contiguous (or fused-qkv) call: 16-aligned pointers and
-    # 16-divisible batch/head/row strides; the head-dim stride is 1 (a constexpr above).
-    names = list(inspect.signature(fn.fn).parameters)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
-             if aligned and (sig[name].startswith("*") or (sig[name] == "i32" and name[0] == "s" and name[-1] in "bhn"))}
-    try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    except Exception as exc:  # report every failing configuration, not just the first
-        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        return res
-    return _resources(res, compiled)
-
-
-def all_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=None):
-    """Every (kernel, dtype, padded head dim, sparse mode, arch, aligned, debug) the backend can launch."""
-    from .kernels import hsda as K
-    for arch, dtype, d in itertools.product(archs, dtypes, head_dims or K.HEAD_DIMS):
-        if d > K.MAX_HEAD_DIM[K.dtype_class(dtype)]:
-            continue   # declared unsupported: dispatch falls back to the torch backend
-        # The launcher copies anything not 16-aligned (see kernels.hsda._kernel_ready), so only the
-        # aligned variants launch.
-        yield "bwd_preprocess", dtype, d, 0, arch, True, False
-        for kernel, mode in itertools.product(("fwd", "bwd_dkdv", "bwd_dq"), MODES):
-            yield kernel, dtype, d, mode, arch, True, False
-        yield "fwd", dtype, d, 1, arch, True, True     # the work-counting variant the tests launch
 
 
 # ------------------------------------------------------------------------ the CUDA extension
@@ -297,8 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     archs = tuple(args.arch or ARCHS)
-    results = [compile_one(*c) for c in all_configurations(archs, tuple(DTYPES), tuple(args.head_dim or ()))]
-    results += [compile_spec(*c) for c in spec_configurations(archs)]
+    results = [compile_spec(*c) for c in spec_configurations(archs, tuple(DTYPES), tuple(args.head_dim or ()))]
     cuda = [r for r in cuda_resources() if r.arch in archs]
     results += cuda
     text = table(results)

@@ -1,28 +1,69 @@
 """Backend selection: the one place that decides which implementation runs an op.
 
 Each backend *declares* the ops, devices and dtypes it supports and answers
-``not_supported_reasons(op, device, dtype)``. ``backend=`` (or the ``VIDKERN_BACKEND``
-environment variable) forces one and raises with its reasons if it cannot run; otherwise the
-first capable backend in priority order runs.
+``not_supported_reasons(inputs)`` for one :class:`Inputs`: the op, the tensors' device and dtype,
+the shape facts backends declare limits on, and whether the backend was asked for by name.
+``backend=`` (or the ``VIDKERN_BACKEND`` environment variable) forces one and raises with its
+reasons if it cannot run; otherwise the backends are tried in :func:`order` — registration
+priority, rearranged per op by :data:`PREFERENCES` — and the first without reasons runs.
+``python -m vidkern.info`` prints these rules.
+
+A backend's op methods are the interface :func:`vidkern.library.interface` derives from the
+op's declaration; :func:`register` refuses a backend whose methods do not match it.
 """
 from __future__ import annotations
 
+import inspect
 import os
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
+from . import library
+
 ENV_VAR = "VIDKERN_BACKEND"
 
-OPS = ("hsda", "feature_summary", "team_gate", "orthogonal_select", "soft_merge", "group_mean")
+
+#: op -> (backends tried first, in this order, ahead of their registration priority; why)
+PREFERENCES = {
+    "soft_merge": (("triton", "cuda"), "Triton's merge kernels use tensor cores; the CUDA ones are SIMT fp32 "
+                                       "(a correct, portable baseline)"),
+}
+
+#: Methods of an op without a custom op (a plain function of the backend): name -> parameters.
+PLAIN_INTERFACES = {"group_mean": {"group_mean": ["x", "grid", "pattern", "num_groups"]}}
+
+#: Every op a backend may declare: the fused ops of :data:`vidkern.library.SPECS`, then the plain ones.
+OPS = tuple(library.SPECS) + tuple(PLAIN_INTERFACES)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What dispatch knows of one call: ``op``, its tensors' ``device`` and ``dtype`` (``None``:
+    any), the shape facts backends declare limits on (``head_dim`` for attention, ``channels`` for
+    TEAM), and ``forced``: the caller asked for the backend by name."""
+
+    op: str
+    device: torch.device
+    dtype: Optional[torch.dtype] = None
+    head_dim: Optional[int] = None
+    channels: Optional[int] = None
+    forced: bool = False
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {self.op!r}")
 
 
 class Backend:
     """Base class. Subclasses set the class attributes and implement the op methods.
 
     ``native_autograd = True`` (the reference backend only) means the ops are the functions of
-    :mod:`vidkern.reference`, differentiated by PyTorch autograd; otherwise the op runs as a ``torch.library`` custom op whose
-    forward and backward are the backend's ``<op>_forward`` / ``<op>_backward`` methods.
+    :mod:`vidkern.reference`, differentiated by PyTorch autograd; otherwise the op runs as a
+    ``torch.library`` custom op whose forward and backward call the backend's methods named by
+    :func:`vidkern.library.interface` (``<op>_forward`` / ``<op>_backward``, or ``<op>`` for an op
+    without a backward), with the keyword arguments listed there.
     """
 
     name: str = ""
@@ -37,34 +78,66 @@ class Backend:
         """Why the backend cannot run at all on this machine (missing package, no GPU), or None."""
         return None
 
-    def not_supported_reasons(self, op: str, device: torch.device, dtype: Optional[torch.dtype],
-                              forced: bool = False, head_dim: Optional[int] = None,
-                              channels: Optional[int] = None) -> list:
-        """Every reason this backend cannot run ``op`` on these inputs (empty: it can);
-        ``forced``: the caller asked for this backend by name."""
+    def not_supported_reasons(self, inputs: Inputs) -> list:
+        """Every reason this backend cannot run ``inputs.op`` on these inputs (empty: it can)."""
         reasons = []
         why = self.unavailable_reason()
         if why:
             reasons.append(why)
-        if op not in self.ops:
-            reasons.append(f"does not implement {op}")
+        if inputs.op not in self.ops:
+            reasons.append(f"does not implement {inputs.op}")
+        device, dtype = inputs.device, inputs.dtype
         if device.type not in self.devices:
             reasons.append(f"device {device.type} not in {sorted(self.devices)}")
         elif dtype is not None and dtype not in self.dtypes.get(device.type, ()):
             reasons.append(f"dtype {dtype} not supported on {device.type}")
-        if head_dim is not None and self.max_head_dim is not None and head_dim > self.max_head_dim:
-            reasons.append(f"head dim {head_dim} > {self.max_head_dim}")
-        if channels is not None and self.max_channels is not None and channels > self.max_channels:
-            reasons.append(f"{channels} channels > {self.max_channels}")
+        if inputs.head_dim is not None and self.max_head_dim is not None and inputs.head_dim > self.max_head_dim:
+            reasons.append(f"head dim {inputs.head_dim} > {self.max_head_dim}")
+        if inputs.channels is not None and self.max_channels is not None and inputs.channels > self.max_channels:
+            reasons.append(f"{inputs.channels} channels > {self.max_channels}")
         return reasons
+
+    def reasons(self, op: str, device, dtype=None, **facts) -> list:
+        """``not_supported_reasons(Inputs(op, device, dtype, **facts))``, spelled out."""
+        return self.not_supported_reasons(Inputs(op, torch.device(device), dtype, **facts))
 
 
 _BACKENDS: dict = {}
 _PRIORITY: list = []
 
 
+def interface(op: str) -> dict:
+    """``{method: [parameter names]}`` a backend implementing ``op`` must have."""
+    if op in PLAIN_INTERFACES:
+        return PLAIN_INTERFACES[op]
+    return library.interface(library.SPECS[op])
+
+
+def interface_errors(backend: Backend) -> list:
+    """How ``backend``'s methods differ from the interface of the ops it declares (empty: none)."""
+    errors = []
+    for op in sorted(backend.ops):
+        if backend.native_autograd and op not in PLAIN_INTERFACES:
+            continue   # the reference's own functions, differentiated by autograd
+        for method, params in interface(op).items():
+            fn = getattr(backend, method, None)
+            if not callable(fn):
+                errors.append(f"{op}: no method {method}({', '.join(params)})")
+                continue
+            got = [p.name for p in inspect.signature(fn).parameters.values()
+                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if got != params:
+                errors.append(f"{op}: {method}({', '.join(got)}) must take ({', '.join(params)})")
+    return errors
+
+
 def register(backend: Backend, priority: int) -> None:
-    """Register ``backend``; lower ``priority`` numbers are tried first."""
+    """Register ``backend``; lower ``priority`` numbers are tried first. Its methods are checked
+    against the interface of every op it declares (a ``TypeError`` lists the differences)."""
+    errors = interface_errors(backend)
+    if errors:
+        raise TypeError(f"backend {backend.name!r} does not implement the op interface "
+                        "(vidkern.library.interface): " + "; ".join(errors))
     _BACKENDS[backend.name] = backend
     _PRIORITY.append((priority, backend.name))
     _PRIORITY.sort()
@@ -88,7 +161,17 @@ def validate_name(name: Optional[str], source: str = "backend") -> Optional[str]
 
 
 def names() -> list:
+    """Registered backends in priority order."""
     return [name for _, name in _PRIORITY]
+
+
+def order(op: str) -> list:
+    """The backends automatic dispatch tries for ``op``: :func:`names`, with the preferred ones of
+    :data:`PREFERENCES` moved, in their order, into the places those backends hold."""
+    default = names()
+    preferred = [n for n in PREFERENCES.get(op, ((), ""))[0] if n in default]
+    slots = iter(preferred)
+    return [next(slots) if n in preferred else n for n in default]
 
 
 def requested_backend(backend: Optional[str] = None) -> Optional[str]:
@@ -96,27 +179,36 @@ def requested_backend(backend: Optional[str] = None) -> Optional[str]:
     return backend if backend is not None else (os.environ.get(ENV_VAR) or None)
 
 
-def select(op: str, device: torch.device, dtype: Optional[torch.dtype], backend: Optional[str] = None,
-           **shape) -> Backend:
-    """Pick the backend for ``op`` on inputs of ``device``/``dtype``.
+def select(inputs: Inputs, backend: Optional[str] = None) -> Backend:
+    """Pick the backend for ``inputs``.
 
     ``backend`` (else ``$VIDKERN_BACKEND``) forces a choice: it must run or this raises
-    ``NotImplementedError`` with its reasons. Otherwise the first backend without reasons runs.
-    ``shape`` carries the shape facts backends declare limits on (``head_dim`` for attention).
+    ``NotImplementedError`` with its reasons. Otherwise the first backend of :func:`order` without
+    reasons runs.
     """
     requested = requested_backend(backend)
+    op, where = inputs.op, f"{inputs.device.type}/{inputs.dtype}"
     if requested is not None:
         chosen = get(requested, "backend" if backend is not None else f"${ENV_VAR}")
-        reasons = chosen.not_supported_reasons(op, device, dtype, forced=True, **shape)
+        reasons = chosen.not_supported_reasons(replace(inputs, forced=True))
         if reasons:
             source = "backend=" if backend is not None else f"{ENV_VAR}="
-            raise NotImplementedError(f"{source}{requested!r} cannot run {op} on {device.type}/{dtype}: "
+            raise NotImplementedError(f"{source}{requested!r} cannot run {op} on {where}: "
                                       + "; ".join(reasons) + f". Unset it to let vidkern choose among {names()}.")
         return chosen
     report = []
-    for name in names():
-        reasons = _BACKENDS[name].not_supported_reasons(op, device, dtype, **shape)
+    for name in order(op):
+        reasons = _BACKENDS[name].not_supported_reasons(replace(inputs, forced=False))
         if not reasons:
             return _BACKENDS[name]
         report.append(f"{name}: " + "; ".join(reasons))
-    raise NotImplementedError(f"no vidkern backend can run {op} on {device.type}/{dtype}:\n  " + "\n  ".join(report))
+    raise NotImplementedError(f"no vidkern backend can run {op} on {where}:\n  " + "\n  ".join(report))
+
+
+def rules() -> list:
+    """The dispatch rules as text lines (``python -m vidkern.info``)."""
+    lines = [f"priority: {' > '.join(names())} (unless backend= or the {ENV_VAR} environment variable forces one)"]
+    for op in OPS:
+        if op in PREFERENCES:
+            lines.append(f"{op}: {' > '.join(order(op))} — {PREFERENCES[op][1]}")
+    return lines

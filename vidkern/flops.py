@@ -6,7 +6,7 @@ One multiply-add counts as one FLOP (fvcore's convention, reported as GMACs and 
 STTM's similarity and merge products. A convolution's bias counts one MAC per output element
 *(choice: with it the left column of SPEC §4 comes out exactly — e.g. 34.3355 rather than
 34.3349 for temporal attention; Linear biases are not counted, as in fvcore)*. Counting uses PyTorch's ``FlopCounterMode``: vidkern's
-custom ops register their formulas with ``torch.utils.flop_counter`` (see :mod:`vidkern.ops`),
+custom ops register their formulas with ``torch.utils.flop_counter`` (see :mod:`vidkern.library`),
 so PyTorch's own counter counts them the same way (``count`` adds the conv-bias term below and
 leaves out STTM's selection, as the papers do).
 

@@ -1,4 +1,5 @@
-"""``python -m vidkern.info``: versions and which backends can run here, with reasons."""
+"""``python -m vidkern.info``: versions, which backends can run here (with reasons), and the rules
+that choose among them (dispatch's priority and per-op preferences, hsda's strategy)."""
 from __future__ import annotations
 
 import platform
@@ -21,7 +22,7 @@ def _usable_devices(be, devices) -> tuple:
     """``(devices where ``be`` can run, {device: reasons it cannot})`` when asked for by name."""
     ok, why = [], {}
     for dev in devices:
-        reasons = be.not_supported_reasons(next(iter(sorted(be.ops))), dev, None, forced=True)
+        reasons = be.reasons(next(iter(sorted(be.ops))), dev, None, forced=True)
         if reasons:
             why[dev.type] = reasons
         else:
@@ -63,10 +64,16 @@ def report() -> str:
             lines.append(f"    {dev.type}: {', '.join(dtypes) or 'not supported'}; ops: {', '.join(sorted(be.ops))}")
             if not why and dev.type in per_device:
                 lines.append(f"      on {dev.type}: {'; '.join(per_device[dev.type])}")
+    lines.append("dispatch rules (vidkern.dispatch):")
+    lines += [f"  {rule}" for rule in dispatch.rules()]
     from . import sdpa
+    from .kernels import limits
     lines.append("hsda strategy (vidkern.sdpa.default_strategy; a forced backend runs 'fused'):")
     for dev in devices:
+        small = limits.PACKED_GROUP_MAX["half"]
         rule = ", ".join(f"{order} tokens -> {sdpa.default_strategy(dev, order)}" for order in sdpa.TOKEN_ORDERS)
+        rule += (f"; grouped with every sparse group <= {small} tokens (fp16/bf16; fp32: "
+                 f"{limits.PACKED_GROUP_MAX['fp32']}) -> {sdpa.default_strategy(dev, 'grouped', small)}")
         lines.append(f"  {dev.type}: {rule}")
     return "\n".join(lines)
 

@@ -1,10 +1,11 @@
-"""Public ops: argument checks, backend dispatch, and the ``torch.library`` custom ops.
+"""Public ops: the functions users call.
 
-A public function checks its arguments (:mod:`vidkern.checks`), asks :mod:`vidkern.dispatch`
-for a backend, and then either calls the backend directly (the reference, differentiated by
-autograd) or goes through a ``vidkern::`` custom op whose forward and backward are the backend's
-own. The custom ops have fake implementations, so ``torch.compile(fullgraph=True)`` traces
-models that use them without graph breaks.
+A public function applies its autocast policy, checks its arguments (:mod:`vidkern.checks`) and
+hands them to :func:`vidkern.library.run`, which asks :mod:`vidkern.dispatch` for a backend and
+runs either the reference (differentiated by autograd) or the op's ``vidkern::`` custom op,
+whose forward and backward are the backend's own. Everything about the custom ops — schema,
+fake, saved tensors, autograd, FLOP formula, backend interface — is declared once per op in
+:mod:`vidkern.library`; ``torch.compile(fullgraph=True)`` traces them through their fakes.
 """
 from __future__ import annotations
 
@@ -12,15 +13,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import custom_op
-from torch.utils.flop_counter import register_flop_formula
 
 from . import backends as _backends  # noqa: F401  (registers the backends)
-from . import checks, dispatch, patterns, reference, sdpa
+from . import checks, dispatch, library, metatokens, patterns, sdpa
 
 
-def _pattern_arg(name: str, ids: Optional[Tensor]):
-    return ids if ids is not None else name
+_pattern_arg = library.pattern_arg
 
 
 # =========================================================================== attention
@@ -47,48 +45,6 @@ def _autocast(policy: str, *tensors: Tensor) -> tuple:
     else:
         dtype = max((t.dtype for t in floats), key=lambda d: torch.finfo(d).bits)
     return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors)
-
-
-@custom_op("vidkern::hsda", mutates_args=())
-def _hsda_op(q: Tensor, k: Tensor, v: Tensor, grid: list[int], pattern: str, group_ids: Optional[Tensor],
-             num_global_heads: int, scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    return dispatch.get(backend).hsda_forward(q, k, v, tuple(grid), _pattern_arg(pattern, group_ids),
-                                              num_global_heads, scale)
-
-
-@_hsda_op.register_fake
-def _(q, k, v, grid, pattern, group_ids, num_global_heads, scale, backend):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return sdpa.token_major_empty(q), q.new_empty(q.shape[:-1], dtype=lse_dtype)   # the backends' strides
-
-
-@custom_op("vidkern::hsda_backward", mutates_args=())
-def _hsda_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                      grid: list[int], pattern: str, group_ids: Optional[Tensor], num_global_heads: int,
-                      scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.get(backend).hsda_backward(grad_out, q, k, v, out, lse, tuple(grid),
-                                               _pattern_arg(pattern, group_ids), num_global_heads, scale)
-
-
-@_hsda_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, grid, pattern, group_ids, num_global_heads, scale, backend):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-
-
-def _hsda_setup(ctx, inputs, output):
-    q, k, v, *ctx.args = inputs
-    ctx.save_for_backward(q, k, v, *output)
-
-
-def _hsda_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = _hsda_backward_op(grad_out, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-_hsda_op.register_autograd(_hsda_backward, setup_context=_hsda_setup)
 
 
 def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] = None,
@@ -120,8 +76,12 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
     grid, name, ids, hg, scale = checks.attention(q, k, v, grid, num_global_heads, pattern, scale)
     token_order = checks.choice("token_order", token_order, sdpa.TOKEN_ORDERS)
     if strategy is None:   # a forced backend (argument or $VIDKERN_BACKEND) runs every head
-        forced = dispatch.requested_backend(backend) is not None
-        strategy = "fused" if forced else sdpa.default_strategy(q.device, token_order)
+        if dispatch.requested_backend(backend) is not None:
+            strategy = "fused"
+        else:
+            grouped_sparse = token_order == "grouped" and hg < q.shape[1]
+            largest = max(patterns.group_sizes(_pattern_arg(name, ids), grid)) if grouped_sparse else None
+            strategy = sdpa.default_strategy(q.device, token_order, largest, q.dtype)
     strategy = checks.choice("strategy", strategy, sdpa.STRATEGIES)
     if strategy == "views" and token_order != "grouped":
         raise ValueError("strategy='views' needs token_order='grouped' (each group's tokens contiguous); "
@@ -140,10 +100,8 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
 
 def _hsda_fused(q, k, v, grid, name, ids, hg, scale, backend):
     """Every head of ``q, k, v`` in one ``vidkern::hsda`` op on the selected backend."""
-    be = dispatch.select("hsda", q.device, q.dtype, backend, head_dim=q.shape[-1])
-    if be.native_autograd or q.numel() == 0:  # empty inputs: the reference returns empty outputs and grads
-        return reference.hsda(q, k, v, grid, hg, _pattern_arg(name, ids), scale)
-    return _hsda_op(q, k, v, list(grid), name, ids, hg, scale, be.name)[0]
+    return library.run("hsda", backend, q=q, k=k, v=v, grid=list(grid), pattern=name, group_ids=ids,
+                       num_global_heads=hg, scale=scale)
 
 
 def sparse_dense_attention(q: Tensor, k: Tensor, v: Tensor, grid, pattern="checkerboard",
@@ -175,96 +133,18 @@ def group_mean(x: Tensor, grid, pattern="checkerboard", num_groups: Optional[int
         if facts.missing:
             raise ValueError(f"pattern tensor must use every group id in [0, {facts.counts.numel()}); "
                              f"missing {list(facts.missing)}")
-    be = dispatch.select("group_mean", x.device, x.dtype, backend)
+    be = dispatch.select(dispatch.Inputs("group_mean", x.device, x.dtype), backend)
     return be.group_mean(x, grid, _pattern_arg(name, ids), num_groups)
 
 
 # =========================================================================== TEAM
-@custom_op("vidkern::feature_summary", mutates_args=())
-def _feature_summary_op(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return dispatch.get(backend).feature_summary_forward(x)
-
-
-@_feature_summary_op.register_fake
-def _(x, backend):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty(x.shape[0], x.shape[2]), x.new_empty(x.shape[0], 3, x.shape[2], dtype=acc)
-
-
-@custom_op("vidkern::feature_summary_backward", mutates_args=())
-def _feature_summary_backward_op(grad_f: Tensor, x: Tensor, f: Tensor, stats: Tensor, backend: str) -> Tensor:
-    return dispatch.get(backend).feature_summary_backward(grad_f, x, f, stats)
-
-
-@_feature_summary_backward_op.register_fake
-def _(grad_f, x, f, stats, backend):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-def _feature_summary_setup(ctx, inputs, output):
-    ctx.backend = inputs[1]
-    ctx.save_for_backward(inputs[0], *output)
-
-
-def _feature_summary_backward(ctx, grad_f, _grad_stats):
-    x, f, stats = ctx.saved_tensors
-    if grad_f is None:
-        return None, None
-    return _feature_summary_backward_op(grad_f, x, f, stats, ctx.backend), None
-
-
-_feature_summary_op.register_autograd(_feature_summary_backward, setup_context=_feature_summary_setup)
-
-
 def feature_summary(x: Tensor, backend: Optional[str] = None) -> Tensor:
     """TEAM feature summary (FAM, SPEC §2): ``f[b,c] = sum_n softmax_n(X[b,:,c])[n] X[b,n,c]``.
 
     ``x``: ``(B, N, D)`` float -> ``(B, D)`` in ``x``'s dtype (float32 accumulation).
     """
     checks.team_input(x)
-    be = dispatch.select("feature_summary", x.device, x.dtype, backend, channels=x.shape[-1])
-    if be.native_autograd or x.numel() == 0:
-        return reference.feature_summary(x)
-    return _feature_summary_op(x, be.name)[0]
-
-
-@custom_op("vidkern::team_gate", mutates_args=())
-def _team_gate_op(x: Tensor, h: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.get(backend).team_gate_forward(x, h)
-
-
-@_team_gate_op.register_fake
-def _(x, h, backend):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stats = x.new_empty(x.shape[:2], dtype=acc)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), stats, torch.empty_like(stats)
-
-
-@custom_op("vidkern::team_gate_backward", mutates_args=())
-def _team_gate_backward_op(grad_y: Tensor, x: Tensor, h: Tensor, tok_lse: Tensor, s: Tensor,
-                           backend: str) -> tuple[Tensor, Tensor]:
-    return dispatch.get(backend).team_gate_backward(grad_y, x, h, tok_lse, s)
-
-
-@_team_gate_backward_op.register_fake
-def _(grad_y, x, h, tok_lse, s, backend):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(h.shape, dtype=h.dtype, device=h.device)
-
-
-def _team_gate_setup(ctx, inputs, output):
-    ctx.backend = inputs[2]
-    ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
-
-
-def _team_gate_backward(ctx, grad_y, _grad_lse, _grad_s):
-    x, h, tok_lse, s = ctx.saved_tensors
-    if grad_y is None:
-        return None, None, None
-    dx, dh = _team_gate_backward_op(grad_y, x, h, tok_lse, s, ctx.backend)
-    return dx, dh, None
-
-
-_team_gate_op.register_autograd(_team_gate_backward, setup_context=_team_gate_setup)
+    return library.run("feature_summary", backend, x=x)
 
 
 def team_gate(x: Tensor, h: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -276,25 +156,10 @@ def team_gate(x: Tensor, h: Tensor, backend: Optional[str] = None) -> Tensor:
     """
     x, h = _autocast("widest", x, h)
     checks.team_input(x, h, needs_h=True)
-    be = dispatch.select("team_gate", x.device, x.dtype, backend, channels=x.shape[-1])
-    if be.native_autograd or x.numel() == 0:
-        return reference.team_gate(x, h)
-    return _team_gate_op(x, h, be.name)[0]
+    return library.run("team_gate", backend, x=x, h=h)
 
 
 # =========================================================================== STTM
-@custom_op("vidkern::orthogonal_select", mutates_args=())
-def _orthogonal_select_op(x: Tensor, k: int, start: Tensor, backend: str, check_values: bool) -> Tensor:
-    if check_values:   # traced by torch.compile: start's values are checked here, on real data
-        checks.index_range("start", start, x.shape[1], asynchronous=True)
-    return dispatch.get(backend).orthogonal_select(x, k, start)
-
-
-@_orthogonal_select_op.register_fake
-def _(x, k, start, backend, check_values):
-    return x.new_empty(x.shape[0], k, dtype=torch.long)
-
-
 def orthogonal_select(x: Tensor, k: int, start: Tensor, backend: Optional[str] = None) -> Tensor:
     """Greedy most-orthogonal selection (SPEC §3.1 step 2), no gradient.
 
@@ -307,15 +172,12 @@ def orthogonal_select(x: Tensor, k: int, start: Tensor, backend: Optional[str] =
     if start is None:
         raise TypeError("start must be an int tensor of shape (B,) (select_meta_tokens picks a default start)")
     checked = checks.selection(x, "k", k, start)
-    be = dispatch.select("orthogonal_select", x.device, x.dtype, backend)
-    x = x.detach()
-    if x.shape[0] == 0:
-        return x.new_empty(0, k, dtype=torch.long)
-    if be.native_autograd:
-        if not checked:
-            checks.assert_index_range("start", start, x.shape[1])
-        return reference.orthogonal_select(x, k, start)
-    return _orthogonal_select_op(x, k, start.long(), be.name, not checked)
+    return _orthogonal_select(x.detach(), k, start, backend, checked)
+
+
+def _orthogonal_select(x, k, start, backend, checked: bool):
+    """:func:`orthogonal_select` after its checks (``checked``: ``start``'s values were read)."""
+    return library.run("orthogonal_select", backend, x=x, k=k, start=start.long(), check_values=not checked)
 
 
 def select_meta_tokens(x: Tensor, num_out: int, scores: Optional[Tensor] = None, alpha: float = 1.5,
@@ -328,64 +190,18 @@ def select_meta_tokens(x: Tensor, num_out: int, scores: Optional[Tensor] = None,
     ``num_out`` of highest score kept (lowest index on ties); without, ``K = num_out``.
     """
     x = checks.tensor("x", x, 3, "(B, L, D)")
-    checks.selection(x, "num_out", num_out, start, scores)
+    checked = checks.selection(x, "num_out", num_out, start, scores)
     alpha = checks.finite("alpha", alpha)
     if alpha < 1:
         raise ValueError(f"alpha must be >= 1 (K = ceil(alpha * num_out) candidates, at least num_out), got {alpha}")
     x = x.detach()
-    start = reference.default_start(x) if start is None else start
-    k = reference.candidate_count(x.shape[1], num_out, scores is not None, alpha)
-    cand = orthogonal_select(x, k, start, backend=backend)
+    if start is None:
+        start, checked = metatokens.default_start(x), True    # in range by construction
+    k = metatokens.candidate_count(x.shape[1], num_out, scores is not None, alpha)   # in [num_out, L]
+    cand = _orthogonal_select(x, k, start, backend, checked)
     if scores is None:
         return torch.sort(cand, dim=1).values
-    return reference.filter_by_scores(cand, scores.detach(), num_out)
-
-
-@custom_op("vidkern::soft_merge", mutates_args=())
-def _soft_merge_op(u: Tensor, idx: Tensor, x: Tensor, e: Tensor, tau: float, backend: str,
-                   check_values: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if check_values:   # traced by torch.compile: idx and tau are checked here, on real data
-        checks.index_range("idx", idx, x.shape[1], "token indices", asynchronous=True)
-        checks.finite("tau", tau, positive=True)
-    return dispatch.get(backend).soft_merge_forward(u, idx, x, e, tau)
-
-
-@_soft_merge_op.register_fake
-def _(u, idx, x, e, tau, backend, check_values):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    b, length = x.shape[:2]
-    lp = idx.shape[1]
-    return (x.new_empty(b, lp, x.shape[2]), e.new_empty(b, lp, e.shape[2]),
-            x.new_empty(b, length, dtype=acc), x.new_empty(b, lp, dtype=acc))
-
-
-@custom_op("vidkern::soft_merge_backward", mutates_args=())
-def _soft_merge_backward_op(grad_a: Tensor, grad_p: Tensor, u: Tensor, idx: Tensor, x: Tensor, e: Tensor,
-                            a: Tensor, p: Tensor, row_lse: Tensor, col_sum: Tensor, tau: float,
-                            backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.get(backend).soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau)
-
-
-@_soft_merge_backward_op.register_fake
-def _(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau, backend):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (u, x, e))
-
-
-def _soft_merge_setup(ctx, inputs, output):
-    u, idx, x, e, ctx.tau, ctx.backend, _ = inputs
-    ctx.save_for_backward(u, idx, x, e, *output)
-
-
-def _soft_merge_backward(ctx, grad_a, grad_p, _grad_lse, _grad_sum):
-    u, idx, x, e, a, p, row_lse, col_sum = ctx.saved_tensors
-    grad_a = torch.zeros_like(a) if grad_a is None else grad_a
-    grad_p = torch.zeros_like(p) if grad_p is None else grad_p
-    du, dx, de = _soft_merge_backward_op(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum,
-                                         ctx.tau, ctx.backend)
-    return du, None, dx, de, None, None, None
-
-
-_soft_merge_op.register_autograd(_soft_merge_backward, setup_context=_soft_merge_setup)
+    return metatokens.filter_by_scores(cand, scores.detach(), num_out)
 
 
 def soft_merge(u: Tensor, idx: Tensor, x: Tensor, e: Tensor, tau: float = 1.0,
@@ -404,93 +220,7 @@ def soft_merge(u: Tensor, idx: Tensor, x: Tensor, e: Tensor, tau: float = 1.0,
     """
     u, x, e = _autocast("lower", u, x, e)
     tau, checked = checks.merge(u, idx, x, e, tau)
-    be = dispatch.select("soft_merge", x.device, x.dtype, backend)
     e = e.expand(x.shape[0], -1, -1)  # autograd sums a broadcast e's gradient back to (1, L, D)
-    if be.native_autograd or x.shape[0] == 0:
-        if not checked:
-            checks.assert_index_range("idx", idx, x.shape[1], "token indices")
-        return reference.soft_merge(u, idx, x, e, tau)
     # Under torch.compile idx and tau may be unknown while tracing: the op re-checks them when it runs.
-    a, p, _, _ = _soft_merge_op(u, idx, x, e, tau, be.name, not checked or torch.compiler.is_compiling())
-    return a, p
-
-
-# =========================================================================== double backward
-def _first_order_only(op: str):
-    """Autograd of a ``*_backward`` custom op: second-order gradients are not implemented (SPEC §5).
-    Without this, torch would fail with an opaque "no autograd formula" error."""
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"vidkern.{op}: second-order gradients (double backward, e.g. autograd.grad(..., create_graph=True) "
-            f"then a second backward) are not implemented by the fused kernels; backend='reference' supports them")
-    return backward
-
-
-for _op, _name in ((_hsda_backward_op, "hsda"), (_feature_summary_backward_op, "feature_summary"),
-                   (_team_gate_backward_op, "team_gate"), (_soft_merge_backward_op, "soft_merge")):
-    _op.register_autograd(_first_order_only(_name))
-
-
-# =========================================================================== FLOP formulas
-# torch.utils.flop_counter counts a multiply-add as 2 FLOPs; vidkern.flops reports MACs (SPEC §4).
-# Only matrix products count; the TEAM ops are elementwise and reductions, so they count nothing.
-def attended_pairs(q_shape, grid, pattern, group_ids, num_global_heads) -> int:
-    """Sum over heads and batch of the (query, key) pairs attended (SPEC §4: pairs actually attended)."""
-    b, h, n, _ = q_shape
-    if pattern == "explicit":
-        known = patterns.known_host_ids(group_ids)     # e.g. grouped token order's ids, made by vidkern
-        if known is not None:
-            sizes = known.counts
-        elif group_ids.device.type == "meta":
-            raise ValueError("FLOPs of an explicit pattern need its group ids; count on real tensors, not meta")
-        else:
-            sizes = torch.bincount(group_ids.cpu())
-    else:
-        sizes = torch.bincount(patterns.group_ids(pattern, grid))
-    sparse = int((sizes.long() ** 2).sum())
-    return b * (num_global_heads * n * n + (h - num_global_heads) * sparse)
-
-
-# torch (2.14) counts SDPA's CUDA kernels but not ATen's CPU flash kernel, which SDPA runs on CPU:
-# hsda's split and views strategies would otherwise count no FLOPs for their SDPA heads there.
-from torch.utils.flop_counter import flop_registry as _flop_registry, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
-
-if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in _flop_registry:
-    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
-    def _cpu_sdpa_flops(query, key, value, *args, **kwargs) -> int:
-        return sdpa_flop_count(query.shape, key.shape, value.shape)
-
-    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)
-    def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
-        return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
-
-
-@register_flop_formula(torch.ops.vidkern.hsda, get_raw=True)
-def _hsda_flops(q, k, v, grid, pattern, group_ids, num_global_heads, scale, backend, *args, **kwargs) -> int:
-    return 4 * q.shape[-1] * attended_pairs(q.shape, grid, pattern, group_ids, num_global_heads)  # QK^T and PV
-
-
-@register_flop_formula(torch.ops.vidkern.hsda_backward, get_raw=True)
-def _hsda_backward_flops(grad_out, q, k, v, out, lse, grid, pattern, group_ids, num_global_heads, scale, backend,
-                         *args, **kwargs) -> int:
-    # Recompute QK^T, then dV, dP, dQ, dK: five products to the forward's two (FlashAttention's 2.5x).
-    return 10 * q.shape[-1] * attended_pairs(q.shape, grid, pattern, group_ids, num_global_heads)
-
-
-@register_flop_formula(torch.ops.vidkern.soft_merge, get_raw=True)
-def _soft_merge_flops(u, idx, x, e, tau, backend, *args, **kwargs) -> int:
-    b, length, du = u.shape
-    return 2 * b * length * idx.shape[1] * (du + x.shape[-1] + e.shape[-1])     # U V^T, C^T X, C^T E
-
-
-@register_flop_formula(torch.ops.vidkern.soft_merge_backward, get_raw=True)
-def _soft_merge_backward_flops(grad_a, grad_p, u, idx, x, e, *args, **kwargs) -> int:
-    b, length, du = u.shape
-    # U V^T again; C dA, C dP; X dA^T, E dP^T; dS V, dS^T U.
-    return 2 * b * length * idx.shape[1] * (3 * du + 2 * x.shape[-1] + 2 * e.shape[-1])
-
-
-@register_flop_formula(torch.ops.vidkern.orthogonal_select, get_raw=True)
-def _orthogonal_select_flops(x, k, start, backend, *args, **kwargs) -> int:
-    b, length, d = x.shape
-    return 2 * b * (k - 1) * length * d                                          # one cosine row per step
+    return library.run("soft_merge", backend, u=u, idx=idx, x=x, e=e, tau=tau,
+                       check_values=not checked or torch.compiler.is_compiling())

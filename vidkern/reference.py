@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from . import patterns
-
-NORM_EPS = 1e-12  # SPEC §3.1: xh = X / max(||X||, eps)
+from .metatokens import candidate_count, default_start, filter_by_scores  # SPEC §3.1's choices, shared
+from .kernels.limits import NORM_EPS  # noqa: F401  (SPEC §3.1: xh = X / max(||X||, eps))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,9 +83,10 @@ def orthogonal_select(x, k, start):
     """Greedy most-orthogonal selection, SPEC §3.1 step 2: ``(B, L, D) -> (B, k)`` in pick order.
 
     Start at ``start[b]``; then repeatedly pick the unchosen token minimising the largest
-    ``|cos|`` to the chosen ones, lowest index on ties.
+    ``|cos|`` to the chosen ones, lowest index on ties. Cosines in float32 for float16/bfloat16
+    inputs (as every backend computes them; bf16 cosines would break near-ties at random).
     """
-    xh = normalize(x)
+    xh = normalize(x.to(_compute_dtype(x.dtype)))
     rows = []
     for b in range(x.shape[0]):
         cos = (xh[b] @ xh[b].T).abs()                                           # (L, L)
@@ -96,25 +97,6 @@ def orthogonal_select(x, k, start):
             chosen.append(int(torch.argmin(worst)))                             # first minimum = lowest index
         rows.append(chosen)
     return torch.tensor(rows, dtype=torch.long, device=x.device).reshape(x.shape[0], k)
-
-
-def default_start(x):
-    """Eval-mode start token *(choice)*: the token of largest L2 norm (lowest index on ties)."""
-    return x.norm(dim=-1).argmax(dim=-1)
-
-
-def candidate_count(length, num_out, has_scores, alpha=1.5):
-    """``K``: ``min(L, ceil(alpha * L'))`` candidates with scores, ``L'`` without (SPEC §3.1 step 3)."""
-    return min(length, math.ceil(alpha * num_out)) if has_scores else num_out
-
-
-def filter_by_scores(candidates, scores, num_out):
-    """Keep the ``num_out`` candidates of highest score, lowest index on ties; sorted ascending."""
-    cand = torch.sort(candidates, dim=1).values
-    cand_scores = torch.gather(scores, 1, cand)
-    # Stable descending sort over index-sorted candidates: equal scores keep the lower index first.
-    order = torch.sort(cand_scores, dim=1, descending=True, stable=True).indices[:, :num_out]
-    return torch.sort(torch.gather(cand, 1, order), dim=1).values
 
 
 def select_meta_tokens(x, num_out, scores=None, alpha=1.5, start=None):

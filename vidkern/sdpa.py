@@ -21,28 +21,43 @@ that layout), so the output projection's ``o.transpose(1, 2).reshape(B, N, H * d
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import limits
 
 STRATEGIES = ("fused", "split", "views")
 TOKEN_ORDERS = ("natural", "grouped")
 
 
-def default_strategy(device: torch.device, token_order: str) -> str:
-    """The rule :func:`vidkern.hsda` applies when neither ``strategy`` nor ``backend`` is given.
+def default_strategy(device: torch.device, token_order: str, largest_group: Optional[int] = None,
+                     dtype: torch.dtype = torch.bfloat16) -> str:
+    """The rule :func:`vidkern.hsda` applies when neither ``strategy`` nor ``backend`` is given
+    (``largest_group``: the sparse heads' largest group, ``None`` when unknown or all heads global).
 
-    - grouped tokens: ``"views"`` — every head on SDPA (cuDNN on an H100/H200), no gather.
-    - natural tokens: ``"split"`` — the global half of the heads on SDPA (cuDNN, which published
-      measurements put at 1.2-1.5x FlashAttention-2 on Hopper; our Triton kernel is an FA2-style
-      kernel), the sparse heads on the automatic backend (Triton on CUDA, torch on CPU).
+    - natural tokens: ``"split"`` — the global heads on SDPA (cuDNN, which published measurements
+      put at 1.2-1.5x FlashAttention-2 on Hopper), the sparse heads on the automatic backend
+      (Triton on CUDA, torch on CPU).
+    - grouped tokens: ``"views"`` — every head on SDPA, no gather; except on CUDA when every
+      sparse group is small enough for the packed Triton kernel (``limits.PACKED_GROUP_MAX``,
+      e.g. temporal heads): ``"split"``, since a flash kernel pads each group of 8 to its
+      128-row tile (256x the useful products) where packed tiles issue 2x.
 
-    Measured on CPU (ViT-S, B = 1, 6 heads, d = 64, fp32, 2 threads, fwd+bwd, median of 20
-    interleaved rounds; global SDPA 157 ms = 1.00): views 0.83, split 0.88, fused 0.94. On a GPU
-    not yet measured (``make gpu-check`` times all three beside cuDNN and flash); until then the
-    CUDA choice is the reasoned one above.
+    Why, on the counted work model (``python -m vidkern.work --reference``: H200 bound, ViT-B
+    B = 32, bf16, fwd + bwd, SDPA calls modelled as an ideal FlashAttention-2 kernel; dense on all
+    heads = 1.00): checkerboard — views 0.82, split 0.96, fused 1.26 (its 7-product backward);
+    temporal — split 0.57, views 0.83, fused 0.87. Measured on CPU (ViT-S, B = 1, 6 heads,
+    d = 64, fp32, 2 threads, fwd+bwd; global SDPA = 1.00): checkerboard — views 0.83, split 0.88,
+    fused 0.94; temporal — views 0.57, split 0.63-0.65, fused 0.68, hence views for every group
+    size on CPU. Not yet measured on a GPU (``make gpu-check`` times all three beside cuDNN and
+    flash).
     """
-    return "views" if token_order == "grouped" else "split"
+    if token_order != "grouped":
+        return "split"
+    small = largest_group is not None and largest_group <= limits.PACKED_GROUP_MAX[limits.dtype_class(dtype)]
+    return "split" if device.type == "cuda" and small else "views"
 
 
 def token_major_empty(q: torch.Tensor) -> torch.Tensor:

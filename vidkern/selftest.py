@@ -1,8 +1,9 @@
 """``python -m vidkern.selftest``: does each backend compute the right thing on *this* machine?
 
-In seconds: every backend that can run here, each of its ops at a few small shapes (odd grid,
-ragged tiles, non-contiguous inputs) and the dtypes it supports on the device, forward and every
-input gradient, against the float64 reference (the tolerance rule of :mod:`vidkern.verify`).
+In seconds: every backend that can run here, each of its ops on the first of its awkward cases
+(:mod:`vidkern.conformance`: odd grid, ragged tiles, non-contiguous inputs) in the dtypes it
+supports on the device, forward and every input gradient, against the float64 reference (the
+tolerance rule of :mod:`vidkern.verify`).
 Selection picks are judged by float64 optimality given the backend's own previous picks
 (:func:`vidkern.verify.assert_greedy_picks`), since GPU float32 arithmetic may break near-ties
 differently. Then one line per backend: ``ok``, ``WRONG`` (with the first failure) or
@@ -21,54 +22,9 @@ from typing import Callable, Optional
 
 import torch
 
-from . import dispatch, ops, reference as R, verify
+from . import conformance, dispatch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _cases(device: torch.device) -> list:
-    """``(op, label, fn(backend) -> callable, ref_fn, inputs, shape facts)`` at small shapes."""
-    grid = (3, 5, 7)
-    n = 3 * 5 * 7
-    qkv = list(torch.randn(2, n, 3, 8, 64).permute(2, 0, 3, 1, 4).unbind(0))   # strided (B, H, N, d), as a fused qkv
-    x = torch.randn(2, 37, 96) * 2
-    h = torch.randn(2, 96)
-    xs = torch.randn(2, 50, 16)
-    u = R.normalize(torch.randn(2, 50, 16))
-    idx = R.select_meta_tokens(xs.double(), 17)
-    e = torch.randn(1, 50, 16)
-    return [
-        ("hsda", f"grid {grid}, d=64, strided q/k/v",
-         lambda be: (lambda q, k, v: ops.hsda(q, k, v, grid, 4, backend=be)),
-         lambda q, k, v: R.hsda(q, k, v, grid, 4), qkv, {"head_dim": 64}),
-        ("feature_summary", "(2, 37, 96)", lambda be: (lambda a: ops.feature_summary(a, backend=be)),
-         R.feature_summary, [x], {"channels": 96}),
-        ("team_gate", "(2, 37, 96), channels-first x", lambda be: (lambda a, b: ops.team_gate(a, b, backend=be)),
-         R.team_gate, [x.transpose(1, 2).contiguous().transpose(1, 2), h], {"channels": 96}),
-        ("soft_merge", "(2, 50 -> 17, 16)",
-         lambda be: (lambda a, b, c: ops.soft_merge(a, idx.to(a.device), b, c, backend=be)),
-         lambda a, b, c: R.soft_merge(a, idx.to(a.device), b, c), [u, xs, e], {}),
-        ("orthogonal_select", "(2, 50, 16), k=17", None, None, [xs], {}),
-        ("group_mean", "(2, 105, 96), checkerboard", lambda be: (lambda a: ops.group_mean(a, grid, backend=be)),
-         lambda a: R.group_mean(a, grid), [torch.randn(2, n, 96)], {}),
-    ]
-
-
-def _run_case(op, fn, ref_fn, inputs, dtype, device, backend) -> None:
-    """Raise AssertionError (or the backend's own error) when ``backend`` is wrong on this case."""
-    moved = [t.to(device) for t in inputs]
-    if op == "orthogonal_select":
-        x = moved[0].to(dtype)
-        start = torch.tensor([3, 41], device=device)
-        picks = ops.orthogonal_select(x, 17, start, backend=backend)
-        verify.assert_greedy_picks(picks, x, start)
-        return
-    run = fn(backend)
-
-    def on_device(*args):   # the check builds float64 truth on the CPU; the backend runs on ``device``
-        outs = run(*[a.to(device) if isinstance(a, torch.Tensor) else a for a in args])
-        return tuple(o.cpu() for o in (outs if isinstance(outs, tuple) else (outs,)))
-    verify.check_against_reference(op, on_device, ref_fn, [t.cpu() for t in moved], dtype)
 
 
 def check_backend(name: str, devices: list, log: Optional[Callable] = None) -> tuple:
@@ -80,19 +36,18 @@ def check_backend(name: str, devices: list, log: Optional[Callable] = None) -> t
     ran, skipped = [], []
     for device in devices:
         dtypes = [torch.float32] + (list(LOW_PRECISION) if device.type == "cuda" else [])
-        for op, label, fn, ref_fn, inputs, shape in _cases(device):
-            if op not in be.ops:
-                continue
+        for op in sorted(be.ops):
+            case = conformance.CASES[op][0]          # the quick one; the test suite runs them all
             for dtype in dtypes:
-                reasons = be.not_supported_reasons(op, device, dtype, forced=True, **shape)
+                reasons = case.reasons(name, device, dtype)
                 if reasons:
                     skipped.append(f"{op} {device.type}/{str(dtype)[6:]}: {reasons[0]}")
                     continue
                 try:
-                    _run_case(op, fn, ref_fn, inputs, dtype, device, name)
+                    conformance.check(case, name, dtype, device)
                 except Exception as exc:   # wrong numbers or a crash both make the backend wrong here
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    return "wrong", f"{op} {label} {device.type}/{str(dtype)[6:]}: {type(exc).__name__}: {first}"
+                    return "wrong", f"{op} {case.label} {device.type}/{str(dtype)[6:]}: {type(exc).__name__}: {first}"
                 ran.append(f"{op}/{device.type}/{str(dtype)[6:]}")
                 if log:
                     log(f"  {name}: {op} {device.type}/{str(dtype)[6:]} ok")

@@ -1,6 +1,7 @@
 """Backends, registered in priority order: cuda (the ``vidkern._C`` extension), triton (CUDA),
-torch, reference. Each op runs on the first backend that implements it for the inputs' device,
-dtype and shape (``python -m vidkern.info`` lists the reasons a backend is skipped)."""
+torch, reference. Each op runs on the first backend of ``dispatch.order(op)`` that can run it for
+the inputs' device, dtype and shape (``python -m vidkern.info`` lists the order, the per-op
+preferences and the reasons a backend is skipped). Adding one: ``docs/adding-a-backend.md``."""
 from .. import dispatch
 from .cuda import CudaBackend
 from .pytorch import TorchBackend

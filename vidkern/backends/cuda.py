@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..dispatch import Backend
+from ..kernels import limits
 
 _KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
@@ -66,15 +67,10 @@ def load_emulator(build_directory: Optional[str] = None, verbose: bool = False) 
         raise RuntimeError(f"no CUDA kernel sources under {CSRC}: the emulator builds from a source checkout")
     from torch.utils import cpp_extension
     cpp_extension.load(name="vidkern_emu", sources=sources, extra_include_paths=[CSRC],
-                       extra_cflags=["-O2", "-std=c++20", "-DVIDKERN_EMULATE", "-pthread"],
+                       extra_cflags=["-O2", "-std=c++20", "-DVIDKERN_EMULATE", "-pthread", *limits.cpp_defines()],
                        extra_ldflags=["-pthread"], build_directory=build_directory, is_python_module=False,
                        verbose=verbose)
     _emulator_loaded = True
-
-
-def _triton_cannot_run(op, device, dtype, shape) -> list:
-    from ..dispatch import get
-    return get("triton").not_supported_reasons(op, device, dtype, **shape)
 
 
 def kernels(device: torch.device):
@@ -87,27 +83,23 @@ class CudaBackend(Backend):
     ops = frozenset({"feature_summary", "team_gate", "orthogonal_select", "soft_merge"})
     devices = frozenset({"cuda", "cpu"})
     dtypes = {"cuda": _KERNEL_DTYPES, "cpu": _KERNEL_DTYPES}
-    max_channels = 1024   # TEAM: team_gate's backward keeps (1 + 8 warps) x D floats in shared memory
+    max_channels = limits.TEAM_MAX_CHANNELS   # csrc/team.cu is compiled with the same value
 
     def unavailable_reason(self):
         return None if emulator_loaded() else extension_error()
 
-    def not_supported_reasons(self, op, device, dtype, forced=False, **shape):
-        reasons = super().not_supported_reasons(op, device, dtype, **shape)
-        if device.type == "cuda":
+    def not_supported_reasons(self, inputs):
+        reasons = super().not_supported_reasons(inputs)
+        if inputs.device.type == "cuda":
             if emulator_loaded() and extension_error():
                 reasons.append(extension_error())
             if not torch.cuda.is_available():
                 reasons.append("CUDA is not available")
-            elif op == "soft_merge" and not forced and not _triton_cannot_run(op, device, dtype, shape):
-                # The CUDA merge is SIMT fp32 (a correct, portable baseline); Triton's uses tensor cores.
-                reasons.append("soft_merge prefers the triton backend's tensor-core kernels (backend='cuda' forces "
-                               "these)")
-        elif device.type == "cpu":
+        elif inputs.device.type == "cpu":
             if not emulator_loaded():
                 reasons.append("on CPU the CUDA kernels run only through the emulator "
                                "(vidkern.backends.cuda.load_emulator(), used by the tests)")
-            elif not forced:
+            elif not inputs.forced:
                 reasons.append("the emulated kernels run only when backend='cuda' is asked for")
         return reasons
 
@@ -120,7 +112,7 @@ class CudaBackend(Backend):
     def team_gate_forward(self, x, h):
         return tuple(kernels(x.device).team_gate_fwd(x, h))
 
-    def team_gate_backward(self, grad_y, x, h, tok_lse, s):
+    def team_gate_backward(self, grad_y, x, h, s):
         return tuple(kernels(x.device).team_gate_bwd(grad_y, x, h, s))
 
     def orthogonal_select(self, x, k, start):

@@ -18,12 +18,8 @@ import torch
 from .. import patterns, reference, sdpa
 from ..checks import FLOAT_DTYPES
 from ..dispatch import OPS, Backend
-from ..reference import NORM_EPS
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..kernels.limits import NORM_EPS
+from ..kernels.limits import accumulation_dtype as acc_dtype
 
 
 def _rows_per_chunk(chunk_elements: int, rows: int, row_elements: int) -> int:
@@ -114,9 +110,9 @@ class TorchBackend(Backend):
     #: path that runs on other devices (the tests use it to exercise that path here).
     fused_cpu_attention = True
 
-    def not_supported_reasons(self, op, device, dtype, forced=False, **shape):
-        reasons = super().not_supported_reasons(op, device, dtype, forced, **shape)
-        if device.type == "cuda" and not torch.cuda.is_available():
+    def not_supported_reasons(self, inputs):
+        reasons = super().not_supported_reasons(inputs)
+        if inputs.device.type == "cuda" and not torch.cuda.is_available():
             reasons.append("CUDA is not available")
         return reasons
 
@@ -176,15 +172,14 @@ class TorchBackend(Backend):
         return dx.to(x.dtype).contiguous()  # the fake impl promises contiguous
 
     def team_gate_forward(self, x, h):
-        """Returns ``(y, tok_lse, s)``: ``tok_lse[b,n] = logsumexp_c X'[b,n,:]``, ``s`` the token softmax."""
+        """Returns ``(y, s)``: the gated tokens and ``s``, the token softmax the backward reads."""
         acc = acc_dtype(x.dtype)
         xp = torch.sigmoid(h.to(acc))[:, None, :] * x.to(acc)
         q = torch.softmax(xp, dim=-1)                                            # over channels
         s = torch.softmax((q * xp).sum(dim=-1), dim=-1)                          # over tokens, of s0
-        tok_lse = xp.amax(dim=-1) - torch.log(q.amax(dim=-1))
-        return xp.mul_(s[..., None]).to(x.dtype).contiguous(), tok_lse, s
+        return xp.mul_(s[..., None]).to(x.dtype).contiguous(), s
 
-    def team_gate_backward(self, grad_y, x, h, tok_lse, s):
+    def team_gate_backward(self, grad_y, x, h, s):
         acc = acc_dtype(x.dtype)
         xa, dy = x.to(acc), grad_y.to(acc)
         g = torch.sigmoid(h.to(acc))

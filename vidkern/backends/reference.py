@@ -19,8 +19,8 @@ class ReferenceBackend(Backend):
 
     group_mean = staticmethod(reference.group_mean)
 
-    def not_supported_reasons(self, op, device, dtype, forced=False, **shape):
-        reasons = super().not_supported_reasons(op, device, dtype, forced, **shape)
-        if device.type == "cuda" and not torch.cuda.is_available():
+    def not_supported_reasons(self, inputs):
+        reasons = super().not_supported_reasons(inputs)
+        if inputs.device.type == "cuda" and not torch.cuda.is_available():
             reasons.append("CUDA is not available")
         return reasons

@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 
 from ..dispatch import Backend
+from ..kernels import limits
 
 _KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
-_HEAD_DIMS = (32, 64, 128)   # kernels.hsda.HEAD_DIMS (kept here too: this module must import without triton)
 _DOT_OPS = frozenset({"hsda", "soft_merge"})   # ops whose kernels use tl.dot (selection and TEAM use none)
 INTERPRETED_BF16_DOT = ("Triton's interpreter computes bf16 tl.dot wrongly (errors ~1e8); "
                         "bf16 Triton kernels are checked on a GPU")
@@ -44,28 +44,23 @@ class TritonBackend(Backend):
     ops = frozenset({"hsda", "feature_summary", "team_gate", "orthogonal_select", "soft_merge"})
     devices = frozenset({"cuda", "cpu"})
     dtypes = {"cuda": _KERNEL_DTYPES, "cpu": _KERNEL_DTYPES}
-    max_head_dim = 128
-    max_channels = 1024   # TEAM's row kernels hold a whole row of channels (ViT-L's 1024 at most)
+    max_head_dim = max(limits.HSDA_HEAD_DIMS)
+    max_channels = limits.TEAM_MAX_CHANNELS
 
     def unavailable_reason(self):
         return _import_error()
 
-    def not_supported_reasons(self, op, device, dtype, forced=False, **shape):
-        reasons = super().not_supported_reasons(op, device, dtype, **shape)
-        if device.type == "cuda" and not torch.cuda.is_available():
+    def not_supported_reasons(self, inputs):
+        reasons = super().not_supported_reasons(inputs)
+        if inputs.device.type == "cuda" and not torch.cuda.is_available():
             reasons.append("CUDA is not available")
-        head_dim = shape.get("head_dim")
-        if head_dim is not None and head_dim not in _HEAD_DIMS:
-            reasons.append(f"head dim {head_dim} is not 32, 64 or 128 (the head dims compiled and checked "
-                           "by python -m vidkern.aot)")
-        if dtype == torch.float32 and head_dim is not None and 64 < head_dim:
-            reasons.append(f"float32 with head dim {head_dim} > 64: its backward spills registers (use bf16/fp16)")
-        if device.type == "cpu":
-            if dtype == torch.bfloat16 and op in _DOT_OPS:
+        reasons += limits.hsda_head_dim_reasons(inputs.head_dim, inputs.dtype)
+        if inputs.device.type == "cpu":
+            if inputs.dtype == torch.bfloat16 and inputs.op in _DOT_OPS:
                 reasons.append(INTERPRETED_BF16_DOT)
             if not interpreting():
                 reasons.append("needs a CUDA device (on CPU only Triton's interpreter runs: TRITON_INTERPRET=1)")
-            elif not forced:
+            elif not inputs.forced:
                 reasons.append("the interpreter runs only when backend='triton' is asked for")
         return reasons
 
@@ -89,9 +84,9 @@ class TritonBackend(Backend):
         from ..kernels import team
         return team.team_gate_forward(x, h)
 
-    def team_gate_backward(self, grad_y, x, h, tok_lse, s):
+    def team_gate_backward(self, grad_y, x, h, s):
         from ..kernels import team
-        return team.team_gate_backward(grad_y, x, h, tok_lse, s)
+        return team.team_gate_backward(grad_y, x, h, s)
 
     def orthogonal_select(self, x, k, start):
         from ..kernels import selection

@@ -1,7 +1,7 @@
 """The counted work model: what every kernel launch of an op costs on the GPU it is for, counted
 from the launchers' own choices, without a GPU.
 
-For one op, direction and backend at one shape, :func:`model` lists every kernel launch the
+For one op, direction and backend (or hsda's SDPA strategy, :data:`STRATEGIES`) at one shape, :func:`model` lists every kernel launch the
 launcher makes — its launch config, ``programs`` (CTAs), ``bytes`` (global loads and stores
 issued, re-reads included), ``macs`` (multiply-adds issued, recompute and masked padding
 included), sequential ``steps`` — and one ``"total"`` record that adds ``min_bytes`` (each input
@@ -49,6 +49,10 @@ CONSTANTS = dict(SMS=SMS, HBM_BYTES_PER_S=HBM_BYTES_PER_S, MAC_RATE=MAC_RATE, ST
 OPS = ("hsda", "feature_summary", "team_gate", "orthogonal_select", "select_meta_tokens", "soft_merge")
 DIRECTIONS = ("forward", "backward")
 BACKENDS = ("triton", "cuda")
+#: hsda's SDPA strategies (``vidkern.sdpa``), modelled beside the backends (``vidkern.work.sdpa``):
+#: the ``backend`` key of a record names a backend or one of these
+STRATEGIES = ("split", "views")
+PATHS = BACKENDS + STRATEGIES
 
 
 @dataclass
@@ -160,7 +164,7 @@ def _load_formulas() -> None:
     """Import every formula module (each registers itself); a module for a kernel family that
     has not been modelled yet is simply absent."""
     import importlib
-    for name in ("hsda", "team", "selection", "merge", "cuda"):
+    for name in ("hsda", "sdpa", "team", "selection", "merge", "cuda"):
         try:
             importlib.import_module(f"vidkern.work.{name}")
         except ModuleNotFoundError as exc:

@@ -5,6 +5,7 @@ Keys: ``B H N L D d num_out grid=T,Hp,Wp pattern num_global_heads dtype=bf16|fp1
 ``N`` and ``L`` name the same token count; ``grid`` sets it when neither is given. ``--measure``
 runs the kernels at that (small!) shape with counters — the Triton interpreter, or the CUDA
 emulator for ``backend=cuda`` — and prints the counted launches beside the formula's.
+``--backend split|views``: hsda's SDPA strategies (SDPA calls modelled as an ideal flash kernel).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from . import BACKENDS, DIRECTIONS, MEASURES, OPS, Shape, _load_formulas, ratio, records
+from . import DIRECTIONS, MEASURES, OPS, PATHS, Shape, _load_formulas, ratio, records
 
 _INTS = ("B", "H", "N", "L", "D", "d", "num_out", "num_global_heads")
 
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("op", nargs="?", choices=OPS)
     parser.add_argument("shape", nargs="*", help="key=value pairs")
     parser.add_argument("--direction", choices=DIRECTIONS + ("both",), default="both")
-    parser.add_argument("--backend", choices=BACKENDS, default="triton")
+    parser.add_argument("--backend", choices=PATHS, default="triton",
+                        help="a backend, or an SDPA strategy of hsda (split, views)")
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
     parser.add_argument("--measure", action="store_true", help="count the kernels at this shape too")
     parser.add_argument("--reference", action="store_true", help="the table at the reference shapes")

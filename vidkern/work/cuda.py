@@ -46,7 +46,7 @@ def _column_tile(v: int) -> tuple:
 
 
 def _k(L: int, shape: Shape) -> int:
-    """Greedy candidates of select_meta_tokens (reference.candidate_count, alpha = 1.5)."""
+    """Greedy candidates of select_meta_tokens (metatokens.candidate_count, alpha = 1.5)."""
     return min(L, math.ceil(1.5 * shape.num_out)) if shape.scores else shape.num_out
 
 
@@ -86,7 +86,7 @@ def gate_launches(direction: str, shape: Shape) -> list:
     h = programs * d * isz            # each block stages g = sigmoid(h[b]) once
     config = dict(V=_pack(shape), rows_per_block=ROWS_PER_BLOCK, smem=d * 4)
     if direction == "forward":
-        return [Launch("gate_rows", programs, h + x + 2 * b * n * 4, rate="fp32", config=config),
+        return [Launch("gate_rows", programs, h + x + b * n * 4, rate="fp32", config=config),          # X; s0
                 Launch("token_softmax", b, 4 * b * n * 4, rate="fp32"),
                 Launch("gate_apply", programs, h + b * n * 4 + 2 * x, rate="fp32", config=config)]
     partial = b * blocks * d * 4
@@ -239,7 +239,7 @@ def run_counted(op: str, direction: str, shape: Shape, seed: int = 0) -> list:
             with emulator_counts() as c:
                 E.team_gate_fwd(x, h)
             return c
-        y, _, s = E.team_gate_fwd(x, h)
+        y, s = E.team_gate_fwd(x, h)
         with emulator_counts() as c:
             E.team_gate_bwd(torch.randn(y.shape, generator=g).to(dt), x, h, s)
         return c

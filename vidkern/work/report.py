@@ -9,7 +9,7 @@ stages at B=32 — spatial, per frame: 32*8 problems of L=196 -> 98 with CLS att
 """
 from __future__ import annotations
 
-from . import BACKENDS, FORMULAS, Shape, _load_formulas, ratio, records
+from . import FORMULAS, PATHS, Shape, _load_formulas, ratio, records
 
 _VIT_B = dict(H=12, d=64, D=768, dtype="bf16")
 STAGE1 = dict(B=256, L=196, N=196, num_out=98, scores=True, D=768, dtype="bf16")
@@ -39,9 +39,11 @@ REFERENCE = [
 ]
 
 
-def reference_rows(backends=BACKENDS) -> list:
-    """The op-direction totals at every reference shape, for every backend with a model."""
+def reference_rows(backends=PATHS) -> list:
+    """The op-direction totals at every reference shape, for every backend (and hsda SDPA strategy)
+    with a model; hsda rows also carry ``dense_us``, the ideal dense kernel on every head."""
     _load_formulas()
+    from .sdpa import dense_us
     rows = []
     for label, op, shape in REFERENCE:
         for backend in backends:
@@ -50,7 +52,8 @@ def reference_rows(backends=BACKENDS) -> list:
             for direction in ("forward", "backward"):
                 recs = records(op, direction, backend, shape)
                 if len(recs) > 1:    # selection has no backward
-                    rows.append(dict(recs[-1], case=label, launches=recs[:-1]))
+                    dense = dense_us(direction, shape) if op == "hsda" else None
+                    rows.append(dict(recs[-1], case=label, launches=recs[:-1], dense_us=dense))
     return rows
 
 
@@ -63,12 +66,25 @@ def markdown(rows=None) -> str:
     lines = ["Counted work model (vidkern.work; an H200 lower bound, not a measurement: "
              "3.7 TB/s, bf16 395 TMAC/s, programs in waves over 132 SMs, 1 us per sequential step).", "",
              "| op | case | dir | backend | launches | programs | MB | MB min | bytes/min | GMAC | "
-             "macs/useful | steps | model us |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "macs/useful | steps | model us | vs dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         useful = r.get("useful_macs")
         lines.append(
             f"| {r['op']} | {r['case']} | {r['direction'][:3]} | {r['backend']} | {len(r['launches'])} | "
             f"{r['programs']:,} | {_fmt_bytes(r['bytes'])} | {_fmt_bytes(r.get('min_bytes'))} | "
             f"{ratio(r['bytes'], r.get('min_bytes')):.2f} | {r['macs'] / 1e9:,.2f} | "
-            f"{ratio(r['macs'], useful) if useful else float('nan'):.2f} | {r['steps']:,} | {r['model_us']:,.1f} |")
+            f"{ratio(r['macs'], useful) if useful else float('nan'):.2f} | {r['steps']:,} | {r['model_us']:,.1f} | "
+            f"{_vs_dense(r)} |")
+    lines += ["", "vs dense: model us over the ideal flash kernel's on every head (vidkern.work.sdpa); the "
+              "split and views rows model their SDPA calls as that same ideal kernel.", "",
+              "Saved by the (B, N, H, d) output layout (no copy before the output projection, per forward):"]
+    from .sdpa import output_copy
+    for label, op, shape in REFERENCE:
+        if op == "hsda":
+            saved = output_copy(shape)
+            lines.append(f"- {label}: {_fmt_bytes(saved.bytes)} MB, {saved.model_us:,.1f} model us")
     return "\n".join(lines)
+
+
+def _vs_dense(r) -> str:
+    return "-" if not r.get("dense_us") else f"{r['model_us'] / r['dense_us']:.2f}"

@@ -28,8 +28,8 @@ floats of scratch written) and per step X re-read in full plus the pick's row on
 tile, and the scores/inverse norms read and written: ``L D s + T D s + 12 L + 12`` bytes per step.
 
 ``select_meta_tokens`` adds the torch ops ``vidkern.ops`` makes around the selection: the eval
-start (``reference.default_start``: a norm over D and an argmax; a training start is drawn by
-the caller), then ``torch.sort`` of the picks, or with scores ``reference.filter_by_scores``
+start (``metatokens.default_start``: a norm over D and an argmax; a training start is drawn by
+the caller), then ``torch.sort`` of the picks, or with scores ``metatokens.filter_by_scores``
 (sort, gather the candidates' scores, stable sort by score, gather, sort). They are modelled
 ``aten.`` launches, minimal traffic, one program per batch row (torch sorts a short row in one
 block) or per output row of the norm.
@@ -61,7 +61,7 @@ def _sel():
 
 
 def candidates(op: str, shape: Shape) -> int:
-    """``K``, the greedy picks the launcher makes (``vidkern.reference.candidate_count``)."""
+    """``K``, the greedy picks the launcher makes (``vidkern.metatokens.candidate_count``)."""
     if op == "orthogonal_select" or not shape.scores:
         return shape.num_out
     return min(shape.L, math.ceil(1.5 * shape.num_out))

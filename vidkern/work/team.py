@@ -77,7 +77,7 @@ def gate_launches(direction: str, shape: Shape) -> list:
     tok = b * n * F32                 # one fp32 per token
     gate = programs * d * isz         # h, once per program
     if direction == "forward":
-        rows_k = gate + x + 2 * tok + programs * 2 * F32                        # X; s0, lse; (max, sum-exp)
+        rows_k = gate + x + tok + programs * 2 * F32                            # X; s0; (max, sum-exp)
         apply_k = gate + programs * blocks * 2 * F32 + x + 2 * tok + x           # parts; X; s0 in, s out; Y
         return [Launch("_gate_rows_kernel", programs, rows_k, rate="fp32", config=config),
                 Launch("_gate_apply_kernel", programs, apply_k, rate="fp32", config=config)]
@@ -102,15 +102,15 @@ def _minimum(op: str, direction: str, shape: Shape) -> tuple:
     included. ``useful_macs`` is 0 (no matrix products; see the module docstring).
 
     feature_summary forward: X in; f (X's dtype), stats (B, 3, D) fp32 out. Backward: df, X, stats
-    in (f is handed over too but is ``stats[:, 2]``); dX out. team_gate forward: X, h in; Y, tok_lse
-    and s ((B, N) fp32 each) out. Backward: dY, X, h, s in (tok_lse is not needed); dX, dh out."""
+    in (f is handed over too but is ``stats[:, 2]``); dX out. team_gate forward: X, h in; Y and s
+    ((B, N) fp32) out. Backward: dY, X, h, s in; dX, dh out."""
     b, n, d, isz = shape.B, shape.N, shape.D, shape.itemsize
     x, bd, tok = b * n * d * isz, b * d * isz, b * n * F32
     if op == "feature_summary":
         stats = b * 3 * d * F32
         return (x + bd + stats if direction == "forward" else bd + x + stats + x), 0
     if direction == "forward":
-        return x + bd + x + 2 * tok, 0
+        return x + bd + x + tok, 0
     return x + x + bd + tok + x + bd, 0
 
 for _op in ("feature_summary", "team_gate"):   # both ops' minima: one rule
@@ -177,7 +177,7 @@ def team_gate_measure(direction: str, shape: Shape) -> list:
         with triton_counts() as counted:
             T.team_gate_forward(x, h)
     else:
-        _, tok_lse, s = T.team_gate_forward(x, h)
+        _, s = T.team_gate_forward(x, h)
         with triton_counts() as counted:
-            T.team_gate_backward(dy, x, h, tok_lse, s)
+            T.team_gate_backward(dy, x, h, s)
     return _launches(counted)
