@@ -29,12 +29,15 @@ def _seed_per_test(request, monkeypatch):
 
 @pytest.fixture
 def poison():
-    """Uninitialised memory (torch.empty) reads as NaN, so an output element never written fails."""
+    """Uninitialised memory (torch.empty) reads as NaN, so an output element never written fails.
+    (Deterministic mode fills it; ``warn_only``: a CUDA op without a deterministic kernel, such
+    as ``index_add_``, warns instead of failing the test.)"""
     prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
-    torch.use_deterministic_algorithms(prev)
+    torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -44,8 +44,8 @@ MAX_FILE_BYTES = 16 * 2 ** 20
 NAME_OK = re.compile(r"^[A-Za-z0-9._-]+$")
 
 #: The kernel tests run on the device (each skips what the device cannot run, with a reason).
-KERNEL_TESTS = ["tests/test_triton_hsda.py", "tests/test_triton_team.py", "tests/test_triton_backend.py",
-                "tests/test_sttm_kernels.py", "tests/test_cuda_team.py", "tests/test_gpu.py", "tests/test_scale.py",
+KERNEL_TESTS = ["tests/test_backends.py", "tests/test_triton_hsda.py", "tests/test_triton_team.py",
+                "tests/test_triton_backend.py", "tests/test_sttm_kernels.py", "tests/test_cuda_team.py", "tests/test_gpu.py", "tests/test_scale.py",
                 "tests/test_host_sync.py"]
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
 
