@@ -322,17 +322,12 @@ from dataclasses import dataclass  # noqa: E402
 import torch  # noqa: E402
 
 from .limits import HSDA_HEAD_DIMS, HSDA_MAX_HEAD_DIM, PACKED_GROUP_MAX, dtype_class  # noqa: E402,F401
-from .launch import TRITON_VERSION, batch_chunks, dot_precision, for_triton, on_input_device  # noqa: E402
+from .launch import TRITON_VERSION, Config, batch_chunks, dot_precision, for_triton, on_input_device  # noqa: E402
 
 
-@dataclass(frozen=True)
-class Config:
-    """Tile sizes and launch parameters of one kernel."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
+def tile_config(block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 2) -> Config:
+    """The tile kernels' launch: ``BLOCK_M`` query rows by ``BLOCK_N`` key rows a tile."""
+    return Config.of(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 HEAD_DIMS = HSDA_HEAD_DIMS   # compiled per head dim (a constexpr) and each checked by vidkern.aot
@@ -349,13 +344,13 @@ def block_d(head_dim: int) -> int:
 #: hence smaller tiles than FlashAttention's; float32 (tf32x3 products) needs smaller tiles still,
 #: and has no spill-free backward at d = 128.
 CONFIGS = {
-    ("fwd", "half", 32): Config(128, 64, 8, 3), ("fwd", "half", 64): Config(128, 64, 8, 3),
-    ("fwd", "half", 128): Config(128, 64, 8, 3),
-    ("bwd", "half", 32): Config(64, 64, 8, 2), ("bwd", "half", 64): Config(64, 32, 4, 2),
-    ("bwd", "half", 128): Config(32, 32, 4, 2),
-    ("fwd", "fp32", 32): Config(32, 32, 8, 2), ("fwd", "fp32", 64): Config(32, 32, 4, 2),
-    ("fwd", "fp32", 128): Config(16, 16, 2, 1),
-    ("bwd", "fp32", 32): Config(16, 32, 2, 2), ("bwd", "fp32", 64): Config(16, 16, 2, 1),
+    ("fwd", "half", 32): tile_config(128, 64, 8, 3), ("fwd", "half", 64): tile_config(128, 64, 8, 3),
+    ("fwd", "half", 128): tile_config(128, 64, 8, 3),
+    ("bwd", "half", 32): tile_config(64, 64, 8, 2), ("bwd", "half", 64): tile_config(64, 32, 4, 2),
+    ("bwd", "half", 128): tile_config(32, 32, 4, 2),
+    ("fwd", "fp32", 32): tile_config(32, 32, 8, 2), ("fwd", "fp32", 64): tile_config(32, 32, 4, 2),
+    ("fwd", "fp32", 128): tile_config(16, 16, 2, 1),
+    ("bwd", "fp32", 32): tile_config(16, 32, 2, 2), ("bwd", "fp32", 64): tile_config(16, 16, 2, 1),
 }
 #: Entries for Triton older than the bound, laid over CONFIGS by ``kernels.launch.for_triton``
 #: (measured on 3.6.0): the same tiles with other launch parameters. Its ptxas (CUDA 12.8) puts a
@@ -364,7 +359,7 @@ CONFIGS = {
 #: bwd fp32 d=64, 16x16 w=2 s=1: bwd_dq 168/8 (checkerboard, sm_90) -> w=4: dkdv 148-162, dq 126-128.
 #: Triton 3.8 keeps CONFIGS: its s=2 forward double-buffers K/V (cp.async) at 206-226 registers.
 CONFIGS_BEFORE = {
-    (3, 8): {("fwd", "fp32", 64): Config(32, 32, 4, 1), ("bwd", "fp32", 64): Config(16, 16, 4, 1)},
+    (3, 8): {("fwd", "fp32", 64): tile_config(32, 32, 4, 1), ("bwd", "fp32", 64): tile_config(16, 16, 4, 1)},
 }
 MAX_HEAD_DIM = HSDA_MAX_HEAD_DIM   # largest head dim with a verified forward and backward
 
@@ -541,11 +536,11 @@ def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config
     q, k, v = (_kernel_ready(t) for t in (q, k, v))
     packed = None if (config or debug) else packs(pattern, grid, h, num_global_heads, q.dtype, q.device)
     cfg = config or pick_config("fwd", d, q.dtype, _arch(q.device))
-    tab = tables(pattern if num_global_heads < h and not packed else "checkerboard", grid, cfg.block_m, q.device)
+    tab = tables(pattern if num_global_heads < h and not packed else "checkerboard", grid, cfg.BLOCK_M, q.device)
     from vidkern.sdpa import token_major_empty
     out = token_major_empty(q)            # (B, N, H, d) in memory: the projection reads it in place
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    tiles_global, programs = _programs(tab, n, h, num_global_heads, cfg.block_m, bool(packed))
+    tiles_global, programs = _programs(tab, n, h, num_global_heads, cfg.BLOCK_M, bool(packed))
     count = (torch.zeros((b, programs, 3), dtype=torch.int32, device=q.device) if debug
              else torch.empty(1, dtype=torch.int32, device=q.device))
     for bs in (batch_chunks(b) if programs else []):
@@ -553,8 +548,8 @@ def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config
             q[bs], k[bs], v[bs], out[bs], lse[bs], tab.perm, tab.goff, tab.tiles, count[bs] if debug else count,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             n, h, num_global_heads, tiles_global, grid[0], grid[1], grid[2], scale,
-            HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_MODE=tab.mode,
-            PRECISION=dot_precision(q.dtype), DEBUG=debug, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            HEAD_DIM=d, BLOCK_D=block_d(d), SPARSE_MODE=tab.mode, PRECISION=dot_precision(q.dtype), DEBUG=debug,
+            **cfg.launch())
     for pk in packed or []:
         for bs in batch_chunks(b):
             _hsda_packed_fwd_kernel[(pk.tiles, h - num_global_heads, bs.stop - bs.start)](
@@ -581,10 +576,9 @@ def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, 
     pre_block = 64
     _hsda_bwd_preprocess_kernel[(b * h * triton.cdiv(n, pre_block),)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), n, h, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_block)
-    common = dict(BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                  PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = dict(BLOCK_D=bd, PRECISION=dot_precision(q.dtype), **cfg.launch())
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    for kernel, block, outs in ((_hsda_bwd_dkdv_kernel, cfg.block_n, (dk, dv)), (_hsda_bwd_dq_kernel, cfg.block_m, (dq,))):
+    for kernel, block, outs in ((_hsda_bwd_dkdv_kernel, cfg.BLOCK_N, (dk, dv)), (_hsda_bwd_dq_kernel, cfg.BLOCK_M, (dq,))):
         tab = tables(pattern if num_global_heads < h and not packed else "checkerboard", grid, block, q.device)
         tiles_global, programs = _programs(tab, n, h, num_global_heads, block, bool(packed))
         for bs in (batch_chunks(b) if programs else []):
@@ -625,7 +619,7 @@ def tile_aot_spec(name: str, dtype, head_dim: int, mode: int = 1, debug: bool = 
         return AotSpec("hsda", name, fn, dtype, dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=64, sod=1, sdd=1), 4,
                        _TILE_TYPES, stride_hints=True)
     cfg = pick_config("fwd" if name == "fwd" else "bwd", head_dim, dtype, 90)
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPARSE_MODE=mode,
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=bd, **cfg.constexprs, SPARSE_MODE=mode,
                   PRECISION=dot_precision(dtype), sqd=1, skd=1, svd=1,
                   **({"sod": 1, "DEBUG": debug} if name == "fwd" else {"sdd": 1}))
     return AotSpec("hsda", name, fn, dtype, consts, cfg.num_warps, _TILE_TYPES, cfg.num_stages, stride_hints=True)

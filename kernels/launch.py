@@ -24,6 +24,7 @@ import functools
 import inspect
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import triton
@@ -84,6 +85,42 @@ def dot_precision(dtype) -> str:
 
 
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A kernel's launch configuration, the one form every kernel family uses: its tile
+    constexprs by name (``Config.of(BLOCK_N=32, BLOCK_D=64, num_warps=4)``), warps, and pipeline
+    stages (``None``: Triton's default). ``cfg.BLOCK_N`` reads a tile, ``kernel[grid](...,
+    **cfg.launch())`` launches with it, :meth:`aot` declares it to ``vidkern.aot``."""
+    tiles: tuple = ()                 # ((constexpr name, value), ...), ordered and hashable
+    num_warps: int = 4
+    num_stages: Optional[int] = None
+
+    @classmethod
+    def of(cls, num_warps: int = 4, num_stages: Optional[int] = None, **tiles) -> "Config":
+        return cls(tuple(tiles.items()), num_warps, num_stages)
+
+    def __getattr__(self, name: str):   # reached only for names that are not fields: the tiles
+        for key, value in object.__getattribute__(self, "tiles"):
+            if key == name:
+                return value
+        raise AttributeError(f"{type(self).__name__} has no tile {name!r}")
+
+    @property
+    def constexprs(self) -> dict:
+        return dict(self.tiles)
+
+    def launch(self) -> dict:
+        """The launch keywords: the tiles, ``num_warps`` and (when set) ``num_stages``."""
+        return dict(self.tiles, num_warps=self.num_warps,
+                    **({} if self.num_stages is None else {"num_stages": self.num_stages}))
+
+    def aot(self, family: str, name: str, fn, dtype, types: Optional[dict] = None, **constexprs) -> "AotSpec":
+        """The :class:`AotSpec` of kernel ``fn`` launched with this configuration (``constexprs``:
+        the kernel's other compile-time arguments)."""
+        return AotSpec(family, name, fn, dtype, dict(self.tiles, **constexprs), self.num_warps, types or {},
+                       self.num_stages)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import AotSpec, batch_chunks, dot_precision, for_triton, on_input_device
+from .launch import Config, batch_chunks, dot_precision, for_triton, on_input_device
 
 
 # =========================================================================== helpers
@@ -599,6 +599,16 @@ def merge_warps(kernel: str, nc: int, rows: int, ch: int, dtype) -> int:
     return warps
 
 
+def merge_config(kernel: str, dtype, nc: int = 1) -> Config:
+    """The launch of merge kernel ``kernel`` (``"lse"``, ``"fwd"``, ``"tokens"``, ``"dx"``,
+    ``"meta"``) with ``nc`` resident channel chunks: the tiles of :func:`merge_blocks` (the lse pass
+    has no output channels: no ``CH``, ``NC``) and :func:`merge_warps`."""
+    bm, bn, bk, ch = merge_blocks(dtype)
+    rows = bm if kernel in ("lse", "tokens", "dx") else bn
+    tiles = dict(BM=bm, BN=bn, BK=bk) if kernel == "lse" else dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=nc)
+    return Config.of(num_warps=merge_warps(kernel, nc, rows, ch, dtype), **tiles)
+
+
 # =========================================================================== launchers
 @on_input_device
 def soft_merge_forward(u, idx, x, e, tau):
@@ -606,7 +616,7 @@ def soft_merge_forward(u, idx, x, e, tau):
     broadcast) -> ``(A, P, row_lse (B, L) fp32, col_sum (B, L') fp32)``."""
     b, length, du = u.shape
     lp, d = idx.shape[1], x.shape[2]
-    bm, bn, bk, ch = merge_blocks(x.dtype)
+    bm, bn, _, ch = merge_blocks(x.dtype)
     groups, nc = channel_split(d, ch, merge_chunks(x.dtype))
     a = torch.empty((b, lp, d), dtype=x.dtype, device=x.device)
     p = torch.empty((b, lp, d), dtype=e.dtype, device=x.device)
@@ -619,12 +629,11 @@ def soft_merge_forward(u, idx, x, e, tau):
     for bs in batch_chunks(b):
         nb = bs.stop - bs.start
         _merge_lse_kernel[(triton.cdiv(length, bm), nb)](u[bs], idx[bs], lse[bs], *u.stride(), length, lp, du,
-                                                         1.0 / tau, BM=bm, BN=bn, BK=bk, PRECISION=prec,
-                                                         num_warps=merge_warps("lse", 1, bm, ch, x.dtype))
+                                                         1.0 / tau, PRECISION=prec,
+                                                         **merge_config("lse", x.dtype).launch())
         _merge_fwd_kernel[(triton.cdiv(lp, bn), groups, nb)](
             u[bs], idx[bs], x[bs], e[bs], lse[bs], a[bs], p[bs], col[bs], *u.stride(), *x.stride(), *e.stride(),
-            length, lp, du, d, 1.0 / tau, BM=bm, BN=bn, BK=bk, CH=ch, NC=nc, PRECISION=prec,
-            num_warps=merge_warps("fwd", nc, bn, ch, x.dtype))
+            length, lp, du, d, 1.0 / tau, PRECISION=prec, **merge_config("fwd", x.dtype, nc).launch())
     return a, p, lse, col
 
 
@@ -639,7 +648,7 @@ def soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, ta
     """Returns ``(du, dx, de)`` in the inputs' dtypes (contiguous)."""
     b, length, du_dim = u.shape
     lp, d = idx.shape[1], x.shape[2]
-    bm, bn, bk, ch = merge_blocks(x.dtype)
+    bm, bn, _, ch = merge_blocks(x.dtype)
     max_chunks = merge_chunks(x.dtype)
     groups_u, nc_u = channel_split(du_dim, ch, max_chunks)      # dU (token pass), dV (meta pass)
     groups_x, nc_x = channel_split(d, ch, max_chunks)           # dX, dE
@@ -662,16 +671,15 @@ def soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, ta
         ins = tuple(t[bs] for t in (u, idx, x, e, grad_a, grad_p, row_lse, col_sum, gamma))
         scores = (c1s[bs], dc1s[bs]) if stored else (c1s, dc1s)
         _merge_bwd_tokens_kernel[(triton.cdiv(length, bm), groups_u, nb)](
-            *ins, delta[bs], du[bs], *scores, *common, BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_u, STORED=stored,
-            PRECISION=prec, num_warps=merge_warps("tokens", nc_u, bm, ch, x.dtype))
+            *ins, delta[bs], du[bs], *scores, *common, STORED=stored, PRECISION=prec,
+            **merge_config("tokens", x.dtype, nc_u).launch())
         _merge_bwd_dx_kernel[(triton.cdiv(length, bm), groups_x, nb)](
             u[bs], idx[bs], grad_a[bs], grad_p[bs], row_lse[bs], col_sum[bs], dx[bs], de[bs], scores[0],
             *u.stride(), *grad_a.stride(), *grad_p.stride(), length, lp, du_dim, d, 1.0 / tau,
-            BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_x, STORED=stored, PRECISION=prec,
-            num_warps=merge_warps("dx", nc_x, bm, ch, x.dtype))
+            STORED=stored, PRECISION=prec, **merge_config("dx", x.dtype, nc_x).launch())
         _merge_bwd_meta_kernel[(triton.cdiv(lp, bn), groups_u, nb)](
-            *ins, delta[bs], du[bs], *scores, *common, BM=bm, BN=bn, BK=bk, CH=ch, NC=nc_u, STORED=stored,
-            PRECISION=prec, num_warps=merge_warps("meta", nc_u, bn, ch, x.dtype))
+            *ins, delta[bs], du[bs], *scores, *common, STORED=stored, PRECISION=prec,
+            **merge_config("meta", x.dtype, nc_u).launch())
     return du.to(u.dtype), dx, de
 
 
@@ -688,17 +696,12 @@ def aot_specs(dtype) -> list:
     import inspect
     types = dict(IDX="*i64", LSE="*fp32", COL="*fp32", GAMMA="*fp32", DELTA="*fp32", DU_OUT="*fp32",
                  C1S="*fp32", DC1S="*fp32", L="i32", LP="i32", DU="i32", D="i32", inv_tau="fp32")
-    bm, bn, bk, ch = merge_blocks(dtype)
-    blocks = dict(BM=bm, BN=bn, BK=bk, CH=ch)
     specs = []
     for name, fn in MERGE_KERNELS.items():
         params = inspect.signature(fn.fn).parameters
-        consts = {k: v for k, v in blocks.items() if k in params}
         kernel = name.rsplit("_", 1)[-1]
         for nc in (merge_chunks(dtype) if "NC" in params else [1]):
             for stored in ((False, True) if "STORED" in params else (None,)):
-                cfg = dict(consts, **({"NC": nc} if "NC" in params else {}),
-                           **({"STORED": stored} if stored is not None else {}), PRECISION=dot_precision(dtype))
-                rows = bm if kernel in ("lse", "tokens", "dx") else bn
-                specs.append(AotSpec("sttm", name, fn, dtype, cfg, merge_warps(kernel, nc, rows, ch, dtype), types))
+                extra = dict(**({"STORED": stored} if stored is not None else {}), PRECISION=dot_precision(dtype))
+                specs.append(merge_config(kernel, dtype, nc).aot("sttm", name, fn, dtype, types, **extra))
     return specs

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import AotSpec, dot_precision, on_input_device
+from .launch import Config, dot_precision, on_input_device
 from .limits import NORM_EPS  # SPEC §3.1's eps (its one home: kernels.limits)
 
 
@@ -186,28 +186,28 @@ def _stream_select_kernel(X, START, OUT, WORK, sxb, sxl, sxd, L, D, K, EPS: tl.c
 GREEDY_MAX_L = 16384            # largest L of the register (Gram) regime: 16 scores per thread at 32 warps
 GREEDY_MIN_BLOCK = 128          # smallest BLOCK_L (fewer configurations; padding lanes issue no loads)
 GRAM_SCRATCH_BYTES = 2 ** 31    # Gram scratch per launch of the chunk loop (at least one problem)
-# (BLOCK, BLOCK_D, num_warps, num_stages) of the Gram kernel: 16-bit inputs on the bf16/fp16 tensor
-# cores; float32 as tf32x3 (three products: more registers per tile, so smaller tiles)
-GRAM_BLOCKS = {"half": (128, 32, 8, 3), "fp32": (64, 16, 4, 3)}
-NORM_BLOCKS = (32, 64)          # (BLOCK_L, BLOCK_D) of the inverse-norm kernel, 4 warps
-SELECT_BLOCKS = (32, 64)        # (BLOCK_L, BLOCK_D) of the streaming fallback, 4 warps
+#: The Gram kernel: 16-bit inputs on the bf16/fp16 tensor cores; float32 as tf32x3 (three
+#: products: more registers per tile, so smaller tiles)
+GRAM_BLOCKS = {"half": Config.of(BLOCK=128, BLOCK_D=32, num_warps=8, num_stages=3),
+               "fp32": Config.of(BLOCK=64, BLOCK_D=16, num_warps=4, num_stages=3)}
+NORM_BLOCKS = Config.of(BLOCK_L=32, BLOCK_D=64)     # the inverse-norm kernel
+SELECT_BLOCKS = Config.of(BLOCK_L=32, BLOCK_D=64)   # the streaming fallback
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def gram_config(dtype) -> tuple:
-    """(BLOCK, BLOCK_D, num_warps, num_stages) of :func:`_gram_kernel` for inputs of ``dtype``."""
+def gram_config(dtype) -> Config:
+    """:func:`_gram_kernel` for inputs of ``dtype``."""
     return GRAM_BLOCKS["fp32" if dtype == torch.float32 else "half"]
 
 
-def greedy_config(length: int) -> tuple:
-    """(BLOCK_L, num_warps) of :func:`_greedy_kernel` for ``length`` tokens: 4 warps up to 1024
-    scores (8 per thread), then more warps, 8 scores per thread, up to 32 warps (16 per thread at
-    BLOCK_L = 16384)."""
+def greedy_config(length: int) -> Config:
+    """:func:`_greedy_kernel` for ``length`` tokens: 4 warps up to 1024 scores (8 per thread), then
+    more warps, 8 scores per thread, up to 32 warps (16 per thread at BLOCK_L = 16384)."""
     block = max(GREEDY_MIN_BLOCK, triton.next_power_of_2(length))
-    return block, min(32, max(4, block // 256))
+    return Config.of(BLOCK_L=block, num_warps=min(32, max(4, block // 256)))
 
 
 def chunk_problems(length: int) -> int:
@@ -231,30 +231,28 @@ def orthogonal_select(x, k, start):
     if length > GREEDY_MAX_L:
         work = torch.empty((b, 2, length), dtype=torch.float32, device=x.device)
         _stream_select_kernel[(b,)](x, start, out, work, *x.stride(), length, d, k, EPS=NORM_EPS,
-                                    BLOCK_L=SELECT_BLOCKS[0], BLOCK_D=SELECT_BLOCKS[1], num_warps=4)
+                                    **SELECT_BLOCKS.launch())
         return out
-    block_l, warps = greedy_config(length)
+    greedy = greedy_config(length)
     if k == 1:   # the start alone: no Gram matrix needed
         dummy = torch.empty(1, dtype=torch.float32, device=x.device)   # never read
-        _greedy_kernel[(b,)](dummy, start, out, length, k, BLOCK_L=block_l, num_warps=warps)
+        _greedy_kernel[(b,)](dummy, start, out, length, k, **greedy.launch())
         return out
-    block, block_d, gwarps, stages = gram_config(x.dtype)
-    tiles = triton.cdiv(length, block)
+    gram_cfg = gram_config(x.dtype)
+    tiles = triton.cdiv(length, gram_cfg.BLOCK)
     pairs = tiles * (tiles + 1) // 2
     per = chunk_problems(length)
     gram = torch.empty((min(b, per), length, length), dtype=torch.float32, device=x.device)
     inv = torch.empty((b, length), dtype=torch.float32, device=x.device)
-    nl = triton.cdiv(length, NORM_BLOCKS[0])
-    _inv_norm_kernel[(b * nl,)](x, inv, *x.stride(), length, d, nl, EPS=NORM_EPS, BLOCK_L=NORM_BLOCKS[0],
-                                BLOCK_D=NORM_BLOCKS[1], num_warps=4)
+    nl = triton.cdiv(length, NORM_BLOCKS.BLOCK_L)
+    _inv_norm_kernel[(b * nl,)](x, inv, *x.stride(), length, d, nl, EPS=NORM_EPS, **NORM_BLOCKS.launch())
     upcast = x.dtype == torch.bfloat16 and interpreting()
     for s in range(0, b, per):
         e = min(b, s + per)
         xs = x[s:e]
-        _gram_kernel[((e - s) * pairs,)](xs, inv[s:e], gram, *xs.stride(), length, d, tiles, BLOCK=block,
-                                         BLOCK_D=block_d, PRECISION=dot_precision(x.dtype), UPCAST=upcast,
-                                         num_warps=gwarps, num_stages=stages)
-        _greedy_kernel[(e - s,)](gram, start[s:e], out[s:e], length, k, BLOCK_L=block_l, num_warps=warps)
+        _gram_kernel[((e - s) * pairs,)](xs, inv[s:e], gram, *xs.stride(), length, d, tiles,
+                                         PRECISION=dot_precision(x.dtype), UPCAST=upcast, **gram_cfg.launch())
+        _greedy_kernel[(e - s,)](gram, start[s:e], out[s:e], length, k, **greedy.launch())
     return out
 
 
@@ -263,20 +261,17 @@ def aot_specs(dtype) -> list:
     """The configurations :func:`orthogonal_select` launches for inputs of ``dtype`` (``vidkern.aot``):
     the Gram kernel, the greedy kernel at every ``BLOCK_L`` from ``GREEDY_MIN_BLOCK`` to
     ``next_power_of_2(GREEDY_MAX_L)``, the streaming fallback."""
-    block, block_d, gwarps, stages = gram_config(dtype)
-    specs = [AotSpec("sttm", "select_norm", _inv_norm_kernel, dtype,
-                     dict(EPS=NORM_EPS, BLOCK_L=NORM_BLOCKS[0], BLOCK_D=NORM_BLOCKS[1]), 4,
-                     dict(INV="*fp32", L="i32", D="i32", TL="i32")),
-             AotSpec("sttm", "select_gram", _gram_kernel, dtype,
-                     dict(BLOCK=block, BLOCK_D=block_d, PRECISION=dot_precision(dtype), UPCAST=False),
-                     gwarps, dict(INV="*fp32", G="*fp32", L="i32", D="i32", T="i32"), stages)]
+    specs = [NORM_BLOCKS.aot("sttm", "select_norm", _inv_norm_kernel, dtype,
+                             dict(INV="*fp32", L="i32", D="i32", TL="i32"), EPS=NORM_EPS),
+             gram_config(dtype).aot("sttm", "select_gram", _gram_kernel, dtype,
+                                    dict(INV="*fp32", G="*fp32", L="i32", D="i32", T="i32"),
+                                    PRECISION=dot_precision(dtype), UPCAST=False)]
     length = GREEDY_MIN_BLOCK
     while length <= triton.next_power_of_2(GREEDY_MAX_L):
-        block_l, warps = greedy_config(length)
-        specs.append(AotSpec("sttm", "select_greedy", _greedy_kernel, dtype, dict(BLOCK_L=block_l), warps,
-                             dict(G="*fp32", START="*i64", OUT="*i64", L="i32", K="i32")))
+        specs.append(greedy_config(length).aot("sttm", "select_greedy", _greedy_kernel, dtype,
+                                               dict(G="*fp32", START="*i64", OUT="*i64", L="i32", K="i32")))
         length *= 2
-    specs.append(AotSpec("sttm", "select_stream", _stream_select_kernel, dtype,
-                         dict(EPS=NORM_EPS, BLOCK_L=SELECT_BLOCKS[0], BLOCK_D=SELECT_BLOCKS[1]), 4,
-                         dict(START="*i64", OUT="*i64", WORK="*fp32", L="i32", D="i32", K="i32")))
+    specs.append(SELECT_BLOCKS.aot("sttm", "select_stream", _stream_select_kernel, dtype,
+                                   dict(START="*i64", OUT="*i64", WORK="*fp32", L="i32", D="i32", K="i32"),
+                                   EPS=NORM_EPS))
     return specs

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .launch import AotSpec, batch_chunks, on_input_device
+from .launch import Config, batch_chunks, on_input_device
 
 #: Elements of a per-program partial-state vector read at once by the merging programs.
 _PART_BLOCK = tl.constexpr(128)
@@ -297,17 +297,17 @@ WAVE = 132              # programs a wave of those GPUs runs (one a SM): the spl
 ROW_BLOCK_DS = (64, 128, 256, 512, 1024)   # padded channel counts of the row kernels (vidkern.aot checks each)
 GATE_ROWS = 32          # tokens per row program at most (team.cu's 32-row blocks): h and the gate once per 32 rows
 GATE_MIN_ROWS = 8       # and at least (or one tile, if larger): the (B, blocks, D) fp32 partial dg stays <= X/4 bytes
-SMALL_CONFIG = (32, 1)   # (BLOCK_D, num_warps) of the merge kernels over (B, parts, D) partial states: 24 programs
-                         # a batch row at D=768 (a long clip's B=1 still spreads its partials over 24 SMs)
+#: The merge kernels over (B, parts, D) partial states: 24 programs a batch row at D=768 (a long
+#: clip's B=1 still spreads its partials over 24 SMs).
+SMALL_CONFIG = Config.of(BLOCK_D=32, num_warps=1)
 
 
-def rows_config(d: int) -> tuple:
-    """(BLOCK_N, BLOCK_D, num_warps) of the row kernels: a whole row of channels per token,
-    2048 elements per tile (the backward keeps about six such tiles live); 8 warps from 256
-    channels (at 256 with 4 warps ptxas kept one value on the stack in gate_rows and gate_bwd:
-    8 bytes, sm_80, triton 3.8)."""
+def rows_config(d: int) -> Config:
+    """The row kernels: a whole row of channels per token, 2048 elements per tile (the backward
+    keeps about six such tiles live); 8 warps from 256 channels (at 256 with 4 warps ptxas kept
+    one value on the stack in gate_rows and gate_bwd: 8 bytes, sm_80, triton 3.8)."""
     bd = max(64, triton.next_power_of_2(d))
-    return max(1, 2048 // bd), bd, 4 if bd <= 128 else 8
+    return Config.of(BLOCK_N=max(1, 2048 // bd), BLOCK_D=bd, num_warps=4 if bd <= 128 else 8)
 
 
 def gate_rows(b: int, n: int, d: int) -> int:
@@ -315,27 +315,27 @@ def gate_rows(b: int, n: int, d: int) -> int:
     :data:`GATE_MIN_ROWS` or one tile of ``BLOCK_N``, whichever is larger) while the grid
     ``(cdiv(n, rows), b)`` has fewer than :data:`TARGET_PROGRAMS`. A multiple of ``BLOCK_N``
     (powers of two), so a program's tiles never straddle the next program's tokens."""
-    block_n = rows_config(d)[0]
+    block_n = rows_config(d).BLOCK_N
     rows, least = max(GATE_ROWS, block_n), max(GATE_MIN_ROWS, block_n)
     while rows > least and b * triton.cdiv(n, rows) < TARGET_PROGRAMS:
         rows //= 2
     return rows
 
 
-#: (BLOCK_N, BLOCK_D, num_warps) of the column kernels (``feature_summary`` forward and backward):
-#: 8 warps, 16 elements a thread. Where X has no unit stride for Triton to specialise on (the
+#: The column kernels (``feature_summary`` forward and backward): 64 x 64 tiles, 8 warps, 16
+#: elements a thread. Where X has no unit stride for Triton to specialise on (the
 #: variant ``vidkern.aot`` compiles), Triton 3.6 lays a warp's lanes along the reduced token axis,
 #: so each thread carries 64 / (warps along the channels) channels of the online (max, sum-exp,
 #: weighted sum): 32 at 4 warps, where summary_fwd spilled (255 registers, 32-144 bytes), 16 at 8.
 #: Triton 3.8 lays the lanes along the channels. Registers, sm_80/sm_90, 4 -> 8 warps: 3.6 fwd
 #: 255 (spills) -> 243-244, bwd 166-255 -> 102-187; 3.8 fwd 113-155 -> 64-80, bwd 114-128 -> 63-70
 #: (a channel-contiguous X, 3.8: fwd 140-143 -> 80-93). Same tile, so the same work a program.
-SUMMARY_CONFIG = (64, 64, 8)
+SUMMARY_CONFIG = Config.of(BLOCK_N=64, BLOCK_D=64, num_warps=8)
 
 
-def summary_config(d: int) -> tuple:
-    """(BLOCK_N, BLOCK_D, num_warps) of the column kernels for ``d`` channels (fixed: one channel
-    block of 64 per program, the launch grid covers ``d``)."""
+def summary_config(d: int) -> Config:
+    """The column kernels for ``d`` channels (fixed: one channel block of 64 per program, the
+    launch grid covers ``d``)."""
     return SUMMARY_CONFIG
 
 
@@ -347,8 +347,8 @@ def summary_splits(b: int, n: int, d: int) -> tuple:
     last wave of :data:`WAVE` programs best (the fewest splits among equals: less partial state).
     Whole tiles: a split's partial state is 24 bytes a channel (written and read back), at most
     19% of the 64 16-bit tokens it summarises."""
-    block_n, block_d, _ = summary_config(d)
-    base = b * triton.cdiv(d, block_d)
+    cfg = summary_config(d)
+    block_n, base = cfg.BLOCK_N, b * triton.cdiv(d, cfg.BLOCK_D)
     tiles = triton.cdiv(n, block_n)
     if base >= TARGET_PROGRAMS or tiles == 1:
         return 1, tiles * block_n
@@ -371,18 +371,17 @@ def feature_summary_forward(x):
     b, n, d = x.shape
     f = torch.empty((b, d), dtype=x.dtype, device=x.device)
     stats = torch.empty((b, 3, d), dtype=torch.float32, device=x.device)
-    block_n, block_d, warps = summary_config(d)
+    cfg = summary_config(d)
     splits, rows = summary_splits(b, n, d)
     part = torch.empty((b, splits, 3, d), dtype=torch.float32, device=x.device)   # per-split states
     for bs in batch_chunks(b):
-        _summary_fwd_kernel[(triton.cdiv(d, block_d), splits, bs.stop - bs.start)](
-            x[bs], part[bs], *x.stride(), n, d, rows, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+        _summary_fwd_kernel[(triton.cdiv(d, cfg.BLOCK_D), splits, bs.stop - bs.start)](
+            x[bs], part[bs], *x.stride(), n, d, rows, **cfg.launch())
     # merged even from one split (then a copy of its 12-byte state a channel, plus f): one code path,
     # and every kernel runs at every shape
-    mb, mw = SMALL_CONFIG
     for bs in batch_chunks(b):
-        _summary_merge_kernel[(triton.cdiv(d, mb), bs.stop - bs.start)](
-            part[bs], f[bs], stats[bs], d, splits, BLOCK_D=mb, num_warps=mw)
+        _summary_merge_kernel[(triton.cdiv(d, SMALL_CONFIG.BLOCK_D), bs.stop - bs.start)](
+            part[bs], f[bs], stats[bs], d, splits, **SMALL_CONFIG.launch())
     return f, stats
 
 
@@ -391,12 +390,11 @@ def feature_summary_backward(grad_f, x, f, stats):
     """``grad_f (B, D)`` any strides, and the forward's ``x``, ``f``, ``stats`` -> ``dx (B, N, D)``."""
     b, n, d = x.shape
     dx = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
-    block_n, block_d, warps = summary_config(d)
+    cfg = summary_config(d)
     splits, rows = summary_splits(b, n, d)
     for bs in batch_chunks(b):
-        _summary_bwd_kernel[(triton.cdiv(d, block_d), splits, bs.stop - bs.start)](
-            x[bs], stats[bs], grad_f[bs], dx[bs], *x.stride(), *grad_f.stride(), n, d, rows,
-            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+        _summary_bwd_kernel[(triton.cdiv(d, cfg.BLOCK_D), splits, bs.stop - bs.start)](
+            x[bs], stats[bs], grad_f[bs], dx[bs], *x.stride(), *grad_f.stride(), n, d, rows, **cfg.launch())
     return dx
 
 
@@ -405,7 +403,7 @@ def team_gate_forward(x, h):
     """``x (B, N, D)``, ``h (B, D)`` -> ``(y, s (B, N) fp32)``: the gated tokens and the token softmax
     the backward reads (it recomputes the channel softmax from the row)."""
     b, n, d = x.shape
-    block_n, block_d, warps = rows_config(d)
+    cfg = rows_config(d)
     rows = gate_rows(b, n, d)
     blocks = triton.cdiv(n, rows)
     s0 = torch.empty((b, n), dtype=torch.float32, device=x.device)
@@ -414,12 +412,10 @@ def team_gate_forward(x, h):
     y = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
     for bs in batch_chunks(b):
         _gate_rows_kernel[(blocks, bs.stop - bs.start)](x[bs], h[bs], s0[bs], part[bs], *x.stride(),
-                                                        *h.stride(), n, d, rows, BLOCK_N=block_n, BLOCK_D=block_d,
-                                                        num_warps=warps)
+                                                        *h.stride(), n, d, rows, **cfg.launch())
     for bs in batch_chunks(b):
         _gate_apply_kernel[(blocks, bs.stop - bs.start)](x[bs], h[bs], s0[bs], part[bs], s[bs], y[bs], *x.stride(),
-                                                         *h.stride(), n, d, rows, BLOCK_N=block_n, BLOCK_D=block_d,
-                                                         num_warps=warps)
+                                                         *h.stride(), n, d, rows, **cfg.launch())
     return y, s
 
 
@@ -428,7 +424,7 @@ def team_gate_backward(grad_y, x, h, s):
     """``grad_y (B, N, D)`` any strides, and the forward's inputs and ``s`` -> ``(dx, dh)`` (the
     channel softmax Q is recomputed from the row)."""
     b, n, d = x.shape
-    block_n, block_d, warps = rows_config(d)
+    cfg = rows_config(d)
     dx = torch.empty((b, n, d), dtype=x.dtype, device=x.device)
     dh = torch.empty((b, d), dtype=h.dtype, device=h.device)
     if b == 0:
@@ -441,15 +437,14 @@ def team_gate_backward(grad_y, x, h, s):
     for bs in batch_chunks(b):
         _gate_bwd_rows_kernel[(blocks, bs.stop - bs.start)](
             x[bs], h[bs], grad_y[bs], s[bs], ds[bs], sds[bs], *x.stride(), *h.stride(), *grad_y.stride(), n, d, rows,
-            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+            **cfg.launch())
     for bs in batch_chunks(b):
         _gate_bwd_kernel[(blocks, bs.stop - bs.start)](
             x[bs], h[bs], grad_y[bs], s[bs], ds[bs], sds[bs], dx[bs], dg[bs], *x.stride(), *h.stride(),
-            *grad_y.stride(), n, d, rows, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
-    mb, mw = SMALL_CONFIG
+            *grad_y.stride(), n, d, rows, **cfg.launch())
     for bs in batch_chunks(b):
-        _gate_dh_kernel[(triton.cdiv(d, mb), bs.stop - bs.start)](dg[bs], h[bs], dh[bs], *h.stride(), d, blocks,
-                                                                   BLOCK_D=mb, num_warps=mw)
+        _gate_dh_kernel[(triton.cdiv(d, SMALL_CONFIG.BLOCK_D), bs.stop - bs.start)](
+            dg[bs], h[bs], dh[bs], *h.stride(), d, blocks, **SMALL_CONFIG.launch())
     return dx, dh
 
 
@@ -469,12 +464,10 @@ def aot_specs(dtype) -> list:
     specs = []
     for name, fn in TEAM_KERNELS.items():
         if name in ("summary_fwd", "summary_bwd"):
-            block_n, block_d, warps = summary_config(SUMMARY_CONFIG[1])
-            configs = [(dict(BLOCK_N=block_n, BLOCK_D=block_d), warps)]
+            configs = [summary_config(SUMMARY_CONFIG.BLOCK_D)]
         elif name in ("summary_merge", "gate_dh"):
-            configs = [(dict(BLOCK_D=SMALL_CONFIG[0]), SMALL_CONFIG[1])]
+            configs = [SMALL_CONFIG]
         else:
-            configs = [(dict(BLOCK_N=n, BLOCK_D=bd), w) for n, bd, w in map(rows_config, ROW_BLOCK_DS)]
-        for constexprs, warps in configs:
-            specs.append(AotSpec("team", name, fn, dtype, constexprs, warps, types))
+            configs = [rows_config(bd) for bd in ROW_BLOCK_DS]
+        specs += [cfg.aot("team", name, fn, dtype, types) for cfg in configs]
     return specs

@@ -51,7 +51,7 @@ def test_the_check_catches_spills():
         import torch
         from vidkern import aot
         from vidkern.kernels import hsda as K
-        K.pick_config = lambda *a, **k: K.Config(128, 128, 4, 2)
+        K.pick_config = lambda *a, **k: K.tile_config(128, 128, 4, 2)
         r = aot.compile_spec(K.tile_aot_spec("bwd_dkdv", torch.float32, 128, 1), 80)
         print(r.error == "", r.spill > 0, r.ok)
     """)
@@ -92,13 +92,15 @@ def test_the_check_compiles_what_the_launchers_launch():
             seen.append(({names[i]: v for (i,), v in src.constants.items()}, options))
             raise RuntimeError("recorded")
         triton.compile = record
-        n, d, w = T.summary_config(384)
+        c = T.summary_config(384)
+        n, d, w = c.BLOCK_N, c.BLOCK_D, c.num_warps
         specs = {(s.name, s.dtype, s.constexprs.get("BLOCK_D")): s for s in T.aot_specs(torch.float16) + T.aot_specs(torch.float32)}
         for kernel in ("summary_fwd", "summary_bwd"):
             r = aot.compile_spec(specs[(kernel, torch.float16, d)], 80)
             print(r.config == f"fp16 BLOCK_N={n} BLOCK_D={d} w={w}", seen[-1][1] == dict(num_warps=w),
                   (seen[-1][0]["BLOCK_N"], seen[-1][0]["BLOCK_D"]) == (n, d))
-        n, d, w = T.rows_config(1000)
+        c = T.rows_config(1000)
+        n, d, w = c.BLOCK_N, c.BLOCK_D, c.num_warps
         r = aot.compile_spec(specs[("gate_bwd", torch.float32, d)], 90)
         print(r.config == f"fp32 BLOCK_N={n} BLOCK_D={d} w={w}", seen[-1][1] == dict(num_warps=w))
         for kernel, kind in (("fwd", "fwd"), ("bwd_dkdv", "bwd"), ("bwd_dq", "bwd")):
@@ -106,7 +108,7 @@ def test_the_check_compiles_what_the_launchers_launch():
             aot.compile_spec(K.tile_aot_spec(kernel, torch.float32, 64, 1), 80)
             consts, options = seen[-1]
             print(options == dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                  (consts["BLOCK_M"], consts["BLOCK_N"]) == (cfg.block_m, cfg.block_n))
+                  (consts["BLOCK_M"], consts["BLOCK_N"]) == (cfg.BLOCK_M, cfg.BLOCK_N))
     """)
     assert out.split() == ["True"] * (3 * 2 + 2 + 2 * 3)
 

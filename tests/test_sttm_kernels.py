@@ -28,9 +28,11 @@ def kernels(request, monkeypatch):
         pytest.skip("; ".join(reasons))
     if not GPU:
         from vidkern.kernels import merge, selection
+        from vidkern.kernels.launch import Config
         # 16-row Gram tiles (several tile pairs, ragged ends), 16-wide streaming tiles (fallback)
-        monkeypatch.setattr(selection, "GRAM_BLOCKS", {"half": (16, 16, 4, 3), "fp32": (16, 16, 4, 3)})
-        monkeypatch.setattr(selection, "SELECT_BLOCKS", (16, 16))
+        monkeypatch.setattr(selection, "GRAM_BLOCKS",
+                            dict.fromkeys(("half", "fp32"), Config.of(BLOCK=16, BLOCK_D=16, num_warps=4, num_stages=3)))
+        monkeypatch.setattr(selection, "SELECT_BLOCKS", Config.of(BLOCK_L=16, BLOCK_D=16))
         monkeypatch.setattr(merge, "merge_blocks", lambda dtype: (16, 16, 16, 16))
     return "triton", device
 

@@ -21,7 +21,7 @@ import triton.language as tl  # noqa: E402
 from vidkern.kernels import hsda as K  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TINY = K.Config(16, 16)   # many tiles per group, ragged ends
+TINY = K.tile_config(16, 16)   # many tiles per group, ragged ends
 
 
 def _qkv(b, h, n, d, dtype=torch.float32):
@@ -40,7 +40,7 @@ def test_public_op_matches_reference(grid, hg, poison):
                             _qkv(2, 4, n, 32), torch.float32)
 
 
-@pytest.mark.parametrize("config", [TINY, K.Config(32, 16)], ids=["16x16", "32x16"])
+@pytest.mark.parametrize("config", [TINY, K.tile_config(32, 16)], ids=["16x16", "32x16"])
 @pytest.mark.parametrize("pattern", ["checkerboard", "temporal", "explicit", "global"])
 @pytest.mark.parametrize("grid", [(3, 5, 7), (1, 1, 3), (2, 4, 4)])
 def test_launcher_many_tiles(pattern, grid, config, poison):
@@ -241,5 +241,5 @@ def test_packing_rule():
     assert K.packs("temporal", (8, 2, 2), 2, 2, torch.float16, dev) is None      # no sparse heads
     q, k, v = _qkv(1, 2, 32, 32)
     _, _, count = K.hsda_forward(q, k, v, (8, 2, 2), "temporal", 1, 0.2, debug=True)
-    block = K.pick_config("fwd", 32, torch.float32, 80).block_m
+    block = K.pick_config("fwd", 32, torch.float32, 80).BLOCK_M
     assert count.shape[1] == triton.cdiv(32, block) + 4    # the tile kernel: global tiles + one per group

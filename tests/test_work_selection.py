@@ -12,6 +12,7 @@ size (bf16): no greedy step reads more than O(L) values (per step and program at
 import pytest
 
 from vidkern.kernels import selection as S
+from vidkern.kernels.launch import Config
 from vidkern.work import MEASURES, MINIMA, Shape, _load_formulas, launches, records
 from vidkern.work.count import interpreting
 
@@ -19,7 +20,7 @@ _load_formulas()
 import vidkern.work.selection as W  # noqa: E402  (registered by _load_formulas)
 
 OPS = ("orthogonal_select", "select_meta_tokens")
-TINY_GRAM = {"half": (16, 16, 4, 3), "fp32": (16, 16, 4, 3)}
+TINY_GRAM = dict.fromkeys(("half", "fp32"), Config.of(BLOCK=16, BLOCK_D=16, num_warps=4, num_stages=3))
 #: (B, L, D, L', scores, dtype, patches): ragged shapes
 SMALL = [
     (1, 37, 24, 20, False, "fp32", dict(GRAM_BLOCKS=TINY_GRAM)),

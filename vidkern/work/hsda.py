@@ -107,7 +107,7 @@ def _span_bytes(mode: int, block: int) -> int:
 
 def forward_launch(shape: Shape) -> Launch:
     cfg, bd = _config("fwd", shape)
-    bm, bn, isz, d, mode = cfg.block_m, cfg.block_n, shape.itemsize, shape.d, _mode(shape)
+    bm, bn, isz, d, mode = cfg.BLOCK_M, cfg.BLOCK_N, shape.itemsize, shape.d, _mode(shape)
     nbytes = macs = programs = 0
     for count, glen, rows, is_global in _program_kinds(shape, bm):
         if not count:
@@ -132,7 +132,7 @@ def forward_launches(shape: Shape) -> list:
 
 def backward_launches(shape: Shape) -> list:
     cfg, bd = _config("bwd", shape)
-    bm, bn, isz, d, mode = cfg.block_m, cfg.block_n, shape.itemsize, shape.d, _mode(shape)
+    bm, bn, isz, d, mode = cfg.BLOCK_M, cfg.BLOCK_N, shape.itemsize, shape.d, _mode(shape)
     b, h, n = shape.B, shape.H, shape.N
     pre = Launch("_hsda_bwd_preprocess_kernel", b * h * math.ceil(n / 64), b * h * n * (2 * d * isz + 4),
                  config=dict(BLOCK_M=64))

@@ -60,15 +60,14 @@ def merge_launches(direction: str, shape: Shape) -> list:
             # lse: per token tile, every meta tile: idx, U's token rows and meta rows (S); lse out
             lse_bytes = tn * L * du * isz + tm * lp * (I64 + du * isz) + L * F32
             out.append(Launch("_merge_lse_kernel", tm * b, b * lse_bytes, b * tm * tn * bm * bn * kp(du), rate=rate,
-                              config=dict(BM=bm, BN=bn, BK=bk, num_warps=M.merge_warps("lse", 1, bm, ch, dtype))))
+                              config=M.merge_config("lse", dtype).launch()))
             # fwd: per (meta tile, group): idx once; per token tile S (meta rows + token rows), lse,
             # the X and E chunks (groups together read each channel once per meta tile); A, P, col out
             fwd_bytes = (g * lp * I64 + g * tm * lp * du * isz + g * tn * L * (du * isz + F32)
                          + tn * L * 2 * d * isz + 2 * lp * d * isz + lp * F32)
             fwd_macs = tn * g * tm * (bn * bm * kp(du) + nc * 2 * bn * bm * ch)
             out.append(Launch("_merge_fwd_kernel", tn * g * b, b * fwd_bytes, b * fwd_macs, rate=rate,
-                              config=dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=nc, groups=g,
-                                          num_warps=M.merge_warps("fwd", nc, bn, ch, dtype))))
+                              config=dict(M.merge_config("fwd", dtype, nc).launch(), groups=g)))
         return out
     gu, ncu = M.channel_split(du, ch, max_chunks)      # dU (token pass) and dV (meta pass)
     gx, ncx = M.channel_split(d, ch, max_chunks)       # dX, dE
@@ -86,8 +85,7 @@ def merge_launches(direction: str, shape: Shape) -> list:
                      + tm * lp * du * isz + L * du * F32 + L * F32 + (2 * scores if stored else 0))
         tok_macs = tm * gu * tn * (pair_macs + ncu * 2 * bm * bn * ch)
         out.append(Launch("_merge_bwd_tokens_kernel", tm * gu * b, b * tok_bytes, b * tok_macs, rate=rate,
-                          config=dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=ncu, groups=gu, STORED=stored,
-                                      num_warps=M.merge_warps("tokens", ncu, bm, ch, dtype))))
+                          config=dict(M.merge_config("tokens", dtype, ncu).launch(), groups=gu, STORED=stored)))
         # dx: per meta tile col and either C1 (stored) or lse once, idx, S (token rows + meta rows
         # of U); the dA, dP chunks; dX, dE out
         if stored:
@@ -97,8 +95,7 @@ def merge_launches(direction: str, shape: Shape) -> list:
         dx_bytes += tm * lp * 2 * d * isz + 2 * L * d * isz
         dx_macs = tm * gx * tn * ((0 if stored else bm * bn * kp(du)) + ncx * 2 * bm * bn * ch)
         out.append(Launch("_merge_bwd_dx_kernel", tm * gx * b, b * dx_bytes, b * dx_macs, rate=rate,
-                          config=dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=ncx, groups=gx, STORED=stored,
-                                      num_warps=M.merge_warps("dx", ncx, bm, ch, dtype))))
+                          config=dict(M.merge_config("dx", dtype, ncx).launch(), groups=gx, STORED=stored)))
         # meta: idx once (and col, gamma unless stored); per token tile delta and either C1, dC1
         # (stored) or lse, S and G; the U chunks; dU rows idx read and written back (+ dV)
         if stored:
@@ -108,8 +105,7 @@ def merge_launches(direction: str, shape: Shape) -> list:
         meta_bytes += tn * L * du * isz + 2 * lp * du * F32
         meta_macs = tn * gm * tm * ((0 if stored else pair_macs) + ncm * bn * bm * ch)
         out.append(Launch("_merge_bwd_meta_kernel", tn * gm * b, b * meta_bytes, b * meta_macs, rate=rate,
-                          config=dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=ncm, groups=gm, STORED=stored,
-                                      num_warps=M.merge_warps("meta", ncm, bn, ch, dtype))))
+                          config=dict(M.merge_config("meta", dtype, ncm).launch(), groups=gm, STORED=stored)))
     if shape.dtype != "fp32":
         out.append(Launch("aten._to_copy", shape.B * L, shape.B * L * du * (F32 + isz), rate="fp32",
                           config=dict(of="dU fp32 -> the inputs' dtype")))

@@ -78,13 +78,13 @@ def stream_launches(shape: Shape, k: int) -> list:
     single-launch design the Gram regime replaced (review item P1)."""
     S = _sel()
     b, n, d, s = shape.B, shape.L, shape.D, shape.itemsize
-    block_l, block_d = S.SELECT_BLOCKS
-    tiles = cdiv(n, block_l)
+    cfg = S.SELECT_BLOCKS
+    tiles = cdiv(n, cfg.BLOCK_L)
     norm = n * d * s + 2 * n * F32                          # X in; score = 0 and 1/|x| out
     step = F32 + tiles * d * s + n * d * s + 3 * n * F32 + I64   # 1/|x_cur|; x_cur per tile; X; inv, score in, score out; pick
     per = norm + 2 * I64 + (k - 1) * step                   # + start in, first pick out
     return [Launch("_stream_select_kernel", b, b * per, steps=max(1, k - 1), rate="fp32",
-                   config=dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4))]
+                   config=cfg.launch())]
 
 
 def select_launches(shape: Shape, k: int) -> list:
@@ -95,17 +95,17 @@ def select_launches(shape: Shape, k: int) -> list:
         return []
     if n > S.GREEDY_MAX_L:
         return stream_launches(shape, k)
-    block_l, warps = S.greedy_config(n)
-    greedy_cfg = dict(BLOCK_L=block_l, num_warps=warps)
+    greedy_cfg = S.greedy_config(n).launch()
     if k == 1:
         return [Launch("_greedy_kernel", b, b * greedy_bytes(n, 1), rate="fp32", config=greedy_cfg)]
-    nb_l, nb_d = S.NORM_BLOCKS
-    out = [Launch("_inv_norm_kernel", b * cdiv(n, nb_l), b * n * (d * s + F32), rate="fp32",
-                  config=dict(BLOCK_L=nb_l, BLOCK_D=nb_d, num_warps=4))]
-    block, block_d, gwarps, stages = S.gram_config(shape.torch_dtype)
+    norm = S.NORM_BLOCKS
+    out = [Launch("_inv_norm_kernel", b * cdiv(n, norm.BLOCK_L), b * n * (d * s + F32), rate="fp32",
+                  config=norm.launch())]
+    gram = S.gram_config(shape.torch_dtype)
+    block, block_d = gram.BLOCK, gram.BLOCK_D
     tiles = cdiv(n, block)
     pairs = tiles * (tiles + 1) // 2
-    gram_cfg = dict(BLOCK=block, BLOCK_D=block_d, num_warps=gwarps, num_stages=stages, pairs=pairs)
+    gram_cfg = dict(gram.launch(), pairs=pairs)
     per = S.chunk_problems(n)
     for start in range(0, b, per):
         m = min(b, start + per) - start

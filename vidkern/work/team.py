@@ -39,18 +39,18 @@ def summary_launches(direction: str, shape: Shape) -> list:
     backward."""
     T = _team()
     b, n, d, isz = shape.B, shape.N, shape.D, shape.itemsize
-    block_n, block_d, warps = T.summary_config(d)
+    cfg = T.summary_config(d)
     splits, rows = T.summary_splits(b, n, d)
-    programs = cdiv(d, block_d) * splits * b
-    config = dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, splits=splits, rows=rows)
+    programs = cdiv(d, cfg.BLOCK_D) * splits * b
+    config = dict(cfg.launch(), splits=splits, rows=rows)
     x = b * n * d * isz
     if direction == "forward":
         # X once; per (split, channel) the state (max, sum-exp, mean) out, merged in split order
-        mb, mw = T.SMALL_CONFIG
+        small = T.SMALL_CONFIG
         merge = b * splits * 3 * d * F32 + b * d * isz + b * 3 * d * F32   # states in; f, stats out
         return [Launch("_summary_fwd_kernel", programs, x + b * splits * 3 * d * F32, rate="fp32", config=config),
-                Launch("_summary_merge_kernel", cdiv(d, mb) * b, merge, rate="fp32",
-                       config=dict(BLOCK_D=mb, num_warps=mw, splits=splits))]
+                Launch("_summary_merge_kernel", cdiv(d, small.BLOCK_D) * b, merge, rate="fp32",
+                       config=dict(small.launch(), splits=splits))]
     # per program its channels' stats (3 fp32) and df; X read and dX written once
     per_split = b * d * (3 * F32 + isz)
     return [Launch("_summary_bwd_kernel", programs, 2 * x + splits * per_split, rate="fp32", config=config)]
@@ -68,11 +68,10 @@ def gate_launches(direction: str, shape: Shape) -> list:
     the second pass, all of its batch row's per-program partials (``blocks`` of them)."""
     T = _team()
     b, n, d, isz = shape.B, shape.N, shape.D, shape.itemsize
-    block_n, block_d, warps = T.rows_config(d)
     rows = T.gate_rows(b, n, d)
     blocks = cdiv(n, rows)
     programs = blocks * b
-    config = dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, rows=rows)
+    config = dict(T.rows_config(d).launch(), rows=rows)
     x = b * n * d * isz
     tok = b * n * F32                 # one fp32 per token
     gate = programs * d * isz         # h, once per program
@@ -81,14 +80,14 @@ def gate_launches(direction: str, shape: Shape) -> list:
         apply_k = gate + programs * blocks * 2 * F32 + x + 2 * tok + x           # parts; X; s0 in, s out; Y
         return [Launch("_gate_rows_kernel", programs, rows_k, rate="fp32", config=config),
                 Launch("_gate_apply_kernel", programs, apply_k, rate="fp32", config=config)]
-    mb, mw = T.SMALL_CONFIG
+    small = T.SMALL_CONFIG
     rows_k = gate + 2 * x + 2 * tok + programs * F32                            # X, dY; ds out, s in; sum s ds
     bwd_k = gate + programs * blocks * F32 + 2 * x + 2 * tok + x + programs * d * F32  # parts; X, dY; s, ds; dX; DG
     dh_k = b * blocks * d * F32 + 2 * b * d * isz                               # DG; h in, dh out
     return [Launch("_gate_bwd_rows_kernel", programs, rows_k, rate="fp32", config=config),
             Launch("_gate_bwd_kernel", programs, bwd_k, rate="fp32", config=config),
-            Launch("_gate_dh_kernel", cdiv(d, mb) * b, dh_k, rate="fp32",
-                   config=dict(BLOCK_D=mb, num_warps=mw, blocks=blocks))]
+            Launch("_gate_dh_kernel", cdiv(d, small.BLOCK_D) * b, dh_k, rate="fp32",
+                   config=dict(small.launch(), blocks=blocks))]
 
 
 @formula("team_gate", "triton")
