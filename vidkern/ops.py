@@ -75,21 +75,21 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
     q, k, v = _autocast("lower", q, k, v)
     grid, name, ids, hg, scale = checks.attention(q, k, v, grid, num_global_heads, pattern, scale)
     token_order = checks.choice("token_order", token_order, sdpa.TOKEN_ORDERS)
+    grouped_sparse = token_order == "grouped" and hg < q.shape[1]
+    # the sparse groups' sizes, in grouped order: the strategy rule and the views strategy read them
+    sizes = patterns.group_sizes(_pattern_arg(name, ids), grid) if grouped_sparse else ()
     if strategy is None:   # a forced backend (argument or $VIDKERN_BACKEND) runs every head
         if dispatch.requested_backend(backend) is not None:
             strategy = "fused"
         else:
-            grouped_sparse = token_order == "grouped" and hg < q.shape[1]
-            largest = max(patterns.group_sizes(_pattern_arg(name, ids), grid)) if grouped_sparse else None
-            strategy = sdpa.default_strategy(q.device, token_order, largest, q.dtype)
+            strategy = sdpa.default_strategy(q.device, token_order, max(sizes, default=None), q.dtype)
     strategy = checks.choice("strategy", strategy, sdpa.STRATEGIES)
     if strategy == "views" and token_order != "grouped":
         raise ValueError("strategy='views' needs token_order='grouped' (each group's tokens contiguous); "
                          "got token_order='natural'")
     if strategy == "views":
-        sizes = patterns.group_sizes(_pattern_arg(name, ids), grid)
         return sdpa.split(q, k, v, hg, lambda qs, ks, vs: sdpa.block_diagonal(qs, ks, vs, sizes, scale), scale)
-    if token_order == "grouped" and hg < q.shape[1]:
+    if grouped_sparse:
         # the fused kernels take grouped tokens as the explicit pattern of sorted ids (cached)
         name, ids = "explicit", patterns.grouped_order(_pattern_arg(name, ids), grid, q.device)[1]
     if strategy == "split":
