@@ -316,7 +316,6 @@ def _hsda_packed_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PERM,
 
 # =========================================================================== launch configuration
 import functools  # noqa: E402
-import weakref  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
@@ -409,46 +408,35 @@ def _checkerboard_tables(grid: tuple, block: int, device: torch.device) -> Table
     return Tables(1, (len(tiles) - 1) // 2, torch.zeros(1, dtype=torch.int32, device=device), goff, tiles)
 
 
-def _table_tables(ids: torch.Tensor, block: int) -> Tables:
-    ids_cpu = ids.detach().cpu().long()
+def _table_tables(ids_cpu: torch.Tensor, block: int, dev: torch.device) -> Tables:
+    """Tables of the int64 host ids ``ids_cpu``, on ``dev``."""
     order = torch.argsort(ids_cpu, stable=True)
     _, counts = torch.unique_consecutive(ids_cpu[order], return_counts=True)   # present groups only
     sizes = counts.tolist()
     goff = torch.zeros(len(sizes) + 1, dtype=torch.int32)
     goff[1:] = torch.cumsum(counts, 0)
-    dev = ids.device
     tiles = _tiles(sizes, block, dev)
     return Tables(2, (len(tiles) - 1) // 2, order.to(torch.int32).to(dev), goff.to(dev), tiles)
 
 
-_EXPLICIT_TABLES: dict = {}   # (id(pattern), block, device) -> (weakref to pattern, version, Tables)
-
-
 def tables(pattern, grid, block: int, device) -> Tables:
     """Sparse-head tables for ``pattern`` (``"checkerboard"``: arithmetic; anything else: a table).
-    Named patterns are cached per grid; an explicit pattern tensor per tensor object and version
-    (typically a module buffer), so the host copy of its ids is made once, not every step."""
+    Named patterns are cached per grid; an explicit pattern tensor in vidkern's pattern cache
+    (``patterns.derived``: per tensor, for as long as its values are unchanged; typically a module
+    buffer), so the host copy of its ids is made once, not every step."""
     device = torch.device(device)
     if isinstance(pattern, str) and pattern == "checkerboard":
         return _checkerboard_tables(tuple(grid), block, device)
     if isinstance(pattern, str):
         return _named_table_tables(pattern, tuple(grid), block, device)
-    key = (id(pattern), block, device)
-    hit = _EXPLICIT_TABLES.get(key)
-    if hit is not None and hit[0]() is pattern and hit[1] == pattern._version:   # same object, unmodified
-        return hit[2]
-    if len(_EXPLICIT_TABLES) > 256:
-        _EXPLICIT_TABLES.clear()
-    made = _table_tables(pattern, block)
-    _EXPLICIT_TABLES[key] = (weakref.ref(pattern, lambda _, key=key, cache=_EXPLICIT_TABLES: cache.pop(key, None)),
-                             pattern._version, made)
-    return made
+    from vidkern import patterns
+    return patterns.derived(pattern, "hsda-tables", lambda facts: _table_tables(facts.ids, block, device), block, device)
 
 
 @functools.lru_cache(maxsize=256)
 def _named_table_tables(pattern: str, grid: tuple, block: int, device: torch.device) -> Tables:
     from vidkern import patterns
-    return _table_tables(patterns.group_ids(pattern, grid, device), block)
+    return _table_tables(patterns.group_ids(pattern, grid, "cpu"), block, device)
 
 
 def _arch(device) -> int:

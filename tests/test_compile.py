@@ -1,5 +1,9 @@
 """torch.compile(fullgraph=True) of a small ViT using every module, on CPU."""
+import pytest
 import torch
+
+import vidkern
+from vidkern import models
 
 from tiny import TinyVideoViT, clip_for
 
@@ -63,6 +67,37 @@ def test_explicit_pattern_classifier_compiles():
     head = GroupAveragedClassifier(8, 3, grid=(1, 3, 4), pattern=torch.tensor([0, 1, 2] * 4))
     x = torch.randn(2, 12, 8)
     torch.testing.assert_close(torch.compile(head, fullgraph=True)(x), head(x))
+
+
+def raises_while_tracing(exc, match):
+    """A check that fails on what tracing knows (a shape, a dtype, a constant): under
+    ``fullgraph=True`` torch wraps every exception raised while tracing into its ``Unsupported``
+    ("Observed exception"), which then carries vidkern's message (README "Under torch.compile")."""
+    return pytest.raises((exc, torch._dynamo.exc.Unsupported), match=match)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_checks_while_tracing_raise_the_documented_error(fullgraph):
+    """With torch.compile's default (graph breaks allowed) the ValueError/TypeError itself reaches
+    the caller; with fullgraph=True torch's Unsupported carries the same message."""
+    torch._dynamo.reset()
+    u = torch.nn.functional.normalize(torch.randn(2, 20, 8), dim=-1)
+    x = torch.randn(2, 20, 8)
+    q = torch.randn(1, 2, 24, 16)
+    cases = [
+        (ValueError, "tau must be a finite positive float",
+         lambda: vidkern.soft_merge(u, torch.tensor([[0, 3], [4, 5]]), x, x, -1.0)),
+        (TypeError, "idx must be int64", lambda: vidkern.soft_merge(u, torch.tensor([[0, 3], [4, 5]], dtype=torch.int32),
+                                                                    x, x)),
+        (ValueError, r"pattern tensor must have shape \(N,\) = \(24,\)",
+         lambda: vidkern.hsda(q, q, q, (2, 3, 4), pattern=torch.zeros(23, dtype=torch.long))),
+    ]
+    for exc, match, call in cases:
+        with pytest.raises(exc, match=match):
+            call()                                              # eager
+        compiled = torch.compile(call, fullgraph=fullgraph)
+        with (raises_while_tracing(exc, match) if fullgraph else pytest.raises(exc, match=match)):
+            compiled()
 
 
 def _bad_index_calls(backend):
@@ -145,3 +180,56 @@ def test_a_broken_extension_does_not_break_compilation(monkeypatch):
     finally:
         monkeypatch.undo()
         cuda.extension_error.cache_clear()
+
+
+#: the smallest overrides that keep each preset's features (TEAM blocks, both STTM merges)
+SMALL = dict(embed_dim=64, depth=2, num_heads=2, num_frames=4, img_size=64, num_classes=5)
+_TEAM = dict(team_blocks=(0, 1), team_ratios={"early": (0.25, 0.5, 0.75), "late": (0.25, 0.5, 0.75)})
+SMALL_EXTRA = {"team_s": _TEAM, "team_b": _TEAM,
+               "sttm_vit_s": dict(depth=3, sttm_blocks=(1, 2)), "sttm_vit_b": dict(depth=3, sttm_blocks=(1, 2))}
+
+
+@pytest.mark.parametrize("name", sorted(models.PRESETS))
+def test_every_preset_compiles_fullgraph_exports_and_matches_eager(name):
+    """The README promises fullgraph models: every preset (the FAR ones in grouped token order
+    included) compiles with ``fullgraph=True`` — also after an eager warm-up, which fills vidkern's
+    caches — and exports, and both match eager, forward and backward."""
+    torch._dynamo.reset()
+    model = models.create(name, **{**SMALL, **SMALL_EXTRA.get(name, {})}).eval()
+    clips = torch.randn(2, 3, 4, 64, 64)
+    eager = model(clips)
+    eager.square().sum().backward()
+    want = _grads(model)
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True)(clips)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    for key, g in _grads(model).items():
+        torch.testing.assert_close(g, want[key], rtol=1e-3, atol=1e-4, msg=lambda m: f"{key}: {m}")
+    with torch.no_grad():
+        exported = torch.export.export(model, (clips,))
+        torch.testing.assert_close(exported.module()(clips), eager.detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "split", "views", None])
+@pytest.mark.parametrize("pattern", ["checkerboard", "temporal", "explicit"])
+def test_grouped_hsda_compiles_fullgraph(strategy, pattern):
+    """``hsda(token_order="grouped")`` under fullgraph, every strategy and pattern kind. An explicit
+    pattern's group sizes are its values, which tracing cannot read: the default is then "split",
+    and "views" (which needs them) is refused by name."""
+    torch._dynamo.reset()
+    grid = (2, 3, 4)
+    q, k, v = (torch.randn(2, 4, 24, 16, requires_grad=True) for _ in range(3))
+    ids = torch.arange(24) % 5 if pattern == "explicit" else pattern
+    call = lambda q, k, v, ids: vidkern.hsda(q, k, v, grid, 2, ids, token_order="grouped", strategy=strategy)  # noqa: E731
+    eager = call(q, k, v, ids)
+    compiled = torch.compile(call, fullgraph=True)
+    if strategy == "views" and pattern == "explicit":
+        with raises_while_tracing(ValueError, "strategy='views' needs the groups' sizes"):
+            compiled(q, k, v, ids)
+        return
+    out = compiled(q, k, v, ids)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for g, want in zip(grads, torch.autograd.grad(eager.square().sum(), (q, k, v))):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)

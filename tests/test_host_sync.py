@@ -41,7 +41,7 @@ def test_explicit_pattern_host_copy_is_made_once(dtype):
     assert again.calls == []
     p[0] = 2                                          # modified in place: a new version, a new copy
     with HostReads() as modified:
-        assert patterns.host_ids(p).counts.tolist() == [15, 16, 17]
+        assert patterns.host_ids(p).sizes.tolist() == [15, 16, 17]
     assert modified.calls
 
 

@@ -58,6 +58,17 @@ def assert_index_range(name: str, t: torch.Tensor, high: int, what: str = "indic
         torch._assert_async(((t >= 0) & (t < high)).all(), f"{name} must hold {what} in [0, {high})")
 
 
+def assert_group_ids(t: torch.Tensor, groups: int) -> None:
+    """An explicit pattern's rule for :func:`vidkern.group_mean` (ids in ``[0, groups)``, every id
+    used: an empty group would be a mean of nothing, NaN) as run-time asserts, for code that
+    ``torch.compile`` traces (the eager check reads the ids on the host)."""
+    if t.device.type == "meta" or not t.numel():
+        return
+    torch._assert_async(((t >= 0) & (t < groups)).all(), f"pattern tensor must hold group ids in [0, {groups})")
+    used = torch.zeros(groups, dtype=torch.bool, device=t.device).index_fill_(0, t.clamp(0, groups - 1).long(), True)
+    torch._assert_async(used.all(), f"pattern tensor must use every group id in [0, {groups})")
+
+
 def tensor(name: str, x, ndim: Optional[int] = None, shape_doc: str = "", floating: bool = True) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor{' of shape ' + shape_doc if shape_doc else ''}, got {type(x).__name__}")
@@ -102,6 +113,10 @@ def pattern(value, num_tokens: int, device: torch.device):
             raise ValueError(f"pattern tensor must be on the inputs' device {device}, got {value.device}")
         if can_read_values(value) and num_tokens and patterns.host_ids(value).min < 0:
             raise ValueError(f"pattern tensor must hold non-negative group ids, got min {patterns.host_ids(value).min}")
+        if not can_read_values(value) and value.device.type != "meta" and num_tokens:
+            # traced: the same rule as a run-time assert in the graph (RuntimeError on CPU, a
+            # device-side assert on CUDA), ahead of every kernel that reads the ids
+            torch._assert_async((value >= 0).all(), "pattern tensor must hold non-negative group ids")
         # the caller's own tensor, not a converted copy: the host copy above and the kernels' group
         # tables are cached per tensor object (a new .long() each call would miss every time)
         return "explicit", value

@@ -38,6 +38,25 @@ PLAIN_INTERFACES = {"group_mean": {"group_mean": ["x", "grid", "pattern", "num_g
 OPS = tuple(library.SPECS) + tuple(PLAIN_INTERFACES)
 
 
+def availability_check(fn):
+    """``fn()`` (why a backend cannot run: an import or a library load, or None) called once and
+    its answer kept; ``.cache_clear()`` forgets it. Dispatch runs while ``torch.compile`` traces:
+    the kept answer is a plain global read there (``functools.lru_cache`` made dynamo warn and
+    trace through the cache), and a first call while tracing runs ``fn`` eagerly and keeps the
+    result as a constant (``assume_constant_result``): tracing an import would break the graph."""
+    constant = torch.compiler.assume_constant_result(fn)
+    kept = {}
+
+    def check():
+        if "answer" not in kept:
+            kept["answer"] = constant()
+        return kept["answer"]
+
+    check.cache_clear = kept.clear
+    check.__doc__, check.__name__, check.__wrapped__ = fn.__doc__, fn.__name__, fn
+    return check
+
+
 @dataclass(frozen=True)
 class Inputs:
     """What dispatch knows of one call: ``op``, its tensors' ``device`` and ``dtype`` (``None``:

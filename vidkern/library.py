@@ -225,14 +225,11 @@ def attended_pairs(q_shape, grid, pattern, group_ids, num_global_heads) -> int:
     b, h, n, _ = q_shape
     if pattern == "explicit":
         known = patterns.known_host_ids(group_ids)     # e.g. grouped token order's ids, made by vidkern
-        if known is not None:
-            sizes = known.counts
-        elif group_ids.device.type == "meta":
+        if known is None and group_ids.device.type == "meta":
             raise ValueError("FLOPs of an explicit pattern need its group ids; count on real tensors, not meta")
-        else:
-            sizes = torch.bincount(group_ids.cpu())
+        sizes = (known or patterns.host_ids(group_ids)).sizes
     else:
-        sizes = torch.bincount(patterns.group_ids(pattern, grid))
+        sizes = torch.tensor(patterns.group_sizes(pattern, grid))
     sparse = int((sizes.long() ** 2).sum())
     return b * (num_global_heads * n * n + (h - num_global_heads) * sparse)
 

@@ -77,16 +77,24 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
     token_order = checks.choice("token_order", token_order, sdpa.TOKEN_ORDERS)
     grouped_sparse = token_order == "grouped" and hg < q.shape[1]
     # the sparse groups' sizes, in grouped order: the strategy rule and the views strategy read them
-    sizes = patterns.group_sizes(_pattern_arg(name, ids), grid) if grouped_sparse else ()
+    # (a pattern tensor's sizes are its values: unknown while torch.compile traces)
+    known = not grouped_sparse or patterns.static_sizes(_pattern_arg(name, ids))
+    sizes = patterns.group_sizes(_pattern_arg(name, ids), grid) if grouped_sparse and known else ()
     if strategy is None:   # a forced backend (argument or $VIDKERN_BACKEND) runs every head
         if dispatch.requested_backend(backend) is not None:
             strategy = "fused"
+        elif not known:
+            strategy = "split"
         else:
             strategy = sdpa.default_strategy(q.device, token_order, max(sizes, default=None), q.dtype)
     strategy = checks.choice("strategy", strategy, sdpa.STRATEGIES)
     if strategy == "views" and token_order != "grouped":
         raise ValueError("strategy='views' needs token_order='grouped' (each group's tokens contiguous); "
                          "got token_order='natural'")
+    if strategy == "views" and not known:
+        raise ValueError("strategy='views' needs the groups' sizes, which a pattern tensor's values give and "
+                         "torch.compile cannot read while tracing (nor can a meta tensor); use a named pattern, "
+                         "or strategy='split' or 'fused'")
     if strategy == "views":
         return sdpa.split(q, k, v, hg, lambda qs, ks, vs: sdpa.block_diagonal(qs, ks, vs, sizes, scale), scale)
     if grouped_sparse:
@@ -126,13 +134,20 @@ def group_mean(x: Tensor, grid, pattern="checkerboard", num_groups: Optional[int
         if ids is None and num_groups != patterns.num_groups(name, grid):
             raise ValueError(f"num_groups={num_groups} must equal the {name!r} pattern's group count on grid "
                              f"{grid}: {patterns.num_groups(name, grid)}")
-    if ids is not None and checks.can_read_values(ids):
+    if ids is not None and not checks.can_read_values(ids) and ids.device.type != "meta":
+        if num_groups is None:
+            raise ValueError("num_groups is required for a pattern tensor under torch.compile: the group count is "
+                             "max id + 1, which tracing cannot read")
+        checks.assert_group_ids(ids, num_groups)   # traced: the rule below as run-time asserts
+    elif ids is not None and checks.can_read_values(ids):
         facts = patterns.host_ids(ids)     # cached per pattern tensor: no sync per call
-        if num_groups is not None and facts.counts.numel() != num_groups:
-            raise ValueError(f"num_groups={num_groups} must equal max id + 1 = {facts.counts.numel()} of the pattern")
+        if num_groups is not None and facts.num_groups != num_groups:
+            raise ValueError(f"num_groups={num_groups} must equal max id + 1 = {facts.num_groups} of the pattern")
         if facts.missing:
-            raise ValueError(f"pattern tensor must use every group id in [0, {facts.counts.numel()}); "
-                             f"missing {list(facts.missing)}")
+            shown = facts.missing_examples()
+            more = f" and {facts.missing - len(shown)} more" if facts.missing > len(shown) else ""
+            raise ValueError(f"pattern tensor must use every group id in [0, {facts.num_groups}); "
+                             f"missing {shown}{more}")
     be = dispatch.select(dispatch.Inputs("group_mean", x.device, x.dtype), backend)
     return be.group_mean(x, grid, _pattern_arg(name, ids), num_groups)
 

@@ -10,7 +10,6 @@ the kernels, not to be fast.
 """
 from __future__ import annotations
 
-import functools
 import glob
 import os
 import shutil
@@ -18,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .. import dispatch
 from ..dispatch import Backend
 from ..kernels import limits
 
@@ -26,10 +26,7 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 _emulator_loaded = False
 
 
-# torch.compile calls it at trace time and keeps the answer as a constant (dynamo looks through
-# the cache to the marked function): tracing an import, or its failure, would break the graph.
-@functools.lru_cache(maxsize=1)
-@torch.compiler.assume_constant_result
+@dispatch.availability_check
 def extension_error() -> Optional[str]:
     """Why ``vidkern._C`` cannot be used (None: it is loaded)."""
     import importlib.util

@@ -7,12 +7,12 @@ bfloat16 ``hsda``/``soft_merge``, whose ``tl.dot`` products the interpreter gets
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
 import torch
 
+from .. import dispatch
 from ..dispatch import Backend
 from ..kernels import limits
 
@@ -22,10 +22,7 @@ INTERPRETED_BF16_DOT = ("Triton's interpreter computes bf16 tl.dot wrongly (erro
                         "bf16 Triton kernels are checked on a GPU")
 
 
-# torch.compile calls it at trace time and keeps the answer as a constant (dynamo looks through
-# the cache to the marked function): tracing an import, or its failure, would break the graph.
-@functools.lru_cache(maxsize=1)
-@torch.compiler.assume_constant_result
+@dispatch.availability_check
 def _import_error() -> Optional[str]:
     try:
         import triton  # noqa: F401

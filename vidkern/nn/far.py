@@ -112,6 +112,11 @@ class GroupAveragedClassifier(nn.Module):
         if combine == "concat" and self.grid is None:
             raise ValueError("grid is required with combine='concat' (it fixes the number of groups G)")
         explicit = isinstance(self.pattern, torch.Tensor)
+        if explicit and patterns.host_ids(self.pattern).missing:   # the head would be sized by the largest id
+            facts = patterns.host_ids(self.pattern)
+            raise ValueError(f"pattern tensor must use every group id in [0, {facts.num_groups}) (G = max id + 1 "
+                             f"sizes the head); missing {facts.missing_examples()}"
+                             + (f" and {facts.missing - 8} more" if facts.missing > 8 else ""))
         self.num_groups = (patterns.num_groups(self.pattern, self.grid) if explicit or self.grid is not None
                            else None)
         self.fc_norm = nn.LayerNorm(dim, eps=_checks.positive_float("eps", eps))
