@@ -196,3 +196,26 @@ def test_reference_does_not_overflow_in_float16():
     for a, t in zip(half, truth):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.double(), t, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "cuda"])
+def test_soft_merge_refuses_repeated_meta_tokens(backend, cuda_kernel_device):
+    """SPEC §3.2: idx holds distinct tokens per row. A repeat lost updates in the GPU kernels
+    (concurrent read-modify-writes of one meta row), which the CPU runs cannot show: refused,
+    eagerly and when compiled, before any kernel."""
+    import vidkern
+    if backend == "cuda" and cuda_kernel_device.type != "cpu":
+        pytest.skip("emulator case; on a GPU the check is a device-side assert")
+    u = torch.nn.functional.normalize(torch.randn(2, 12, 8), dim=-1)
+    x = torch.randn(2, 12, 8)
+    good = torch.tensor([[0, 3, 7], [4, 5, 11]])
+    vidkern.soft_merge(u, good, x, x, backend=backend)
+    for bad, row in (([[0, 3, 3], [4, 5, 11]], 0), ([[0, 3, 7], [11, 5, 11]], 1)):
+        with pytest.raises(ValueError, match=rf"idx must hold distinct token indices in each row, got \[\d+\] "
+                                             rf"more than once in row {row}"):
+            vidkern.soft_merge(u, torch.tensor(bad), x, x, backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda idx: vidkern.soft_merge(u, idx, x, x, backend=backend), fullgraph=True)
+    compiled(good)
+    with pytest.raises((ValueError, RuntimeError), match="idx must hold distinct token indices in each row"):
+        compiled(torch.tensor([[0, 3, 3], [4, 5, 11]]))

@@ -30,8 +30,10 @@ def sync_checks() -> bool:
     return os.environ.get("VIDKERN_SYNC_CHECKS") == "1"
 
 
-def index_range(name: str, t: torch.Tensor, high: int, what: str = "indices", asynchronous: bool = False) -> bool:
-    """Require every entry of the int tensor ``t`` in ``[0, high)``; a ``ValueError`` naming ``name``.
+def index_range(name: str, t: torch.Tensor, high: int, what: str = "indices", asynchronous: bool = False,
+                distinct: bool = False) -> bool:
+    """Require every entry of the int tensor ``t`` in ``[0, high)`` (and, with ``distinct``, no
+    value twice in a row of the 2-D ``t``); a ``ValueError`` naming ``name``.
 
     Returns False when the values cannot be read now (``torch.compile`` tracing, meta tensors):
     the caller must then make the check at run time — the custom ops take ``check_values=True``
@@ -44,18 +46,33 @@ def index_range(name: str, t: torch.Tensor, high: int, what: str = "indices", as
     if not can_read_values(t):
         return False
     if t.device.type != "cpu" and (asynchronous or not sync_checks()):
-        assert_index_range(name, t, high, what)
+        assert_index_range(name, t, high, what, distinct)
         return True
     if t.numel() and not bool(((t >= 0) & (t < high)).all()):
         raise ValueError(f"{name} must hold {what} in [0, {high}), got min {int(t.min())}, max {int(t.max())}")
+    if distinct and t.numel():
+        rows = (_repeats(t) > 0).nonzero()
+        if rows.numel():
+            row = int(rows[0])
+            values, counts = torch.unique(t[row], return_counts=True)
+            raise ValueError(f"{name} must hold distinct {what} in each row, got {values[counts > 1].tolist()} "
+                             f"more than once in row {row}")
     return True
 
 
-def assert_index_range(name: str, t: torch.Tensor, high: int, what: str = "indices") -> None:
+def _repeats(t: torch.Tensor) -> torch.Tensor:
+    """Per row of the 2-D ``t``: how many entries equal their sorted predecessor."""
+    ordered = t.sort(dim=-1).values
+    return (ordered[..., 1:] == ordered[..., :-1]).sum(-1)
+
+
+def assert_index_range(name: str, t: torch.Tensor, high: int, what: str = "indices", distinct: bool = False) -> None:
     """:func:`index_range` for code that ``torch.compile`` traces: a run-time ``torch._assert_async``
     (a ``RuntimeError`` on CPU, a device-side assert on CUDA) in the graph."""
     if t.device.type != "meta" and t.numel():
         torch._assert_async(((t >= 0) & (t < high)).all(), f"{name} must hold {what} in [0, {high})")
+        if distinct:
+            torch._assert_async((_repeats(t) == 0).all(), f"{name} must hold distinct {what} in each row")
 
 
 def assert_group_ids(t: torch.Tensor, groups: int) -> None:
@@ -243,5 +260,5 @@ def merge(u, idx, x, e, tau) -> tuple:
         raise ValueError(f"idx must be on x's device {x.device}, got {idx.device}")
     if not 1 <= idx.shape[1] <= max(length, 1):
         raise ValueError(f"idx must select L' tokens with 1 <= L' <= L={length}, got L'={idx.shape[1]}")
-    checked = index_range("idx", idx, length, "token indices")
+    checked = index_range("idx", idx, length, "token indices", distinct=True)
     return finite("tau", tau, positive=True), checked

@@ -300,10 +300,10 @@ ORTHOGONAL_SELECT = OpSpec(
 
 def _merge_values(args: dict, traced: bool = False) -> None:
     if traced:   # the reference path, perhaps traced by torch.compile: an assert in the graph
-        checks.assert_index_range("idx", args["idx"], args["x"].shape[1], "token indices")
+        checks.assert_index_range("idx", args["idx"], args["x"].shape[1], "token indices", distinct=True)
         return
     # inside the op, on real data (the call was traced: idx and tau were unknown)
-    checks.index_range("idx", args["idx"], args["x"].shape[1], "token indices", asynchronous=True)
+    checks.index_range("idx", args["idx"], args["x"].shape[1], "token indices", asynchronous=True, distinct=True)
     checks.finite("tau", args["tau"], positive=True)
 
 

@@ -225,7 +225,9 @@ def soft_merge(u: Tensor, idx: Tensor, x: Tensor, e: Tensor, tau: float = 1.0,
 
     Args:
         u: ``(B, L, Du)`` normalised ``phi(X)``; the meta features are ``V = u[idx]``.
-        idx: int64 ``(B, L')`` meta-token indices (from :func:`select_meta_tokens`).
+        idx: int64 ``(B, L')`` meta-token indices (from :func:`select_meta_tokens`), distinct
+            within each row (SPEC §3.2; a repeat is refused: a ``ValueError``, on CUDA a
+            device-side assert, no host sync).
         x: ``(B, L, D)`` tokens; e: ``(B, L, D)`` or ``(1, L, D)`` position features.
         tau: softmax temperature, finite and positive.
 
