@@ -110,3 +110,22 @@ def test_transformers4_layout_of_the_qv_biases_converts():
     clip = torch.randn(2, 3, 4, 64, 64)
     ref = logits(hf, clip, hf=True)
     assert (logits(vk, clip) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_converted_model_trains_as_the_original():
+    """from_transformers added drop_path_rate=0.1 that VideoMAE lacks, dropped the HF config's
+    dropout silently and turned a bf16 model into fp32."""
+    from vidkern.nn.block import DropPath
+    vk = models.from_transformers(hf_model())
+    assert vk.cfg.drop_path_rate == 0.0
+    assert all(m.p == 0.0 for m in vk.modules() if isinstance(m, DropPath))
+    assert models.from_transformers(hf_model(), drop_path_rate=0.2).cfg.drop_path_rate == 0.2   # an override
+    half = models.from_transformers(hf_model().to(torch.bfloat16))
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        with pytest.raises(ValueError, match=f"'{field}': 0.1"):
+            models.from_transformers(hf_model(**{field: 0.1}))
+        vk = models.from_transformers(hf_model(**{field: 0.1}), hf_dropout="drop")
+        assert vk.load_report.clean
+    with pytest.raises(ValueError, match="hf_dropout must be 'refuse' or 'drop'"):
+        models.from_transformers(hf_model(), hf_dropout="keep")

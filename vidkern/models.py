@@ -224,9 +224,18 @@ def from_transformers(hf_model, **overrides) -> "VideoViT":
     modules are freshly initialised, token-group interaction with its last projection zeroed, so
     the converted network starts as the pretrained one. Without overrides its logits equal the HF
     model's (it takes clips ``(B, 3, T, H, W)``; HF takes ``(B, T, 3, H, W)``).
+
+    It also trains as the HF model does: no stochastic depth (``drop_path_rate=0``, as VideoMAE
+    has none; an override may add it), the HF model's parameter dtype and device (a bf16 model stays
+    bf16), and dropout: vidkern's blocks have none, so an HF config with ``hidden_dropout_prob`` or
+    ``attention_probs_dropout_prob`` above 0 is refused by name, unless ``hf_dropout="drop"`` says
+    to train without it.
     """
     from .checkpoints import from_hf_state_dict
     c = hf_model.config
+    hf_dropout = overrides.pop("hf_dropout", "refuse")
+    if hf_dropout not in ("refuse", "drop"):
+        raise ValueError(f"hf_dropout must be 'refuse' or 'drop', got {hf_dropout!r}")
     if getattr(c, "model_type", None) != "videomae":
         raise TypeError(f"hf_model must be a Hugging Face VideoMAE model, got model_type={getattr(c, 'model_type', None)!r}")
     if not getattr(c, "use_mean_pooling", True):
@@ -234,6 +243,11 @@ def from_transformers(hf_model, **overrides) -> "VideoViT":
     if c.hidden_act != "gelu" or c.num_channels != 3:
         raise NotImplementedError(f"hidden_act={c.hidden_act!r}, num_channels={c.num_channels}: vidkern's ViT "
                                   "uses exact GELU and RGB clips")
+    dropouts = {name: getattr(c, name, 0.0) for name in ("hidden_dropout_prob", "attention_probs_dropout_prob")}
+    if hf_dropout == "refuse" and any(dropouts.values()):
+        raise ValueError(f"the HF config has dropout {dropouts}, which vidkern's blocks do not have (the fused "
+                         "attention has no attention dropout): the converted model would train differently. Pass "
+                         "hf_dropout='drop' to train without it, or set those config fields to 0")
     qv_bias = getattr(c, "qv_bias", getattr(c, "qkv_bias", True))
     # What the pretrained weights fix: an override that differs would leave a mostly random model.
     pretrained = dict(embed_dim=c.hidden_size, depth=c.num_hidden_layers, num_heads=c.num_attention_heads,
@@ -247,9 +261,10 @@ def from_transformers(hf_model, **overrides) -> "VideoViT":
                              "change num_classes, num_frames and img_size, and add modules (attention, "
                              "token_group_interaction, classifier, team, sttm, ...)")
     fields = dict(pretrained, num_classes=getattr(c, "num_labels", 0) or 1, num_frames=c.num_frames,
-                  img_size=c.image_size)
+                  img_size=c.image_size, drop_path_rate=0.0)   # VideoMAE has no stochastic depth
     model = VideoViT(config("videomae_s", **{**fields, **overrides}))
-    report = load_checkpoint(model, from_hf_state_dict(hf_model.state_dict()))
+    hf_state = hf_model.state_dict()
+    report = load_checkpoint(model, from_hf_state_dict(hf_state))
     if report.unexpected:
         raise ValueError(f"weights of the HF model that vidkern cannot place: {report}")
     with torch.no_grad():
@@ -261,6 +276,9 @@ def from_transformers(hf_model, **overrides) -> "VideoViT":
     pool_norm = model.classifier.fc_norm if model.cfg.classifier == "group_mean" else model.fc_norm
     if isinstance(pool_norm, nn.LayerNorm):
         pool_norm.eps = 1e-5
+    first = next((t for t in hf_state.values() if t.is_floating_point()), None)
+    if first is not None:                      # train in the HF model's dtype, on its device
+        model.to(device=first.device, dtype=first.dtype)
     model.load_report = report
     return model
 
