@@ -308,3 +308,32 @@ def test_a_hand_made_config_is_checked_when_the_model_is_built():
     with pytest.raises(ValueError, match=r"sttm_blocks=\(5, 20\) names blocks \[20\]"):
         models.VideoViT(models.ViTConfig(sttm=True, sttm_blocks=(5, 20)))
     assert models.config("videomae_s", depth=2).depth == 2      # unused team/sttm blocks: team=sttm=False
+
+
+FORCED = dict(embed_dim=64, num_heads=2, img_size=32, num_frames=4, depth=3, num_classes=5,
+              team_ratios={"early": (0.25, 0.5, 0.75), "late": (0.125, 0.25, 0.5)})
+FORCED_EXTRA = {"team": dict(team_blocks=(1, 2)), "sttm": dict(sttm_blocks=(1, 2))}
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "cuda"])
+@pytest.mark.parametrize("name", sorted(models.PRESETS))
+def test_every_preset_runs_under_every_forced_backend(name, backend, monkeypatch, cuda_kernel_device):
+    """$VIDKERN_BACKEND forces a backend for the ops it has kernels for; the ops it lacks (triton:
+    group_mean; cuda: hsda, group_mean) fall back to automatic dispatch, so whole models run —
+    and compute what the reference does, forward and backward."""
+    if backend == "cuda" and cuda_kernel_device.type != "cpu":
+        pytest.skip("the emulator case; on a GPU test_gpu.py runs the CUDA kernels")
+    extra = {k: val for key, fields in FORCED_EXTRA.items() if key in name for k, val in fields.items()}
+    model = models.create(name, **FORCED, **extra)
+    clips = torch.randn(2, 3, 4, 32, 32)
+    monkeypatch.setenv("VIDKERN_BACKEND", "reference")
+    model.eval()        # no drop path / random merge start: the two runs must see the same model
+    want = model(clips)
+    want_grads = torch.autograd.grad(want.square().sum(), list(model.parameters()), allow_unused=True)
+    monkeypatch.setenv("VIDKERN_BACKEND", backend)
+    got = model(clips)
+    grads = torch.autograd.grad(got.square().sum(), list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for g, w in zip(grads, want_grads):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)

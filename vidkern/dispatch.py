@@ -193,22 +193,40 @@ def order(op: str) -> list:
     return [next(slots) if n in preferred else n for n in default]
 
 
-def requested_backend(backend: Optional[str] = None) -> Optional[str]:
-    """The backend asked for: ``backend``, else ``$VIDKERN_BACKEND``, else None (automatic)."""
-    return backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+def requested_backend(backend: Optional[str] = None, op: Optional[str] = None) -> Optional[str]:
+    """The backend asked for: ``backend``, else ``$VIDKERN_BACKEND``, else None (automatic). With
+    ``op``: None also when the asked-for backend does not implement ``op`` — forcing a backend
+    means "run its kernels where it has them"; an op it lacks (triton has no ``group_mean``, cuda
+    no ``hsda``) runs on automatic dispatch, so a forced backend still runs whole models
+    (``python -m vidkern.info`` lists these fallbacks). A backend that has the op but cannot run
+    these inputs is still an error (:func:`select`)."""
+    requested = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+    if requested is not None and op is not None and op not in get(requested, _source(backend)).ops:
+        return None
+    return requested
+
+
+def _source(backend: Optional[str]) -> str:
+    return "backend" if backend is not None else f"${ENV_VAR}"
+
+
+def fallbacks(name: str) -> list:
+    """The ops backend ``name`` does not implement: forced, it leaves them to automatic dispatch."""
+    return [op for op in OPS if op not in get(name).ops]
 
 
 def select(inputs: Inputs, backend: Optional[str] = None) -> Backend:
     """Pick the backend for ``inputs``.
 
-    ``backend`` (else ``$VIDKERN_BACKEND``) forces a choice: it must run or this raises
-    ``NotImplementedError`` with its reasons. Otherwise the first backend of :func:`order` without
-    reasons runs.
+    ``backend`` (else ``$VIDKERN_BACKEND``) forces a choice for the ops it implements: it must run
+    them or this raises ``NotImplementedError`` with its reasons (ops it lacks fall back to
+    automatic dispatch: :func:`requested_backend`). Otherwise the first backend of :func:`order`
+    without reasons runs.
     """
-    requested = requested_backend(backend)
+    requested = requested_backend(backend, inputs.op)
     op, where = inputs.op, f"{inputs.device.type}/{inputs.dtype}"
     if requested is not None:
-        chosen = get(requested, "backend" if backend is not None else f"${ENV_VAR}")
+        chosen = get(requested, _source(backend))
         reasons = chosen.not_supported_reasons(replace(inputs, forced=True))
         if reasons:
             source = "backend=" if backend is not None else f"{ENV_VAR}="
@@ -230,4 +248,12 @@ def rules() -> list:
     for op in OPS:
         if op in PREFERENCES:
             lines.append(f"{op}: {' > '.join(order(op))} — {PREFERENCES[op][1]}")
+    for name in names():
+        if fallbacks(name):
+            lines.append(f"forced {name}: {', '.join(fallbacks(name))} fall back to automatic dispatch "
+                         "(it has no kernels for them)")
+    forced = requested_backend()
+    if forced in names():      # (an unknown name is reported by info itself)
+        lines.append(f"{ENV_VAR}={forced} forces {forced} for "
+                     f"{', '.join(op for op in OPS if op not in fallbacks(forced)) or 'no op'}")
     return lines

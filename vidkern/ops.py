@@ -81,7 +81,7 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
     known = not grouped_sparse or patterns.static_sizes(_pattern_arg(name, ids))
     sizes = patterns.group_sizes(_pattern_arg(name, ids), grid) if grouped_sparse and known else ()
     if strategy is None:   # a forced backend (argument or $VIDKERN_BACKEND) runs every head
-        if dispatch.requested_backend(backend) is not None:
+        if dispatch.requested_backend(backend, "hsda") is not None:
             strategy = "fused"
         elif not known:
             strategy = "split"
