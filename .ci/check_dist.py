@@ -25,6 +25,8 @@ if not any(f.startswith("vidkern/_C") and f.endswith(".so") for f in files):
 modules = {str(p.relative_to(root)) for p in root.glob("vidkern/**/*.py")}
 modules |= {"vidkern/kernels/" + p.name for p in root.glob("kernels/*.py")}
 problems += [f"wheel lacks {m}" for m in sorted(modules - set(files))]
+if "vidkern/py.typed" not in files:
+    problems.append("wheel lacks vidkern/py.typed (PEP 561 marker)")
 if any(f.startswith("kernels/") for f in files):
     problems.append("wheel ships a top-level 'kernels' package")
 for p in problems:

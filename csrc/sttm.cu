@@ -432,13 +432,16 @@ int64_t gram_chunk(int64_t B, int64_t L) {
 }
 
 
-// Turns TF32 off for cuBLAS float32 products for the scope (restoring the user's setting): the
-// setting is process-global, as torch.backends.cuda.matmul.allow_tf32 is.
-struct NoTF32 {
-  bool saved = at::globalContext().allowTF32CuBLAS();
-  NoTF32() { at::globalContext().setAllowTF32CuBLAS(false); }
-  ~NoTF32() { at::globalContext().setAllowTF32CuBLAS(saved); }
-};
+// G = X X^T of fp32 tokens in IEEE fp32 precision, whatever the user allowed for matmuls: where
+// TF32 is allowed (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision), cuBLAS
+// would round the inputs to TF32 (a 1e-3 error that changes the greedy picks SPEC 3.1 defines), so
+// the products run in fp64 then. The setting is only read: toggling it for the call would race
+// with every other thread's matmuls (it is process-global).
+static at::Tensor gram_fp32(const at::Tensor& xc) {
+  if (at::globalContext().allowTF32CuBLAS())
+    return at::bmm(xc.to(at::kDouble), xc.to(at::kDouble).transpose(1, 2)).to(at::kFloat);
+  return at::bmm(xc, xc.transpose(1, 2));
+}
 
 at::Tensor orthogonal_select(const at::Tensor& x, int64_t k, const at::Tensor& start) {
   check_tokens(x, x, "x");
@@ -464,8 +467,7 @@ at::Tensor orthogonal_select(const at::Tensor& x, int64_t k, const at::Tensor& s
     // G = X X^T with fp32 accumulation: 16-bit inputs go to the tensor cores as they are (their
     // products are exact in fp32), fp32 inputs stay IEEE fp32 even where the user allowed TF32 for
     // matmuls (TF32's 1e-3 error would change the greedy picks SPEC 3.1 defines).
-    const NoTF32 ieee_fp32;
-    at::Tensor gram = x.scalar_type() == at::kFloat ? at::bmm(xc, xc.transpose(1, 2))
+    at::Tensor gram = x.scalar_type() == at::kFloat ? gram_fp32(xc)
 #ifdef VIDKERN_EMULATE
                                                     : at::bmm(xc.to(at::kFloat), xc.to(at::kFloat).transpose(1, 2));
 #else

@@ -38,3 +38,15 @@ from .ops import (feature_summary, group_mean, hsda, orthogonal_select, select_m
 
 __all__ = ["__version__", "BACKEND_ENV_VAR", "hsda", "sparse_dense_attention", "group_mean", "feature_summary",
            "team_gate", "orthogonal_select", "select_meta_tokens", "soft_merge"]
+
+#: submodules reachable as attributes after ``import vidkern`` (``vidkern.nn.HSDAttention``), loaded
+#: on first use so that ``import vidkern`` stays light
+_SUBMODULES = ("nn", "models", "patterns", "checkpoints", "flops", "work", "sdpa", "dispatch", "reference",
+               "library", "checks", "metatokens", "aot", "verify", "kernels")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ shape or value) naming the argument, the expected and the actual value (SPEC §5
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Optional, Sequence
 
@@ -106,24 +107,28 @@ def same_dtype_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) 
 
 def grid(value, num_tokens: Optional[int] = None, name: str = "grid") -> tuple:
     """Validate a ``(T, Hp, Wp)`` grid; with ``num_tokens``, require ``N == T * Hp * Wp``."""
-    if (not isinstance(value, Sequence) or len(value) != 3
-            or not all(isinstance(g, int) and not isinstance(g, bool) for g in value)):
+    if not isinstance(value, Sequence) or len(value) != 3:
         raise TypeError(f"{name} must be a tuple of three ints (T, Hp, Wp), got {value!r}")
+    try:
+        value = tuple(integer(name, g) for g in value)
+    except TypeError:
+        raise TypeError(f"{name} must be a tuple of three ints (T, Hp, Wp), got {value!r}") from None
     if any(g < 1 for g in value):
         raise ValueError(f"{name} must have positive entries (T, Hp, Wp), got {tuple(value)}")
-    value = tuple(value)
     if num_tokens is not None and patterns.num_tokens(value) != num_tokens:
         t, hp, wp = value
+        hint = (" (one more than the grid: a CLS token? vidkern's grid ops take the patch tokens only; "
+                "split it off, e.g. x[:, 1:], and keep it out of grouped attention)"
+                if num_tokens == patterns.num_tokens(value) + 1 else "")
         raise ValueError(f"number of tokens N={num_tokens} must equal T*Hp*Wp = {t}*{hp}*{wp} = "
-                         f"{patterns.num_tokens(value)} for {name}={value}")
+                         f"{patterns.num_tokens(value)} for {name}={value}" + hint)
     return value
 
 
 def pattern(value, num_tokens: int, device: torch.device):
     """Return ``(name, group_ids)``: ``("explicit", ids)`` for a tensor, ``(name, None)`` otherwise."""
     if isinstance(value, torch.Tensor):
-        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
-            raise TypeError(f"pattern tensor must have an integer dtype, got {value.dtype}")
+        integer_dtype("pattern tensor", value)
         if value.shape != (num_tokens,):
             raise ValueError(f"pattern tensor must have shape (N,) = ({num_tokens},), got {tuple(value.shape)}")
         if value.device != device:
@@ -167,9 +172,26 @@ def choice(name: str, value, options: tuple) -> str:
     return value
 
 
-def count(name: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def integer(name: str, value) -> int:
+    """A Python int from anything that is an integer — ``int``, numpy integers, 0-dim integer
+    tensors (``operator.index``) — but not a bool; else a ``TypeError`` naming ``name``."""
+    if isinstance(value, (bool, torch.SymInt)) or type(value).__name__ == "bool_" or (
+            isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.dim() != 0)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def integer_dtype(name: str, t: torch.Tensor) -> None:
+    """``t`` holds integers: not floating, complex or bool."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
+
+
+def count(name: str, value, low: int, high: int) -> int:
+    value = integer(name, value)
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
@@ -223,8 +245,7 @@ def selection(x, k_name: str, k, start, scores=None) -> bool:
     count(k_name, k, 1, length)
     if start is not None:
         start = tensor("start", start, 1, "(B,)", floating=False)
-        if start.dtype.is_floating_point or start.dtype == torch.bool:
-            raise TypeError(f"start must have an integer dtype, got {start.dtype}")
+        integer_dtype("start", start)
         if start.shape != (b,):
             raise ValueError(f"start must have shape (B,) = ({b},), got {tuple(start.shape)}")
         if start.device != x.device:

@@ -109,8 +109,13 @@ def main(argv=None) -> int:
         print(f"arguments after NAME must be key=value, got {bad}", file=sys.stderr)
         return 2
     overrides = {k: _parse(v) for k, v in (p.split("=", 1) for p in pairs)}
+    try:
+        table = count_preset(name, **overrides).table()
+    except (ValueError, TypeError) as exc:     # a bad preset name or override: say so, no traceback
+        print(f"python -m vidkern.flops: error: {exc}", file=sys.stderr)
+        return 2
     print(f"{name} {overrides or ''}".strip())
-    print(count_preset(name, **overrides).table())
+    print(table)
     return 0
 
 

@@ -78,5 +78,14 @@ def report() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m vidkern.info", description=(__doc__ or "").strip().splitlines()[0]
+                                     if __doc__ else "What vidkern can run here")
+    parser.parse_args(argv)
     print(report())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -117,6 +117,9 @@ class Defined:
     spec: OpSpec
     op: object
     backward_op: object = None
+    #: the same forward and backward as an ``autograd.Function`` in torch.func's style, for calls
+    #: under a torch.func transform (torch's custom-op autograd has no ``setup_context`` there)
+    function: object = None
 
 
 def _backend(name: str):
@@ -175,13 +178,35 @@ def define(spec: OpSpec) -> Defined:
             return (None,) * len(names)
         wanted = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
                   for g, (shape, dtype, device) in zip(wanted, ctx.grad_like)]
-        result = bop(*wanted, *ctx.saved_tensors, *ctx.context, ctx.backend)
+        if getattr(ctx, "functorch", False):
+            # under torch.func: the backward kernels on the plain tensors (first order only: a
+            # nested transform would see constants, so it is refused)
+            if ctx.nested:
+                _first_order_only(spec.name)(ctx)
+            result = bop(*map(_unwrap, (*wanted, *ctx.saved_tensors)), *ctx.context, ctx.backend)
+        else:
+            result = bop(*wanted, *ctx.saved_tensors, *ctx.context, ctx.backend)
         by_input = dict(zip(spec.grad_inputs, (result,) if len(spec.grad_inputs) == 1 else result))
         return tuple(by_input.get(n) for n in names)
 
     op.register_autograd(backward, setup_context=setup_context)
-    bop.register_autograd(_first_order_only(spec.name))
-    return Defined(spec, op, bop)
+
+    def function_forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    def function_setup_context(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.functorch = True
+        ctx.nested = (torch._C._functorch.maybe_current_level() or 0) > 1   # e.g. grad(grad(f))
+        ctx.mark_non_differentiable(*(o for name, o in zip(spec.outputs, output) if name not in spec.grad_outputs))
+
+    function = type(f"{spec.name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(function_forward), "setup_context": staticmethod(function_setup_context),
+        "backward": staticmethod(backward)})
+    # a setup_context (even one that keeps nothing) is what torch.func's transforms require
+    bop.register_autograd(_first_order_only(spec.name), setup_context=lambda ctx, inputs, output: None)
+    return Defined(spec, op, bop, function)
 
 
 def _flop_formula(op: str, fn: Callable) -> None:
@@ -198,6 +223,36 @@ def _first_order_only(op: str):
             f"vidkern.{op}: second-order gradients (double backward, e.g. autograd.grad(..., create_graph=True) "
             f"then a second backward) are not implemented by the fused kernels; backend='reference' supports them")
     return backward
+
+
+def _unwrap(t):
+    """The plain tensor under torch.func's wrappers (the backward kernels take real tensors)."""
+    while isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+class FirstOrderOnly(torch.autograd.Function):
+    """Identity whose backward refuses ``create_graph=True`` (grad mode on inside the backward)
+    with the documented ``NotImplementedError``, for results computed partly by torch ops whose own
+    double backward fails with an opaque error (hsda's SDPA strategies: ATen's CPU flash backward
+    has no derivative). It refuses at the first backward, where that graph would be built."""
+
+    @staticmethod
+    def forward(x, op):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[1]
+        # torch.func's grad runs every backward with grad mode on (to allow nesting): not a refusal
+        ctx.functorch = torch._C._functorch.peek_interpreter_stack() is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled() and not ctx.functorch:
+            _first_order_only(ctx.op)(ctx, grad)
+        return grad, None
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
@@ -339,7 +394,10 @@ DEFINED = {name: define(spec) for name, spec in SPECS.items()}
 
 def call(name: str, *args):
     """Run op ``name``'s forward custom op (autograd through its backward op): all its outputs."""
-    return DEFINED[name].op(*args)
+    defined = DEFINED[name]
+    if defined.function is not None and torch._C._functorch.peek_interpreter_stack() is not None:
+        return defined.function.apply(*args)        # torch.func.grad / vjp / jacrev
+    return defined.op(*args)
 
 
 def run(name: str, backend: Optional[str] = None, **args):

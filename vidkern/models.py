@@ -108,6 +108,11 @@ PRESETS = {
 }
 
 
+def list_presets() -> list:
+    """The preset names :func:`create` takes, sorted."""
+    return sorted(PRESETS)
+
+
 def config(name: str, **overrides) -> ViTConfig:
     """The :class:`ViTConfig` of preset ``name`` with ``overrides`` applied (checked, :func:`check_config`)."""
     if name not in PRESETS:
@@ -465,4 +470,4 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ViTConfig", "PRESETS", "CLASSIFIERS", "config", "create", "VideoViT", "sincos_table", "num_params"]
+__all__ = ["ViTConfig", "PRESETS", "CLASSIFIERS", "list_presets", "config", "create", "VideoViT", "sincos_table", "num_params"]

@@ -95,15 +95,28 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
         raise ValueError("strategy='views' needs the groups' sizes, which a pattern tensor's values give and "
                          "torch.compile cannot read while tracing (nor can a meta tensor); use a named pattern, "
                          "or strategy='split' or 'fused'")
+    if q.shape[1] == 0:                      # no heads: an empty op (the reference, as for B = 0)
+        return _hsda_fused(q, k, v, grid, name, ids, hg, scale, backend)
     if strategy == "views":
-        return sdpa.split(q, k, v, hg, lambda qs, ks, vs: sdpa.block_diagonal(qs, ks, vs, sizes, scale), scale)
+        out = sdpa.split(q, k, v, hg, lambda qs, ks, vs: sdpa.block_diagonal(qs, ks, vs, sizes, scale), scale)
+        return _first_order_only(out)
     if grouped_sparse:
         # the fused kernels take grouped tokens as the explicit pattern of sorted ids (cached)
         name, ids = "explicit", patterns.grouped_order(_pattern_arg(name, ids), grid, q.device)[1]
     if strategy == "split":
-        return sdpa.split(q, k, v, hg, lambda qs, ks, vs: _hsda_fused(qs, ks, vs, grid, name, ids, 0, scale, backend),
-                          scale)
+        out = sdpa.split(q, k, v, hg, lambda qs, ks, vs: _hsda_fused(qs, ks, vs, grid, name, ids, 0, scale, backend),
+                         scale)
+        return _first_order_only(out)
     return _hsda_fused(q, k, v, grid, name, ids, hg, scale, backend)
+
+
+def _first_order_only(out: Tensor) -> Tensor:
+    """SDPA strategies: a double backward raises the documented NotImplementedError (SPEC §5), not
+    the error of whichever SDPA kernel ran (``library.FirstOrderOnly``). Eager autograd only:
+    ``torch.compile`` has no double backward of its own; ``backend="reference"`` supports it."""
+    if not out.requires_grad or torch.compiler.is_compiling():
+        return out
+    return library.FirstOrderOnly.apply(out, "hsda")
 
 
 def _hsda_fused(q, k, v, grid, name, ids, hg, scale, backend):

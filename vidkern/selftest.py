@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vidkern.selftest", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), action="append",
                         help="devices to test (default: cpu, and cuda when available)")
-    parser.add_argument("--backend", action="append", help=f"backends to test (default: {dispatch.names()})")
+    parser.add_argument("--backend", action="append", choices=dispatch.names(),
+                        help=f"backends to test (default: {dispatch.names()})")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every case")
     args = parser.parse_args(argv)
     devices = [torch.device(d) for d in (args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]))]

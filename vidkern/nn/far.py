@@ -83,6 +83,11 @@ class TokenGroupInteraction(nn.Module):
             u = u[:, perm]                                             # back to grouped order
         return self.fc2(u)
 
+    def extra_repr(self) -> str:
+        pattern = "explicit" if isinstance(self.pattern, torch.Tensor) else repr(self.pattern)
+        return (f"dim={self.fc1.in_features}, hidden={self.fc1.out_features}, num_groups={self.conv.groups}, "
+                f"grid={self.grid}, token_order={self.token_order!r}, pattern={pattern}")
+
 
 class GroupAveragedClassifier(nn.Module):
     """Classifier over per-group mean tokens (SPEC §1.4).

@@ -28,8 +28,12 @@ def parse_shape(op: str, pairs: list) -> Shape:
         if not sep:
             raise SystemExit(f"expected key=value, got {pair!r}")
         if key in _INTS:
+            if not value.isdigit():
+                raise ValueError(f"{key} must be a non-negative int, got {key}={value!r}")
             values[key] = int(value)
         elif key == "grid":
+            if not all(v.isdigit() for v in value.split(",")):
+                raise ValueError(f"grid must be three ints T,Hp,Wp, got grid={value!r}")
             values[key] = tuple(int(v) for v in value.split(","))
             if len(values[key]) != 3:
                 raise SystemExit(f"grid must be T,Hp,Wp, got {value!r}")
@@ -90,7 +94,10 @@ def main(argv=None) -> int:
         return subprocess.run([sys.executable, "-m", "vidkern.work", *(sys.argv[1:] if argv is None else argv)],
                               env=env).returncode
     _load_formulas()
-    shape = parse_shape(args.op, args.shape)
+    try:
+        shape = parse_shape(args.op, args.shape)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
     directions = DIRECTIONS if args.direction == "both" else (args.direction,)
     out = []
     for direction in directions:
