@@ -9,6 +9,15 @@
 // serialised. A kernel must reach every `__syncthreads()` from every thread (no early return
 // before a barrier) — on a GPU that is undefined behaviour, here it deadlocks.
 //
+// Schedule jitter (a race check by perturbation): with VIDKERN_EMU_JITTER_US=N in the environment
+// (read at each launch), after each block barrier every warp either goes on at once or sleeps N
+// microseconds, drawn per warp and per barrier (all lanes of a warp draw alike, so the warp stays
+// together through its shuffles and a fast warp can run far ahead of a slow one). Tightly
+// scheduled OS threads otherwise run in near lock-step, so a missing __syncthreads() before shared
+// scratch is reused went unseen; with jitter a lagging warp reads the scratch after a faster one
+// rewrote it, and the result changes. Correct kernels are unaffected (shared memory is only read
+// between the barriers that order it).
+//
 // Work counting (vidkern.work.emulator): every launch appends a WorkRecord to a log — its
 // name, grid, block, dynamic shared bytes, and the global-memory bytes loaded and stored and
 // the multiply-adds its threads reported (compat.h routes the kernels' global accesses through
@@ -17,6 +26,8 @@
 
 #include <atomic>
 #include <barrier>
+#include <chrono>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -56,10 +67,19 @@ struct BlockContext {
   struct alignas(16) Slot { unsigned char bytes[16]; };
   std::vector<Slot> exchange;  // one slot per thread, for shuffles
   std::vector<Slot> dynamic;   // `extern __shared__` storage, 16-byte aligned
+  unsigned jitter_us = 0;      // VIDKERN_EMU_JITTER_US (0: none)
   unsigned threads() const { return static_cast<unsigned>(exchange.size()); }
 };
 
 inline thread_local BlockContext* current = nullptr;
+inline thread_local uint64_t jitter_state = 0;   // seeded by warp and launch: a warp's lanes draw alike
+
+// After a block barrier: sleep 0 or jitter_us microseconds (a per-warp LCG).
+inline void jitter() {
+  if (current == nullptr || current->jitter_us == 0) return;
+  jitter_state = jitter_state * 6364136223846793005ULL + 1442695040888963407ULL;
+  if ((jitter_state >> 40) & 1) std::this_thread::sleep_for(std::chrono::microseconds(current->jitter_us));
+}
 
 // Per-thread tallies of the running launch (summed over the block's threads when it ends).
 struct Tally {
@@ -99,12 +119,16 @@ void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_bytes, Kerne
   const unsigned threads = block.x * block.y * block.z;
   if (threads == 0 || grid.x * grid.y * grid.z == 0) return;
   BlockContext ctx(threads, dynamic_bytes);
+  if (const char* env = std::getenv("VIDKERN_EMU_JITTER_US")) ctx.jitter_us = static_cast<unsigned>(std::atoi(env));
+  static uint64_t launches = 0;
+  const uint64_t launch_id = ++launches;
   std::atomic<uint64_t> loads{0}, stores{0}, macs{0};
   std::vector<std::thread> pool;
   pool.reserve(threads);
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
       current = &ctx;
+      jitter_state = 0x9E3779B97F4A7C15ULL * (t / warpSize + 1) + launch_id;
       tally = Tally{};
       blockDim = block;
       gridDim = grid;
@@ -115,6 +139,7 @@ void launch(const char* name, dim3 grid, dim3 block, size_t dynamic_bytes, Kerne
             blockIdx = dim3(x, y, z);
             kernel(args...);
             ctx.block_barrier.arrive_and_wait();  // the next block reuses the shared storage
+            jitter();
           }
       current = nullptr;
       loads += tally.load;
@@ -145,7 +170,10 @@ T shuffle(T value, unsigned source_lane) {
 
 }  // namespace vk_emu
 
-inline void __syncthreads() { vk_emu::current->block_barrier.arrive_and_wait(); }
+inline void __syncthreads() {
+  vk_emu::current->block_barrier.arrive_and_wait();
+  vk_emu::jitter();
+}
 
 // The mask argument is ignored: the kernels here always shuffle with the whole warp.
 template <typename T>
