@@ -150,3 +150,35 @@ def test_the_cuda_check_can_fail(monkeypatch):
     monkeypatch.setattr(aot, "_cuda_requirements", lambda name, pack: [r"HMMA"])
     results = aot.cuda_resources()
     assert results and not any(r.ok for r in results) and all(r.missing == "HMMA" for r in results)
+
+
+def test_compiled_products_use_the_precision_each_dtype_needs():
+    """What the compiled code really multiplies with (the interpreter ignores ``input_precision``):
+    float32 kernels' products are "tf32x3" (three TF32 products: float32-level error; plain "tf32"
+    has a 1e-3 relative error, SPEC §5's float32 tolerance would not hold on a GPU), and 16-bit
+    kernels multiply 16-bit operands on the tensor cores (no upcast to float32). Every kernel with a
+    product (hsda tile and packed, soft_merge, the selection Gram), each dtype, sm_80."""
+    out = _python("""
+        import torch
+        from vidkern import aot
+        from vidkern.kernels import hsda, merge, selection
+        seen = {}
+        for module in (hsda, merge, selection):
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                for spec in module.aot_specs(dtype):
+                    key = (spec.family, spec.name, str(dtype))
+                    if key in seen:
+                        continue
+                    r = aot.compile_spec(spec, 80)
+                    if r.dots:
+                        seen[key] = r.dots
+        for (family, name, dtype), dots in sorted(seen.items()):
+            print(family, name, dtype, ",".join(dots))
+    """)
+    rows = [line.split() for line in out.splitlines()]
+    kernels = {(f, n) for f, n, *_ in rows}
+    assert {("hsda", "fwd"), ("hsda", "bwd_dkdv"), ("hsda", "bwd_dq")} <= kernels and len(kernels) >= 8, kernels
+    want = {"torch.float32": {"f32:tf32x3"}, "torch.float16": {"f16:tf32"}, "torch.bfloat16": {"bf16:tf32"}}
+    for family, name, dtype, dots in rows:
+        assert set(dots.split(",")) <= want[dtype] | {"f32:tf32x3"} and set(dots.split(",")) & want[dtype], \
+            (family, name, dtype, dots)

@@ -219,3 +219,23 @@ def test_soft_merge_refuses_repeated_meta_tokens(backend, cuda_kernel_device):
     compiled(good)
     with pytest.raises((ValueError, RuntimeError), match="idx must hold distinct token indices in each row"):
         compiled(torch.tensor([[0, 3, 3], [4, 5, 11]]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton", "cuda"])
+def test_negative_and_out_of_range_indices_are_refused_eagerly(backend, cuda_kernel_device):
+    """Eager calls (the compiled path has its own tests): idx and start outside [0, L), negative
+    included, raise the ValueError naming them before any kernel — on every backend."""
+    import vidkern
+    if backend == "cuda" and cuda_kernel_device.type != "cpu":
+        pytest.skip("emulator case; on a GPU the check is a device-side assert")
+    u = torch.nn.functional.normalize(torch.randn(2, 12, 8), dim=-1)
+    x = torch.randn(2, 12, 8)
+    for bad in (-1, -12, 12, 10**6):
+        idx = torch.tensor([[0, 3, 7], [4, 5, 11]])
+        idx[1, 0] = bad
+        with pytest.raises(ValueError, match=r"idx must hold token indices in \[0, 12\)"):
+            vidkern.soft_merge(u, idx, x, x, backend=backend)
+        with pytest.raises(ValueError, match=r"start must hold indices in \[0, 12\)"):
+            vidkern.orthogonal_select(x, 4, torch.tensor([0, bad]), backend=backend)
+        with pytest.raises(ValueError, match=r"start must hold indices in \[0, 12\)"):
+            vidkern.select_meta_tokens(x, 4, start=torch.tensor([bad, 1]), backend=backend)

@@ -49,6 +49,7 @@ class Result:
     mma: bool = False
     error: str = ""
     missing: str = ""   # CUDA kernels: required SASS instructions that are absent
+    dots: tuple = ()    # Triton: the compiled tl.dot ops as "operand type:input precision" (from TTIR)
 
     @property
     def debug(self) -> bool:
@@ -113,7 +114,13 @@ def spec_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=()):
                 yield spec, arch
 
 
+#: a tl.dot in Triton's TTIR: its input precision and operand element type (the interpreter ignores
+#: ``input_precision``, so the precision a kernel really uses is read from the compiled code)
+_TTIR_DOT = re.compile(r"tt\.dot .*?inputPrecision = (\w+).*?: tensor<[\dx]+x(\w+)>")
+
+
 def _resources(res: Result, compiled) -> Result:
+    res.dots = tuple(sorted({f"{elem}:{prec}" for prec, elem in _TTIR_DOT.findall(compiled.asm["ttir"])}))
     res.shared = compiled.metadata.shared
     res.mma = bool(re.search(r"\b(wgmma|mma)\.", compiled.asm["ptx"]))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
