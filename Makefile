@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: install test bench gpu-check dist compat lock lock-compat clean
+.PHONY: install test bench gpu-check dist compat lock lock-compat mutants clean
 
 # What the environments hold besides vidkern's extras: build-time packages (and `build`, for `make dist`).
 BUILD_REQS := torch triton setuptools wheel ninja build
@@ -82,3 +82,8 @@ lock-compat:
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .venv-lock build dist *.egg-info .pytest_cache .benchmarks vidkern/_C*.so
+
+# Mutation testing (.ci/mutants.py): plants each listed bug alone in a copy of the tree and runs
+# the tests that should catch it; exits 1 on a survivor. Not part of CI (minutes per mutant).
+mutants: install
+	$(PY) .ci/mutants.py $(MUTANTS)
