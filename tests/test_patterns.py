@@ -104,3 +104,21 @@ def test_compiled_hsda_refuses_negative_ids():
         vidkern.hsda(q, q, q, GRID, pattern=good - 1)
     with pytest.raises(RuntimeError, match="non-negative group ids"):
         compiled(q, good - 1)
+
+
+def test_the_cache_key_sees_every_change_torch_exposes_without_a_sync():
+    """A CUDA pattern's values cannot be compared without a host sync, so the key itself must change
+    with everything torch records: an in-place op (the version counter), ``p.data = other`` (which
+    keeps the version: the storage), a view of other elements, a dtype change."""
+    p = torch.arange(32) % 2
+    seen = {patterns._fingerprint(p)}
+    p.data = torch.arange(32) % 3
+    seen.add(patterns._fingerprint(p))
+    p.add_(1)
+    seen.add(patterns._fingerprint(p))
+    p.data = p.data[:]                                 # the same storage and elements: may stay
+    p.data = torch.arange(64)[::2].clone()[:32]
+    seen.add(patterns._fingerprint(p))
+    p.data = p.data.int()
+    seen.add(patterns._fingerprint(p))
+    assert len(seen) == 5
