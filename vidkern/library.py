@@ -395,7 +395,10 @@ DEFINED = {name: define(spec) for name, spec in SPECS.items()}
 def call(name: str, *args):
     """Run op ``name``'s forward custom op (autograd through its backward op): all its outputs."""
     defined = DEFINED[name]
-    if defined.function is not None and torch._C._functorch.peek_interpreter_stack() is not None:
+    # (not while torch.compile traces: the custom op stays opaque there, and torch 2.13's dynamo
+    # reads a functorch interpreter of its own on that stack)
+    if (defined.function is not None and not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None):
         return defined.function.apply(*args)        # torch.func.grad / vjp / jacrev
     return defined.op(*args)
 
