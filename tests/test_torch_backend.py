@@ -214,7 +214,7 @@ def test_soft_merge_gradcheck_through_custom_op(monkeypatch):
     u = torch.randn(2, 8, 3, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 8, 4, dtype=torch.float64, requires_grad=True)
     e = torch.randn(1, 8, 4, dtype=torch.float64, requires_grad=True)
-    idx = torch.tensor([[0, 3, 5], [1, 1, 6]])  # a repeated index too: its grads must add up
+    idx = torch.tensor([[0, 3, 5], [1, 2, 6]])  # (a repeated index is refused: SPEC §3.2)
     assert torch.autograd.gradcheck(
         lambda a, b, c: vidkern.soft_merge(R.normalize(a), idx, b, c, 0.8, backend="torch"), (u, x, e))
 
