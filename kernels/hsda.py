@@ -316,6 +316,7 @@ def _hsda_packed_bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, PERM,
 
 # =========================================================================== launch configuration
 import functools  # noqa: E402
+import math  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
@@ -590,27 +591,20 @@ TILE_KERNELS = {"fwd": _hsda_fwd_kernel, "bwd_preprocess": _hsda_bwd_preprocess_
                 "bwd_dkdv": _hsda_bwd_dkdv_kernel, "bwd_dq": _hsda_bwd_dq_kernel}
 PACKED_KERNELS = {"packed_fwd": _hsda_packed_fwd_kernel, "packed_bwd": _hsda_packed_bwd_kernel}
 SPARSE_MODES = (1, 2)   # the tile kernels' group rule: checkerboard arithmetic, or PERM/GOFF tables
-_TILE_TYPES = dict(LSE="*fp32", DELTA="*fp32", PERM="*i32", GOFF="*i32", TILES="*i32", COUNT="*i32", scale="fp32",
-                   **dict.fromkeys(("N", "H", "HG", "TILES_GLOBAL", "T", "HP", "WP"), "i32"))
-_PACKED_TYPES = dict(LSE="*fp32", DELTA="*fp32", PERM="*i64", scale="fp32",
-                     **dict.fromkeys(("N", "H", "HG", "GS", "GPT", "COUNT"), "i32"))
 
 
 def tile_aot_spec(name: str, dtype, head_dim: int, mode: int = 1, debug: bool = False):
     """The configuration the launchers compile of tile kernel ``name`` (:data:`TILE_KERNELS`) for
     ``dtype``, ``head_dim`` and sparse ``mode``: :func:`pick_config`'s tiles, warps and stages;
-    head-dim strides 1 (``_kernel_ready``); batch/head/row strides 16-divisible, as Triton's JIT
-    sees a contiguous or fused-qkv launch; ``debug``: the work-counting forward the tests launch."""
+    ``debug``: the work-counting forward the tests launch."""
     from .launch import AotSpec
     fn, bd = TILE_KERNELS[name], block_d(head_dim)
     if name == "bwd_preprocess":
-        return AotSpec("hsda", name, fn, dtype, dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=64, sod=1, sdd=1), 4,
-                       _TILE_TYPES, stride_hints=True)
+        return AotSpec("hsda", name, fn, dtype, dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=64), 4)
     cfg = pick_config("fwd" if name == "fwd" else "bwd", head_dim, dtype, 90)
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=bd, **cfg.constexprs, SPARSE_MODE=mode,
-                  PRECISION=dot_precision(dtype), sqd=1, skd=1, svd=1,
-                  **({"sod": 1, "DEBUG": debug} if name == "fwd" else {"sdd": 1}))
-    return AotSpec("hsda", name, fn, dtype, consts, cfg.num_warps, _TILE_TYPES, cfg.num_stages, stride_hints=True)
+                  PRECISION=dot_precision(dtype), **({"DEBUG": debug} if name == "fwd" else {}))
+    return AotSpec("hsda", name, fn, dtype, consts, cfg.num_warps, cfg.num_stages)
 
 
 def aot_specs(dtype) -> list:
@@ -626,9 +620,47 @@ def aot_specs(dtype) -> list:
         specs += [tile_aot_spec(name, dtype, d, mode) for name in ("fwd", "bwd_dkdv", "bwd_dq") for mode in SPARSE_MODES]
         specs.append(tile_aot_spec("fwd", dtype, d, 1, debug=True))
         for name, fn in PACKED_KERNELS.items():
-            unit = dict(sqd=1, skd=1, svd=1, **({"sod": 1} if name == "packed_fwd" else {"sdd": 1}))
             for block, warps in PACKED_WARPS[dtype_class(dtype)].items():
                 specs.append(AotSpec("hsda", name, fn, dtype, dict(HEAD_DIM=d, BLOCK_D=block_d(d), P=block,
-                                                                    PRECISION=dot_precision(dtype), **unit), warps,
-                                     _PACKED_TYPES))
+                                                                    PRECISION=dot_precision(dtype)), warps))
     return specs
+
+
+#: the reference shape of the AOT launches: ViT-B's 12 heads over 8x14x14 tokens, 6 global (two
+#: batch rows: the batch changes no specialisation)
+_AOT_GRID, _AOT_HEADS = (8, 14, 14), 12
+
+
+def _aot_launch(dtype, d, grid, pattern, num_global_heads, debug=False):
+    def launch():
+        b, n = 2, math.prod(grid)
+        q, k, v, grad = (torch.empty((b, _AOT_HEADS, n, d), dtype=dtype) for _ in range(4))
+        if debug:
+            return hsda_forward(q, k, v, grid, pattern, num_global_heads, d ** -0.5, debug=True)
+        out, lse = hsda_forward(q, k, v, grid, pattern, num_global_heads, d ** -0.5)
+        # the backward reads the forward's (B, N, H, d) output, as the autograd Function hands it over
+        hsda_backward(grad, q, k, v, out, lse, grid, pattern, num_global_heads, d ** -0.5)
+    return launch
+
+
+def aot_launches(dtype) -> list:
+    """``(label, launch)`` pairs: each ``launch()`` runs the HSDA launchers (forward and backward)
+    on CPU tensors of ``dtype``; ``vidkern.aot`` records their kernel launches instead of running
+    them. The reference shape (ViT-B, 8x14x14 tokens, checkerboard 6+6) at every head dim, then
+    what reaches the other configurations: an explicit two-group pattern (the table mode), the
+    temporal heads (packed tiles of P = 16, 32, 64 rows: groups of 8, 16, 32 frames), the debug
+    forward."""
+    launches = []
+    for d in HEAD_DIMS:
+        if d > MAX_HEAD_DIM[dtype_class(dtype)]:
+            continue
+        n = math.prod(_AOT_GRID)
+        halves = (torch.arange(n) >= n // 2).long()
+        launches += [(f"d={d} checkerboard 6+6", _aot_launch(dtype, d, _AOT_GRID, "checkerboard", 6)),
+                     (f"d={d} two halves 6+6", _aot_launch(dtype, d, _AOT_GRID, halves, 6)),
+                     (f"d={d} checkerboard debug", _aot_launch(dtype, d, _AOT_GRID, "checkerboard", 6, debug=True))]
+        for frames in (8, 16, 32):
+            grid = (frames, 14 * 8 // frames, 14) if frames < 32 else (32, 7, 7)
+            if frames <= PACKED_GROUP_MAX[dtype_class(dtype)]:
+                launches.append((f"d={d} temporal T={frames} 6+6", _aot_launch(dtype, d, grid, "temporal", 6)))
+    return launches

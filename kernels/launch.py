@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -116,33 +115,33 @@ class Config:
         return dict(self.tiles, num_warps=self.num_warps,
                     **({} if self.num_stages is None else {"num_stages": self.num_stages}))
 
-    def aot(self, family: str, name: str, fn, dtype, types: Optional[dict] = None, **constexprs) -> "AotSpec":
+    def aot(self, family: str, name: str, fn, dtype, **constexprs) -> "AotSpec":
         """The :class:`AotSpec` of kernel ``fn`` launched with this configuration (``constexprs``:
         the kernel's other compile-time arguments)."""
-        return AotSpec(family, name, fn, dtype, dict(self.tiles, **constexprs), self.num_warps, types or {},
-                       self.num_stages)
+        return AotSpec(family, name, fn, dtype, dict(self.tiles, **constexprs), self.num_warps, self.num_stages)
 
 
 @dataclass(frozen=True)
 class AotSpec:
-    """One configuration a launcher can pick, as ``python -m vidkern.aot`` compiles it: the kernel
-    (``family`` and short ``name``, e.g. ``("team", "gate_bwd")``), its constexprs and warps, and
-    the types of the arguments that are not a pointer to the inputs' dtype. Every kernel module
-    exports ``aot_specs(dtype)``, built from the same functions its launchers call, so the check
-    compiles exactly what runs (no hand-kept lists in ``vidkern.aot``).
+    """One configuration a launcher can pick, declared for ``python -m vidkern.aot``: the kernel
+    (``family`` and short ``name``, e.g. ``("team", "gate_bwd")``), the inputs' dtype, the
+    constexprs the launcher passes, warps and stages (``None``: Triton's default). Every kernel
+    module exports ``aot_specs(dtype)``, built from the same functions its launchers call.
 
-    Signature rule: upper-case parameters are pointers to ``dtype`` unless named in ``types``,
-    lower-case ones ``i32`` unless named there; constexprs are compile-time constants. Pointers and
-    strides get the 16-divisibility hint Triton's JIT gives a contiguous launch."""
+    What ``vidkern.aot`` compiles is not built from a spec: it runs the module's
+    ``aot_launches(dtype)`` (the launchers themselves, at the reference shapes and at shapes that
+    reach every declared configuration) with Triton's launch replaced by a recorder, and compiles
+    each recorded launch exactly as Triton's JIT would (its own specialisation: an int argument
+    equal to 1 becomes a constant, pointers and ints divisible by 16 get a divisibility hint).
+    The declared specs are what the recorded launches are checked against: every launch must match
+    one, and every one must be launched (:meth:`matches`)."""
     family: str
     name: str
     fn: object
     dtype: torch.dtype
     constexprs: dict
     num_warps: int
-    types: dict = field(default_factory=dict)
-    num_stages: int = None
-    stride_hints: bool = False   # also hint the batch/head/row strides (``s?b``, ``s?h``, ``s?n``) 16-divisible
+    num_stages: Optional[int] = None
 
     @property
     def debug(self) -> bool:
@@ -157,20 +156,10 @@ class AotSpec:
         debug = " debug" if self.debug else ""
         return f"{_DTYPE_NAMES[self.dtype]} {shown} w={self.num_warps}{stages}{debug}".replace("  ", " ")
 
-    def signature(self) -> dict:
-        sig = {}
-        for name in inspect.signature(self.fn.fn).parameters:
-            if name in self.constexprs:
-                sig[name] = "constexpr"
-            elif name in self.types:
-                sig[name] = self.types[name]
-            else:
-                sig[name] = f"*{_DTYPE_NAMES[self.dtype]}" if name.isupper() else "i32"
-        return sig
-
-    def hinted(self, name: str, kind: str) -> bool:
-        """Whether argument ``name`` (signature type ``kind``) gets Triton's 16-divisibility hint."""
-        return kind.startswith("*") or (self.stride_hints and kind == "i32" and name[0] == "s" and name[-1] in "bhn")
-
-    def options(self) -> dict:
-        return dict(num_warps=self.num_warps, **({} if self.num_stages is None else dict(num_stages=self.num_stages)))
+    def matches(self, fn, constexprs: dict, num_warps: int, num_stages: int, default_stages: int) -> bool:
+        """Whether a recorded launch of ``fn`` (its constexprs by name, warps, stages) is this
+        configuration: the same kernel, warps and stages, and every declared constexpr at the
+        declared value (the launch also has the JIT's own constants: unit strides)."""
+        stages = default_stages if self.num_stages is None else self.num_stages
+        return (fn is self.fn and num_warps == self.num_warps and num_stages == stages
+                and all(name in constexprs and constexprs[name] == value for name, value in self.constexprs.items()))

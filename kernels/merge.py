@@ -63,6 +63,7 @@ import triton
 import triton.language as tl
 
 from .launch import Config, batch_chunks, dot_precision, for_triton, on_input_device
+from .limits import dtype_class
 
 
 # =========================================================================== helpers
@@ -576,25 +577,36 @@ def stores_scores(lp: int, d: int, itemsize: int) -> bool:
     return 2 * lp * 4 <= 3 * d * itemsize
 
 
-#: the least warps per kernel on the running Triton (``kernels.launch.for_triton``)
-MIN_WARPS = for_triton({}, {(3, 8): {"dx": 8}})
+#: fp32 accumulator registers a thread may hold per kernel (the rest of the file holds ``S``, ``G``
+#: and the pipelined operand tiles): the dX/dE pass, which also streams the stored scores, spilled 8
+#: bytes at 64 (NC = 3, 16-bit, sm_80; NC = 2, float32) once compiled as the JIT specialises a launch
+ACCUMULATOR_REGS = {"fwd": 64, "tokens": 64, "dx": 32, "meta": 64}
+#: pipeline stages of the backward's dX/dE and meta passes: Triton's default 3 buffered the gathered
+#: tiles three deep, 98.6 KB of shared memory (dX/dE, NC = 6) and registers past 128 (8-byte spills
+#: in dX/dE NC = 3 and 6 and meta NC = 3 on sm_90); 2 keeps both clean on Triton 3.8. Triton 3.6
+#: still spilled 8 bytes in dX/dE at 2 stages (NC = 6 without stored scores; float32 with): 1 there.
+MERGE_STAGES = for_triton({"dx": 2, "meta": 2}, {(3, 8): {"dx": 1}})
+#: warps that differ on older Tritons, by (kernel, dtype class, NC): Triton 3.6 spilled 8 bytes in
+#: the one-chunk 16-bit token pass at 8 warps on sm_90 (ptxas held it to 128 registers); 4 are clean
+WARPS_BEFORE = for_triton({}, {(3, 8): {("tokens", "half", 1): 4}})
 
 
 def merge_warps(kernel: str, nc: int, rows: int, ch: int, dtype) -> int:
-    """Warps of a merge kernel: 8 at least for the backward's token and meta passes (their ``S``
-    and ``G`` tiles and row scalings, not the accumulators, are what fills the registers) and for
-    float32's forward pass (tf32x3 operand splits), then enough that the fp32 accumulators take at
-    most 64 registers a thread, up to 16 warps — but at most 8 for the token pass, which needs more
-    than the 128 registers a thread 16 warps leave. Found with ``python -m vidkern.aot``, which
-    checks that none spills on sm_80/sm_90. Triton before 3.8 spills the one-chunk 16-bit dX/dE
-    pass at 4 warps on sm_90 (128 registers, 8 bytes of stack): :data:`MIN_WARPS` gives it 8."""
+    """Warps of a merge kernel: 8 at least for the backward's token, dX/dE and meta passes (their
+    ``S`` and ``G`` tiles and row scalings, not the accumulators, are what fills the registers) and
+    for float32's forward pass (tf32x3 operand splits), then enough that the fp32 accumulators take
+    at most :data:`ACCUMULATOR_REGS` registers a thread, up to 16 warps — but at most 8 for the
+    token pass, which needs more than the 128 registers a thread 16 warps leave. Found with
+    ``python -m vidkern.aot``, which compiles each launch as Triton's JIT specialises it and checks
+    that none spills on sm_80/sm_90, on Triton 3.6 and 3.8 (:data:`WARPS_BEFORE`)."""
     if kernel == "lse":
         return 4
+    if (kernel, dtype_class(dtype), nc) in WARPS_BEFORE:
+        return WARPS_BEFORE[(kernel, dtype_class(dtype), nc)]
     floats = _ACCUMULATORS[kernel] * nc * rows * ch
-    warps = 8 if kernel in ("tokens", "meta") or (kernel == "fwd" and dtype == torch.float32) else 4
-    warps = max(warps, MIN_WARPS.get(kernel, 1))
+    warps = 8 if kernel in ("tokens", "meta", "dx") or (kernel == "fwd" and dtype == torch.float32) else 4
     most = 8 if kernel == "tokens" else 16
-    while warps < most and floats > 64 * 32 * warps:
+    while warps < most and floats > ACCUMULATOR_REGS[kernel] * 32 * warps:
         warps *= 2
     return warps
 
@@ -602,11 +614,11 @@ def merge_warps(kernel: str, nc: int, rows: int, ch: int, dtype) -> int:
 def merge_config(kernel: str, dtype, nc: int = 1) -> Config:
     """The launch of merge kernel ``kernel`` (``"lse"``, ``"fwd"``, ``"tokens"``, ``"dx"``,
     ``"meta"``) with ``nc`` resident channel chunks: the tiles of :func:`merge_blocks` (the lse pass
-    has no output channels: no ``CH``, ``NC``) and :func:`merge_warps`."""
+    has no output channels: no ``CH``, ``NC``), :func:`merge_warps` and :data:`MERGE_STAGES`."""
     bm, bn, bk, ch = merge_blocks(dtype)
     rows = bm if kernel in ("lse", "tokens", "dx") else bn
     tiles = dict(BM=bm, BN=bn, BK=bk) if kernel == "lse" else dict(BM=bm, BN=bn, BK=bk, CH=ch, NC=nc)
-    return Config.of(num_warps=merge_warps(kernel, nc, rows, ch, dtype), **tiles)
+    return Config.of(num_warps=merge_warps(kernel, nc, rows, ch, dtype), num_stages=MERGE_STAGES.get(kernel), **tiles)
 
 
 # =========================================================================== launchers
@@ -694,8 +706,6 @@ def aot_specs(dtype) -> list:
     (``vidkern.aot``): the lse kernel, and each chunked kernel at every ``NC`` of
     ``merge_chunks(dtype)`` (the backward's with and without ``STORED`` scores)."""
     import inspect
-    types = dict(IDX="*i64", LSE="*fp32", COL="*fp32", GAMMA="*fp32", DELTA="*fp32", DU_OUT="*fp32",
-                 C1S="*fp32", DC1S="*fp32", L="i32", LP="i32", DU="i32", D="i32", inv_tau="fp32")
     specs = []
     for name, fn in MERGE_KERNELS.items():
         params = inspect.signature(fn.fn).parameters
@@ -703,5 +713,30 @@ def aot_specs(dtype) -> list:
         for nc in (merge_chunks(dtype) if "NC" in params else [1]):
             for stored in ((False, True) if "STORED" in params else (None,)):
                 extra = dict(**({"STORED": stored} if stored is not None else {}), PRECISION=dot_precision(dtype))
-                specs.append(merge_config(kernel, dtype, nc).aot("sttm", name, fn, dtype, types, **extra))
+                specs.append(merge_config(kernel, dtype, nc).aot("sttm", name, fn, dtype, **extra))
     return specs
+
+
+def _aot_launch(dtype, length: int, lp: int, d: int):
+    def launch():
+        b = 2 if length < 4096 else 1
+        u, x = (torch.empty((b, length, d), dtype=dtype) for _ in range(2))
+        e = torch.empty((1, length, d), dtype=dtype).expand(b, length, d)   # position features: a broadcast
+        idx = torch.arange(lp).expand(b, lp).contiguous()
+        a, p, lse, col = soft_merge_forward(u, idx, x, e, 0.1)
+        soft_merge_backward(torch.empty_like(a), torch.empty_like(p), u, idx, x, e, a, p, lse, col, 0.1)
+    return launch
+
+
+def aot_launches(dtype) -> list:
+    """``(label, launch)`` pairs: each ``launch()`` runs the soft-merge launchers (forward and
+    backward) on CPU tensors of ``dtype`` (``vidkern.aot`` records the kernel launches): the
+    reference shapes (sttm_vit_b's two stages and the long clip at D = 768, the position features a
+    batch broadcast), then a width per chunk count ``NC`` with and without stored scores."""
+    ch = merge_blocks(dtype)[3]
+    launches = [(f"{length} -> {lp}, D=768", _aot_launch(dtype, length, lp, 768))
+                for length, lp in ((196, 98), (784, 392), (12544, 6272))]
+    for nc in merge_chunks(dtype):
+        launches += [(f"NC={nc}: 196 -> 16, D={nc * ch}", _aot_launch(dtype, 196, 16, nc * ch)),
+                     (f"NC={nc}: 1568 -> 784, D={nc * ch}", _aot_launch(dtype, 1568, 784, nc * ch))]
+    return launches

@@ -261,17 +261,34 @@ def aot_specs(dtype) -> list:
     """The configurations :func:`orthogonal_select` launches for inputs of ``dtype`` (``vidkern.aot``):
     the Gram kernel, the greedy kernel at every ``BLOCK_L`` from ``GREEDY_MIN_BLOCK`` to
     ``next_power_of_2(GREEDY_MAX_L)``, the streaming fallback."""
-    specs = [NORM_BLOCKS.aot("sttm", "select_norm", _inv_norm_kernel, dtype,
-                             dict(INV="*fp32", L="i32", D="i32", TL="i32"), EPS=NORM_EPS),
-             gram_config(dtype).aot("sttm", "select_gram", _gram_kernel, dtype,
-                                    dict(INV="*fp32", G="*fp32", L="i32", D="i32", T="i32"),
-                                    PRECISION=dot_precision(dtype), UPCAST=False)]
+    specs = [NORM_BLOCKS.aot("sttm", "select_norm", _inv_norm_kernel, dtype, EPS=NORM_EPS),
+             gram_config(dtype).aot("sttm", "select_gram", _gram_kernel, dtype, PRECISION=dot_precision(dtype),
+                                    UPCAST=False)]
     length = GREEDY_MIN_BLOCK
     while length <= triton.next_power_of_2(GREEDY_MAX_L):
-        specs.append(greedy_config(length).aot("sttm", "select_greedy", _greedy_kernel, dtype,
-                                               dict(G="*fp32", START="*i64", OUT="*i64", L="i32", K="i32")))
+        specs.append(greedy_config(length).aot("sttm", "select_greedy", _greedy_kernel, dtype))
         length *= 2
-    specs.append(SELECT_BLOCKS.aot("sttm", "select_stream", _stream_select_kernel, dtype,
-                                   dict(START="*i64", OUT="*i64", WORK="*fp32", L="i32", D="i32", K="i32"),
-                                   EPS=NORM_EPS))
+    specs.append(SELECT_BLOCKS.aot("sttm", "select_stream", _stream_select_kernel, dtype, EPS=NORM_EPS))
     return specs
+
+
+def _aot_launch(dtype, b: int, length: int, k: int, d: int = 768):
+    def launch():
+        x = torch.empty((b, length, d), dtype=dtype)
+        orthogonal_select(x, k, torch.zeros(b, dtype=torch.long))
+    return launch
+
+
+def aot_launches(dtype) -> list:
+    """``(label, launch)`` pairs: each ``launch()`` runs :func:`orthogonal_select` on CPU tensors of
+    ``dtype`` (``vidkern.aot`` records the kernel launches): the reference shapes (sttm_vit_b's
+    stages with their ``K = 1.5 L'`` candidates, the long clip), then a length per greedy width
+    and one past :data:`GREEDY_MAX_L` (the streaming fallback)."""
+    launches = [("256 x 196 -> 147", _aot_launch(dtype, 256, 196, 147)),
+                ("32 x 784 -> 588", _aot_launch(dtype, 32, 784, 588)),
+                ("1 x 12544 -> 6272", _aot_launch(dtype, 1, 12544, 6272))]
+    length = GREEDY_MIN_BLOCK
+    while length <= triton.next_power_of_2(GREEDY_MAX_L):
+        launches.append((f"2 x {length} -> {length // 2}", _aot_launch(dtype, 2, length, length // 2)))
+        length *= 2
+    return launches + [(f"1 x {GREEDY_MAX_L + 1} -> 8", _aot_launch(dtype, 1, GREEDY_MAX_L + 1, 8))]

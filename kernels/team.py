@@ -304,10 +304,12 @@ SMALL_CONFIG = Config.of(BLOCK_D=32, num_warps=1)
 
 def rows_config(d: int) -> Config:
     """The row kernels: a whole row of channels per token, 2048 elements per tile (the backward
-    keeps about six such tiles live); 8 warps from 256 channels (at 256 with 4 warps ptxas kept
-    one value on the stack in gate_rows and gate_bwd: 8 bytes, sm_80, triton 3.8)."""
+    keeps about six such tiles live); 4 warps up to 256 channels, 8 above. Compiled as Triton's
+    JIT specialises a launch on a channel-contiguous X (``vidkern.aot``), 8 warps at 256 channels
+    spilled 8 bytes in gate_bwd on sm_90 (ptxas held it to 64 registers); 4 compile clean on Triton
+    3.6 and 3.8, sm_80 and sm_90."""
     bd = max(64, triton.next_power_of_2(d))
-    return Config.of(BLOCK_N=max(1, 2048 // bd), BLOCK_D=bd, num_warps=4 if bd <= 128 else 8)
+    return Config.of(BLOCK_N=max(1, 2048 // bd), BLOCK_D=bd, num_warps=4 if bd <= 256 else 8)
 
 
 def gate_rows(b: int, n: int, d: int) -> int:
@@ -322,15 +324,14 @@ def gate_rows(b: int, n: int, d: int) -> int:
     return rows
 
 
-#: The column kernels (``feature_summary`` forward and backward): 64 x 64 tiles, 8 warps, 16
-#: elements a thread. Where X has no unit stride for Triton to specialise on (the
-#: variant ``vidkern.aot`` compiles), Triton 3.6 lays a warp's lanes along the reduced token axis,
-#: so each thread carries 64 / (warps along the channels) channels of the online (max, sum-exp,
-#: weighted sum): 32 at 4 warps, where summary_fwd spilled (255 registers, 32-144 bytes), 16 at 8.
-#: Triton 3.8 lays the lanes along the channels. Registers, sm_80/sm_90, 4 -> 8 warps: 3.6 fwd
-#: 255 (spills) -> 243-244, bwd 166-255 -> 102-187; 3.8 fwd 113-155 -> 64-80, bwd 114-128 -> 63-70
-#: (a channel-contiguous X, 3.8: fwd 140-143 -> 80-93). Same tile, so the same work a program.
-SUMMARY_CONFIG = Config.of(BLOCK_N=64, BLOCK_D=64, num_warps=8)
+#: The column kernels (``feature_summary`` forward and backward): 64 x 64 tiles, 16 warps, 8
+#: elements a thread. Compiled as Triton's JIT specialises a launch (``vidkern.aot``: a unit
+#: channel stride becomes a constant), 8 warps spilled 8 bytes in summary_bwd on sm_80 (fp16,
+#: Triton 3.8; ptxas held it to 64 registers); 4 and 16 compile clean on 3.6 and 3.8. 16, not 4:
+#: a launch on an X without a unit channel stride compiles another variant, in which Triton 3.6
+#: lays a warp's lanes along the reduced token axis and 4 warps spilled (255 registers). Same tile,
+#: so the same work a program.
+SUMMARY_CONFIG = Config.of(BLOCK_N=64, BLOCK_D=64, num_warps=16)
 
 
 def summary_config(d: int) -> Config:
@@ -459,8 +460,6 @@ def aot_specs(dtype) -> list:
     """Every configuration the TEAM launchers can launch for inputs of ``dtype`` (``vidkern.aot``):
     the column kernels at their one channel block, the merge kernels at their one block, the row
     kernels at every padded row width."""
-    types = dict(PART="*fp32", STATS="*fp32", S0="*fp32", S="*fp32", DS="*fp32", DG="*fp32",
-                 N="i32", D="i32")
     specs = []
     for name, fn in TEAM_KERNELS.items():
         if name in ("summary_fwd", "summary_bwd"):
@@ -469,5 +468,26 @@ def aot_specs(dtype) -> list:
             configs = [SMALL_CONFIG]
         else:
             configs = [rows_config(bd) for bd in ROW_BLOCK_DS]
-        specs += [cfg.aot("team", name, fn, dtype, types) for cfg in configs]
+        specs += [cfg.aot("team", name, fn, dtype) for cfg in configs]
     return specs
+
+
+def _aot_launch(dtype, b: int, n: int, d: int):
+    def launch():
+        x = torch.empty((b, n, d), dtype=dtype)
+        h = torch.empty((b, d), dtype=dtype)
+        f, stats = feature_summary_forward(x)
+        feature_summary_backward(torch.empty_like(f), x, f, stats)
+        y, s = team_gate_forward(x, h)
+        team_gate_backward(torch.empty_like(y), x, h, s)
+    return launch
+
+
+def aot_launches(dtype) -> list:
+    """``(label, launch)`` pairs: each ``launch()`` runs the TEAM launchers (feature_summary and
+    team_gate, forward and backward) on CPU tensors of ``dtype`` (``vidkern.aot`` records the
+    kernel launches): the reference shapes (ViT-B at B = 32 and 8, the long clip), then ViT-B's
+    tokens at every padded row width."""
+    launches = [(f"B={b} N={n} D=768", _aot_launch(dtype, b, n, 768)) for b, n in ((32, 1568), (8, 1568), (1, 12544))]
+    launches += [(f"B=8 N=1568 D={d}", _aot_launch(dtype, 8, 1568, d)) for d in ROW_BLOCK_DS if d != 1024]
+    return launches + [("B=8 N=1568 D=1024", _aot_launch(dtype, 8, 1568, 1024))]

@@ -63,3 +63,16 @@ def cuda_kernel_device():
         pytest.skip(f"no CUDA sources at {cuda.CSRC} (not a source checkout): the emulator cannot be built")
     cuda.load_emulator()
     return torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def aot_rows(tmp_path_factory):
+    """One run of ``python -m vidkern.aot --json`` (every recorded Triton variant and every kernel
+    of the built extension, sm_80 and sm_90), shared by the tests that read it: its completed
+    process and its rows (``vidkern.aot.as_dict``)."""
+    import json
+
+    from vidkern import aot
+    out = tmp_path_factory.mktemp("aot") / "aot.json"
+    run = aot.run_in_subprocess("--json", str(out))
+    return run, json.loads(out.read_text()) if out.exists() else []

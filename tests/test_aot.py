@@ -3,6 +3,7 @@ needed): no compile errors, no spills, shared memory within the limit, tensor-co
 
 The test suite runs Triton in interpreter mode (no GPU), so compilation happens in fresh
 subprocesses without ``TRITON_INTERPRET``."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -25,24 +26,26 @@ def _python(code: str) -> str:
     return run.stdout
 
 
-def test_every_launcher_configuration_compiles_cleanly(tmp_path):
-    out = tmp_path / "aot.md"
-    run = aot.run_in_subprocess("--out", str(out))
+def test_every_launched_variant_compiles_cleanly(aot_rows):
+    run, rows = aot_rows
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and "kernel" not in ln]
-    expected = len(list(aot.spec_configurations()))
+    counts = json.loads(_python("""
+        import json
+        from vidkern import aot
+        found, problems = aot.variants()
+        print(json.dumps([len(found), problems, len(aot.cuda_resources())]))
+    """))
+    assert counts[1] == []                                     # every launch declared, every declaration launched
     assert [m.__name__.rsplit(".", 1)[1] for m in aot.spec_modules()] == ["hsda", "merge", "selection", "team"]
-    # HSDA: archs x (fp16, bf16: d<=128; fp32: d<=64) x (7 kernels + the debug forward);
-    # TEAM: archs x 3 dtypes x (3 column kernels + the dh reduction + 4 row kernels x 5 channel blocks);
-    # STTM selection: archs x 3 dtypes x (inverse norms, Gram, 8 greedy widths, the streaming fallback);
-    # STTM merge: archs x (13 fp16 + 13 bf16 + 9 fp32 channel-chunk variants of its 5 kernels)
-    assert expected == 2 * (3 + 3 + 2) * (7 + 1) + 2 * 2 * (3 * 3 + 3 * 3 + 2 * 1) + 2 * 3 * (4 + 4 * 5) + 2 * 3 * 11 + 2 * (22 + 22 + 15)
-    assert len(rows) == expected + len(aot.cuda_resources())
-    assert any(r.startswith("| team gate_bwd") for r in rows) and any(r.startswith("| sttm merge_bwd_meta") for r in rows)
-    assert all(r.endswith("| ok |") or (" debug |" in r and "| ok (debug" in r) for r in rows)
-    assert all(r.endswith("| ok |") for r in rows if " debug |" not in r)
-    assert any("sm_90" in r and "| hsda fwd |" in r for r in rows) and any("sm_80" in r for r in rows)
-    assert sum(" debug |" in r for r in rows) == 2 * (3 + 3 + 2)     # the debug forward per arch, dtype, head dim
+    assert len(rows) == 2 * counts[0] + counts[2]
+    triton_rows = [r for r in rows if not r["kernel"].startswith("cuda")]
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]][:3]
+    assert all(r["spill"] == 0 and r["local"] == 0 for r in triton_rows if " debug " not in f" {r['config']} ")
+    assert {r["arch"] for r in rows} == {80, 90}
+    # each family's reference launch is among the compiled variants
+    cases = {r["case"] for r in triton_rows}
+    assert {"hsda d=64 checkerboard 6+6", "merge 784 -> 392, D=768", "selection 1 x 12544 -> 6272",
+            "team B=32 N=1568 D=768"} <= cases
 
 
 def test_the_check_catches_spills():
@@ -52,10 +55,65 @@ def test_the_check_catches_spills():
         from vidkern import aot
         from vidkern.kernels import hsda as K
         K.pick_config = lambda *a, **k: K.tile_config(128, 128, 4, 2)
-        r = aot.compile_spec(K.tile_aot_spec("bwd_dkdv", torch.float32, 128, 1), 80)
-        print(r.error == "", r.spill > 0, r.ok)
+        found, problems = aot.variants((torch.float32,), (80,), [K])
+        v = next(v for v in found if v.spec.name == "bwd_dkdv" and v.spec.constexprs["HEAD_DIM"] == 64)
+        r = aot.compile_variant(v, 80)
+        print(r.error == "", r.spill > 0, r.ok, problems == [])
     """)
-    assert out.split() == ["True", "True", "False"]
+    assert out.split() == ["True", "True", "False", "True"]
+
+
+def test_launches_and_declarations_must_agree():
+    """A launch no ``aot_specs`` entry declares, and a declared configuration no launch reaches, are
+    reported (and fail ``python -m vidkern.aot``)."""
+    out = _python("""
+        import torch
+        from vidkern import aot
+        from vidkern.kernels import team as T
+        specs = T.aot_specs
+        T.aot_specs = lambda dtype: [s for s in specs(dtype) if s.name != "gate_dh"]
+        print(sum("_gate_dh_kernel launched" in p for p in aot.variants((torch.float16,), (80,), [T])[1])
+              == len(T.aot_launches(torch.float16)))
+        T.aot_specs = lambda dtype: specs(dtype) + [T.SMALL_CONFIG.aot("team", "gate_dh", T._gate_dh_kernel, dtype,
+                                                                        EXTRA=1)]
+        print(sum("never launched" in p for p in aot.variants((torch.float16,), (80,), [T])[1]))
+    """)
+    assert out.split() == ["True", "1"]    # gate_dh: once per launch case (team_gate's backward)
+
+
+def test_the_recorder_specialises_as_the_jit():
+    """What is compiled is what Triton's JIT compiles for the launch: recorded through the JIT's own
+    ``run`` (a stand-in driver, its ``jit_cache_hook``). Its rule, seen on soft_merge's forward:
+    unit strides become the constant 1, a 16-divisible size or stride gets the divisibility hint, a
+    size that is not a multiple of 16 (L' = 98) none, a broadcast's stride 0 the hint; a
+    transposed X's channel stride is no constant; the warps are the launcher's."""
+    out = _python("""
+        import json, torch
+        from vidkern import aot
+        from vidkern.kernels import merge as M
+        def record(x_transposed):
+            with aot.recording((90,)) as (launches, launch_all):
+                def launch():
+                    u = torch.empty(2, 784, 128, dtype=torch.bfloat16)
+                    x = torch.empty(2, 768, 784, dtype=torch.bfloat16).transpose(1, 2) if x_transposed else \
+                        torch.empty(2, 784, 768, dtype=torch.bfloat16)
+                    e = torch.empty(1, 784, 768, dtype=torch.bfloat16).expand(2, 784, 768)
+                    idx = torch.arange(98).expand(2, 98).contiguous()
+                    M.soft_merge_forward(u, idx, x, e, 0.1)
+                launch_all(launch)
+            fn, arch, sig, consts, attrs, options = next(l for l in launches if l[0] is M._merge_fwd_kernel)
+            names = list(sig)
+            hinted = {names[i] for (i,), a in attrs.items() if a}
+            unit = {names[i] for (i,), v in consts.items() if v == 1 and names[i].islower()}
+            return dict(unit=sorted(unit), hinted=sorted(h for h in hinted if h.islower() or h in ("L", "LP", "D")),
+                        warps=options["num_warps"], sig_sxd=sig["sxd"])
+        print(json.dumps([record(False), record(True), M.merge_config("fwd", torch.bfloat16, 6).num_warps]))
+    """)
+    plain, transposed, warps = json.loads(out)
+    assert plain["unit"] == ["sed", "sud", "sxd"] and plain["sig_sxd"] == "constexpr"
+    assert {"L", "D", "seb", "sxb", "sxl", "sel"} <= set(plain["hinted"]) and "LP" not in plain["hinted"]
+    assert plain["warps"] == warps
+    assert "sxd" not in transposed["unit"] and transposed["sig_sxd"] == "i32"
 
 
 def test_launch_tables_per_triton_version():
@@ -79,49 +137,18 @@ def test_launch_tables_per_triton_version():
         assert K.pick_config(kind, d, dtype, 90) == K.configs()[(kind, K.dtype_class(dtype), d)]
 
 
-def test_the_check_compiles_what_the_launchers_launch():
-    """Tiles, warps and stages come from the launchers' own functions, on the running Triton
-    (compilation replaced by a recorder)."""
-    out = _python("""
-        import torch, triton
-        from vidkern import aot
-        from vidkern.kernels import hsda as K, team as T
-        seen = []
-        def record(src, target=None, options=None):
-            names = list(src.signature)   # src.constants: {(argument index,): value}
-            seen.append(({names[i]: v for (i,), v in src.constants.items()}, options))
-            raise RuntimeError("recorded")
-        triton.compile = record
-        c = T.summary_config(384)
-        n, d, w = c.BLOCK_N, c.BLOCK_D, c.num_warps
-        specs = {(s.name, s.dtype, s.constexprs.get("BLOCK_D")): s for s in T.aot_specs(torch.float16) + T.aot_specs(torch.float32)}
-        for kernel in ("summary_fwd", "summary_bwd"):
-            r = aot.compile_spec(specs[(kernel, torch.float16, d)], 80)
-            print(r.config == f"fp16 BLOCK_N={n} BLOCK_D={d} w={w}", seen[-1][1] == dict(num_warps=w),
-                  (seen[-1][0]["BLOCK_N"], seen[-1][0]["BLOCK_D"]) == (n, d))
-        c = T.rows_config(1000)
-        n, d, w = c.BLOCK_N, c.BLOCK_D, c.num_warps
-        r = aot.compile_spec(specs[("gate_bwd", torch.float32, d)], 90)
-        print(r.config == f"fp32 BLOCK_N={n} BLOCK_D={d} w={w}", seen[-1][1] == dict(num_warps=w))
-        for kernel, kind in (("fwd", "fwd"), ("bwd_dkdv", "bwd"), ("bwd_dq", "bwd")):
-            cfg = K.configs()[(kind, "fp32", 64)]
-            aot.compile_spec(K.tile_aot_spec(kernel, torch.float32, 64, 1), 80)
-            consts, options = seen[-1]
-            print(options == dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                  (consts["BLOCK_M"], consts["BLOCK_N"]) == (cfg.BLOCK_M, cfg.BLOCK_N))
-    """)
-    assert out.split() == ["True"] * (3 * 2 + 2 + 2 * 3)
-
-
-def test_the_check_requires_tensor_core_code():
+def test_the_check_requires_tensor_core_code(aot_rows):
+    _, rows = aot_rows
+    fwd = [r for r in rows if r["kernel"] == "hsda fwd" and r["config"].startswith("bf16 HEAD_DIM=64")
+           and r["arch"] == 90 and " debug " not in r["config"]]
+    assert fwd and all(r["ok"] and r["mma"] and r["regs"] > 32 for r in fwd)   # a dead kernel: a few registers
     out = _python("""
         import torch
         from vidkern import aot
-        from vidkern.kernels import hsda as K
-        r = aot.compile_spec(K.tile_aot_spec("fwd", torch.bfloat16, 64, 1), 90)
-        print(r.ok, r.mma, r.regs > 32)   # a dead kernel would compile to a few registers
+        r = aot.Result("hsda fwd", "bf16", 90, regs=100)
+        print(r.needs_mma, r.ok)
     """)
-    assert out.split() == ["True", "True", "True"]
+    assert out.split() == ["True", "False"]
 
 
 @needs_extension
@@ -162,16 +189,14 @@ def test_compiled_products_use_the_precision_each_dtype_needs():
         import torch
         from vidkern import aot
         from vidkern.kernels import hsda, merge, selection
+        found, _ = aot.variants((torch.float32, torch.float16, torch.bfloat16), (80,), [hsda, merge, selection])
         seen = {}
-        for module in (hsda, merge, selection):
-            for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                for spec in module.aot_specs(dtype):
-                    key = (spec.family, spec.name, str(dtype))
-                    if key in seen:
-                        continue
-                    r = aot.compile_spec(spec, 80)
-                    if r.dots:
-                        seen[key] = r.dots
+        for v in found:
+            key = (v.spec.family, v.spec.name, str(v.spec.dtype))
+            if key not in seen:
+                r = aot.compile_variant(v, 80)
+                if r.dots:
+                    seen[key] = r.dots
         for (family, name, dtype), dots in sorted(seen.items()):
             print(family, name, dtype, ",".join(dots))
     """)

@@ -1,35 +1,45 @@
-"""``python -m vidkern.aot``: compile every Triton kernel configuration the launchers can pick, for
-sm_80 and sm_90, without a GPU, and report registers, shared memory and spills — and the same for
-every kernel of the built CUDA extension ``vidkern._C``.
+"""``python -m vidkern.aot``: compile every Triton kernel the launchers launch, for sm_80 and sm_90,
+exactly as Triton's JIT compiles it, without a GPU; report registers, shared memory, spills and a
+static reading of the SASS (:mod:`vidkern.sass`) — and the same for every kernel of the built CUDA
+extension ``vidkern._C``.
 
-The configurations are not listed here: every module of ``vidkern.kernels`` that exports
-``aot_specs(dtype)`` (found by :func:`spec_modules`) declares them as
-:class:`vidkern.kernels.launch.AotSpec` s, built from the functions its launchers call — for HSDA
-each kernel x dtype x head dim x sparse mode at the tiles ``pick_config`` chooses on the running
-Triton version (``vidkern.kernels.launch.for_triton``), specialised the way Triton's JIT
-specialises a launch (unit head-dim stride, 16-divisible pointers and strides, which the launcher
-guarantees), plus the work-counting debug variant. It reads the cubin's resource usage with the
-``cuobjdump`` shipped in the triton wheel. It exits non-zero on a compile error, a spill
-(``STACK``/``LOCAL`` > 0), shared memory over the architecture's limit, or a kernel whose code
-lacks the instructions it must hold (tensor-core ``mma`` for the attention kernels; a kernel the
-compiler proved dead compiles to a handful of registers and "no spills").
+*What is compiled is what runs.* Every module of ``vidkern.kernels`` that exports ``aot_specs`` (found
+by :func:`spec_modules`) declares its configurations (:class:`vidkern.kernels.launch.AotSpec`, built
+from the functions its launchers call) and exports ``aot_launches(dtype)``: calls of its own
+launchers on CPU tensors at the reference shapes, then at shapes that reach every declared
+configuration. :func:`variants` runs them under :func:`recording`, which replaces Triton's launch by
+a recorder computing the compile inputs with Triton's own JIT code (its argument binder and
+``_pack_args``): an int argument equal to 1 becomes a constant, pointers and ints divisible by 16 get
+``tt.divisibility`` 16, ``do_not_specialize`` is honoured. Each distinct result is one
+:class:`Variant`, compiled by :func:`compile_variant`. A launch that matches no declared
+configuration, or a declared one never launched, is reported and fails the check; so do a compile
+error, spills (``STACK``/``LOCAL`` > 0 or ``LDL``/``STL`` in the SASS; only the work-counting debug
+forward, launched by tests alone, is let through), shared memory over the architecture's limit, and
+a kernel whose code lacks the instructions it must hold (tensor-core ``mma`` for the attention and
+merge kernels; a kernel the compiler proved dead compiles to a handful of registers and "no
+spills"). Another shape may specialise differently (a size that is not a multiple of 16 loses its
+hint): the table names each variant's specialisation (``unit:`` ints compiled as the constant 1,
+``nohint:`` ints without the hint) and the launch that produced it.
 
 The CUDA extension's kernels are read from the built ``.so`` (one cubin per architecture in
 ``VIDKERN_CUDA_ARCHS``): registers, static shared memory, spills, and the SASS each must hold —
 global stores, 16-byte loads (``LDG.E.128``) in the packed variants, warp shuffles in the
 one-warp-per-token kernels. Its dynamic shared memory is sized by the launcher (``(1 + 8) * D``
-floats at most, 36 KiB at D = 1024) and is not in the cubin.
+floats at most, 36 KiB at D = 1024) and is not in the cubin; nor is its block size (CTAs per SM
+are left blank).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -50,10 +60,13 @@ class Result:
     error: str = ""
     missing: str = ""   # CUDA kernels: required SASS instructions that are absent
     dots: tuple = ()    # Triton: the compiled tl.dot ops as "operand type:input precision" (from TTIR)
+    case: str = ""      # Triton: the recorded launch that compiled it (vidkern.aot.Variant.case)
+    sass: object = None  # the static SASS report (vidkern.sass.Report)
+    local: int = 0       # local-memory instructions (LDL/STL) in the SASS
 
     @property
     def debug(self) -> bool:
-        return self.config.endswith("debug")
+        return " debug " in f" {self.config} "
 
     @property
     def needs_mma(self) -> bool:
@@ -63,7 +76,7 @@ class Result:
     def ok(self) -> bool:
         """Clean: compiled, no spills (the work-counting debug variant, launched only by tests, may
         spill a little), shared memory within the limit, tensor-core code where there must be."""
-        return (not self.error and (self.spill == 0 or self.debug) and self.shared <= SHARED_LIMIT[self.arch]
+        return (not self.error and ((self.spill == 0 and self.local == 0) or self.debug) and self.shared <= SHARED_LIMIT[self.arch]
                 and (self.mma or not self.needs_mma) and not self.missing)
 
 
@@ -86,32 +99,164 @@ def spec_modules() -> list:
     return found
 
 
-def compile_spec(spec, arch: int) -> Result:
-    """Compile one :class:`vidkern.kernels.launch.AotSpec` for ``arch``, with the 16-divisibility
-    hints Triton's JIT gives a launch on contiguous tensors (pointers)."""
+@dataclass
+class Variant:
+    """One kernel variant as Triton's JIT compiles it for a recorded launch: the declared
+    configuration it is (``spec``), the first launch that made it (``case``), and the compile
+    inputs per architecture — the JIT's own ``(signature, constexprs, attrs, options)``."""
+    spec: object
+    case: str
+    signature: dict
+    constexprs: dict          # {(argument index,): value}, the JIT's constants included
+    attrs: dict               # {(argument index,): [["tt.divisibility", 16]] or []}
+    options: dict             # arch -> the backend options (num_warps, num_stages, ...)
+
+    def _ints(self, test) -> list:
+        names = list(self.signature)
+        return [n for i, n in enumerate(names) if test(i, self.signature[n])]
+
+    @property
+    def specialisation(self) -> str:
+        """The JIT's specialisation of the int arguments, in short: those compiled as the constant 1
+        (``unit``) and those without a 16-divisibility hint (``nohint``: not a multiple of 16, or marked
+        ``do_not_specialize``)."""
+        declared = set(self.spec.constexprs)
+        unit = self._ints(lambda i, kind: kind == "constexpr" and list(self.signature)[i] not in declared
+                          and self.constexprs.get((i,)) == 1)
+        odd = self._ints(lambda i, kind: kind.startswith("i") and not self.attrs.get((i,)))
+        return " ".join(filter(None, [f"unit:{','.join(unit)}" if unit else "", f"nohint:{','.join(odd)}" if odd else ""]))
+
+    def key(self, arch: int) -> tuple:
+        return (id(self.spec.fn), tuple(self.signature.items()), tuple(sorted(self.constexprs.items(), key=str)),
+                tuple(sorted((k, repr(v)) for k, v in self.attrs.items())), repr(sorted(self.options[arch].items())))
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+class _RecordingDriver:
+    """The driver Triton's JIT asks for the current device, stream and target: a CUDA GPU of one
+    architecture (device number = the arch, so the JIT's per-device caches never mix with a real
+    device's)."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        self.arch, self.target = arch, GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return self.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+@contextlib.contextmanager
+def recording(archs=ARCHS):
+    """``with recording() as launches:`` — every Triton launch inside goes through Triton's own
+    ``JITFunction.run`` for a CUDA GPU of each arch (a stand-in driver) up to the point where the JIT
+    would compile: its ``jit_cache_hook`` then records ``(fn, arch, signature, constexprs, attrs,
+    options)`` — the JIT's own specialisation — and declines the compile, so nothing is compiled or
+    launched. Outside the interpreter only; the launchers run on CPU tensors, their kernels do not."""
+    import json
+
+    from triton import knobs
+    from triton.runtime import driver
+
+    launches, touched = [], set()
+    arch = [archs[0]]
+
+    def hook(*, fn, compile, **_):
+        jit = fn.jit_function
+        touched.add(jit)
+        data = json.loads(compile["specialization_data"])
+        constexprs = {tuple(k): v["constexpr"] if isinstance(v, dict) and "constexpr" in v else v
+                      for k, v in zip(data["constant_keys"], data["constant_vals"])}
+        attrs = {tuple(k): v for k, v in zip(data["attrs_keys"], data["attrs_vals"])}
+        options = {k: _tuples(v) for k, v in data["options"].items()}   # JSON made the tuples lists
+        launches.append((jit, arch[0], dict(compile["signature"]), constexprs, attrs, options))
+        return True   # handled: the JIT compiles and launches nothing
+
+    def launch_all(launch):
+        """Run ``launch()`` once per arch."""
+        previous_driver = driver._active   # None until a real driver was needed: left as found
+        for a in archs:
+            arch[0] = a
+            driver.set_active(_RecordingDriver(a))
+            try:
+                launch()
+            finally:
+                driver.set_active(previous_driver)
+
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        yield launches, launch_all
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+        for jit in touched:   # forget the stand-in devices' binders
+            for a in archs:
+                jit.device_caches.pop(a, None)
+
+
+def variants(dtypes=tuple(DTYPES), archs=ARCHS, modules=None) -> tuple:
+    """``(variants, problems)``: the distinct :class:`Variant` s the launchers of every kernel module
+    (or ``modules``) launch for ``dtypes`` — each module's ``aot_launches(dtype)`` run under
+    :func:`recording` — and what does not add up: a launch no declared spec (``aot_specs``) matches,
+    a declared spec no launch reaches."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    default_stages = make_backend(GPUTarget("cuda", archs[0], 32)).parse_options({}).num_stages
+    found, problems = {}, []
+    for module, dtype in itertools.product(modules or spec_modules(), dtypes):
+        specs = module.aot_specs(dtype)
+        reached = set()
+        for case, launch in module.aot_launches(dtype):
+            with recording(archs) as (launches, launch_all):
+                launch_all(launch)
+            per_launch = {}
+            for fn, arch, signature, constexprs, attrs, options in launches:
+                per_launch.setdefault(arch, []).append((fn, signature, constexprs, attrs, options))
+            for calls in zip(*(per_launch[a] for a in archs)):   # the same launch, once per arch
+                fn, signature, constexprs, attrs, _ = calls[0]
+                options = {a: call[4] for a, call in zip(archs, calls)}
+                names = list(signature)
+                by_name = {names[i]: v for (i,), v in constexprs.items()}
+                opts = options[archs[0]]
+                spec = next((s for s in specs if s.matches(fn, by_name, opts["num_warps"], opts["num_stages"],
+                                                           default_stages)), None)
+                if spec is None:
+                    problems.append(f"{module.__name__} {DTYPES[dtype]} {case}: {fn.fn.__name__} launched with "
+                                    f"{by_name} w={opts['num_warps']} s={opts['num_stages']}, which no aot_specs entry declares")
+                    continue
+                reached.add(id(spec))
+                v = Variant(spec, f"{module.__name__.rsplit('.', 1)[-1]} {case}", signature, constexprs, attrs, options)
+                found.setdefault(v.key(archs[0]), v)
+        problems += [f"{module.__name__} {DTYPES[dtype]}: declared {s.name} {s.label} is never launched by aot_launches"
+                     for s in specs if id(s) not in reached]
+    return list(found.values()), problems
+
+
+def compile_variant(variant: Variant, arch: int) -> Result:
+    """Compile one recorded :class:`Variant` for ``arch`` exactly as Triton's JIT would."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = spec.signature()
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(sig.items()) if spec.hinted(name, kind)}
-    res = Result(f"{spec.family} {spec.name}", spec.label, arch)
+    spec = variant.spec
+    res = Result(f"{spec.family} {spec.name}", " ".join(filter(None, [spec.label, variant.specialisation])), arch,
+                 case=variant.case)
     try:
-        compiled = triton.compile(ASTSource(fn=spec.fn, signature=sig, constexprs=spec.constexprs, attrs=attrs),
-                                  target=GPUTarget("cuda", arch, 32), options=spec.options())
+        compiled = triton.compile(ASTSource(fn=spec.fn, signature=variant.signature, constexprs=variant.constexprs,
+                                            attrs=variant.attrs),
+                                  target=GPUTarget("cuda", arch, 32), options=variant.options[arch])
     except Exception as exc:
         res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return res
-    return _resources(res, compiled)
-
-
-def spec_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=()):
-    """(spec, arch) for every configuration the launchers declare (each kernel module's
-    ``aot_specs``); ``head_dims``: only the HSDA kernels of these head dims."""
-    for arch, dtype, module in itertools.product(archs, dtypes, spec_modules()):
-        for spec in module.aot_specs(dtype):
-            if not head_dims or spec.constexprs.get("HEAD_DIM", head_dims[0]) in head_dims:
-                yield spec, arch
+    return _resources(res, compiled, variant.options[arch]["num_warps"])
 
 
 #: a tl.dot in Triton's TTIR: its input precision and operand element type (the interpreter ignores
@@ -119,7 +264,8 @@ def spec_configurations(archs=ARCHS, dtypes=tuple(DTYPES), head_dims=()):
 _TTIR_DOT = re.compile(r"tt\.dot .*?inputPrecision = (\w+).*?: tensor<[\dx]+x(\w+)>")
 
 
-def _resources(res: Result, compiled) -> Result:
+def _resources(res: Result, compiled, warps: int) -> Result:
+    from . import sass
     res.dots = tuple(sorted({f"{elem}:{prec}" for prec, elem in _TTIR_DOT.findall(compiled.asm["ttir"])}))
     res.shared = compiled.metadata.shared
     res.mma = bool(re.search(r"\b(wgmma|mma)\.", compiled.asm["ptx"]))
@@ -127,10 +273,13 @@ def _resources(res: Result, compiled) -> Result:
         f.write(compiled.asm["cubin"])
         f.flush()
         usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        listing = subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True).stdout
     line = next((ln for ln in usage.splitlines() if "REG:" in ln), "")
     fields = dict(re.findall(r"(\w+):(\d+)", line))
     res.regs = int(fields.get("REG", 0))
     res.spill = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
+    res.local = len(re.findall(r"\b(?:LDL|STL)\b", listing))   # local-memory instructions in the code itself
+    res.sass = sass.report(listing, res.arch, res.regs, res.shared, warps)
     return res
 
 
@@ -173,17 +322,9 @@ def cuda_resources(path=None) -> list:
     if path is None:
         return []
     usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True)
-    sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
-    code = {}   # (arch, mangled name) -> SASS
-    arch, name = 0, None
-    for line in sass.splitlines():
-        if m := re.search(r"code for sm_(\d+)", line):
-            arch = int(m.group(1))
-        elif m := re.search(r"Function : (\S+)", line):
-            name = (arch, m.group(1))
-            code[name] = []
-        elif name is not None:
-            code[name].append(line)
+    from . import sass
+    listing = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+    code = sass.functions(listing)   # (arch, mangled name) -> SASS
     entries, arch = [], 0
     for line in usage.stdout.splitlines():
         if m := re.search(r"arch = sm_(\d+)", line):
@@ -198,24 +339,41 @@ def cuda_resources(path=None) -> list:
         kernel, dtype, pack = (m.group(1), m.group(2) or "", m.group(3) or "") if m else (mangled, "", "")
         config = " ".join(filter(None, [_CUDA_DTYPES.get(dtype, dtype), f"V={pack}" if pack else ""])) or "-"
         fields = dict(re.findall(r"(\w+):(\d+)", line))
-        text = "\n".join(code.get((arch, mangled), []))
+        text = code.get((arch, mangled), "")
         missing = [need for need in _cuda_requirements(kernel, pack) if not re.search(need, text)]
         results.append(Result(f"cuda {kernel.removesuffix('_kernel')}", config, arch, regs=int(fields.get("REG", 0)),
                               shared=int(fields.get("SHARED", 0)),
                               spill=int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0)),
-                              missing=" ".join(need.replace("\\", "") for need in missing)))
+                              missing=" ".join(need.replace("\\", "") for need in missing),
+                              sass=sass.report(text, arch, int(fields.get("REG", 0)), int(fields.get("SHARED", 0)), 0)))
     return sorted(results, key=lambda r: (r.kernel, r.config, r.arch))
 
 
 def table(results) -> str:
-    lines = ["| kernel | config | arch | regs | smem KiB | spills | mma | status |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | config | arch | regs | smem KiB | spills | CTAs/SM | tensor cores | main loop, per warp | "
+             "launch | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         status = (("ok (debug variant spills)" if r.spill else "ok") if r.ok else
-                  (r.error or ("spills" if r.spill else "smem over limit" if r.shared > SHARED_LIMIT[r.arch]
+                  (r.error or ("spills" if r.spill or r.local else "smem over limit" if r.shared > SHARED_LIMIT[r.arch]
                                else f"lacks {r.missing}" if r.missing else "no mma")))
+        rep = r.sass
+        ctas = (rep.ctas_per_sm or "-") if rep else "-"
+        loop = rep.text().split(": ", 1)[1] if rep else "-"
         lines.append(f"| {r.kernel} | {r.config} | sm_{r.arch} | {r.regs} | {r.shared / 1024:.1f} | {r.spill} | "
-                     f"{'yes' if r.mma else '-' if r.kernel.startswith('cuda') else 'no'} | {status} |")
+                     f"{ctas} | {rep.mma if rep else '-'} | {('' if not rep or rep.loop else 'no loop: ') + loop} | "
+                     f"{r.case or '-'} | {status} |")
     return "\n".join(lines)
+
+
+def as_dict(r: Result) -> dict:
+    """One row of ``--json``: the :class:`Result` fields, its SASS report flattened (``ctas_per_sm``,
+    ``tensor_cores``, ``loop``: per-iteration counts or None, ``kernel_counts``), and ``ok``."""
+    out = {k: v for k, v in asdict(r).items() if k != "sass"}
+    rep = r.sass
+    out.update(ok=r.ok, warps=rep.warps if rep else 0, ctas_per_sm=rep.ctas_per_sm if rep else 0,
+               tensor_cores=rep.mma if rep else "", loop=rep.loop if rep else None,
+               kernel_counts=rep.kernel if rep else None)
+    return out
 
 
 def clean_env() -> dict:
@@ -236,25 +394,34 @@ def main(argv=None) -> int:
                               env=clean_env()).returncode
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
-    parser.add_argument("--head-dim", type=int, action="append", help="32, 64, 128 (default all)")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES.values()), help="default all")
     parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--json", help="also write every row, with its SASS report, as JSON to this file")
     args = parser.parse_args(argv)
     archs = tuple(args.arch or ARCHS)
-    results = [compile_spec(*c) for c in spec_configurations(archs, tuple(DTYPES), tuple(args.head_dim or ()))]
+    dtypes = tuple(t for t, name in DTYPES.items() if not args.dtype or name in args.dtype)
+    found, problems = variants(dtypes, archs)
+    results = [compile_variant(v, arch) for v in found for arch in archs]
     cuda = [r for r in cuda_resources() if r.arch in archs]
     results += cuda
     text = table(results)
     if not cuda:
         text += "\n\nThe CUDA extension vidkern._C is not built: its kernels are not in this table."
+    if problems:
+        text += "\n\nLaunches and declarations that do not match (kernels/*.py aot_specs, aot_launches):\n" + \
+            "\n".join(f"- {p}" for p in problems)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([as_dict(r) for r in results], f, indent=1)
     bad = [r for r in results if not r.ok]
     import triton
     print(f"\ntriton {triton.__version__}: {len(results) - len(bad)} of {len(results)} configurations compile cleanly",
           file=sys.stderr)
-    return 1 if bad else 0
+    return 1 if bad or problems else 0
 
 
 if __name__ == "__main__":
