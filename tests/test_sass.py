@@ -50,6 +50,7 @@ def test_the_parser_finds_loops_and_counts_per_iteration():
     (90, 137, 8, 64 * 1024, 1),      # hsda forward, d = 64: 137 registers hold it to one CTA an SM
     (90, 128, 8, 64 * 1024, 2),      # at 128 registers two fit (the review's maxnreg lead)
     (90, 32, 4, 2 * 1024, 16),       # small kernels: the 64-warp limit
+    (90, 33, 4, 0, 12),              # registers go in 256-register warp granules: 33 a thread cost 40
     (90, 32, 1, 0, 32),              # the 32-CTA limit
     (80, 64, 4, 100 * 1024, 1),      # shared memory: 164 KiB an SM on sm_80
     (90, 64, 4, 100 * 1024, 2),      # 228 KiB on sm_90
