@@ -132,7 +132,8 @@ setup(
     python_requires=">=3.10",
     packages=["vidkern", "vidkern.backends", "vidkern.nn", "vidkern.work", "vidkern.kernels"],
     package_dir={"vidkern.kernels": "kernels"},
-    package_data={"vidkern": ["py.typed"]},   # PEP 561: the package ships its type hints
+    # PEP 561: the package ships its type hints; the work model reads the compiled kernels' SASS table
+    package_data={"vidkern": ["py.typed"], "vidkern.work": ["sass_sm90.json"]},
     # The supported range (README "Supported versions"); `make test` pins the newest
     # (constraints.txt), CI's compatibility leg the oldest this machine can install
     # (constraints-compat.txt). Only what vidkern itself imports.

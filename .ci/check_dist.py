@@ -27,6 +27,11 @@ modules |= {"vidkern/kernels/" + p.name for p in root.glob("kernels/*.py")}
 problems += [f"wheel lacks {m}" for m in sorted(modules - set(files))]
 if "vidkern/py.typed" not in files:
     problems.append("wheel lacks vidkern/py.typed (PEP 561 marker)")
+for data in ("vidkern/work/sass_sm90.json",):     # the work model's table of the compiled kernels
+    if data not in names:
+        problems.append(f"sdist lacks {data}")
+    if data not in files:
+        problems.append(f"wheel lacks {data}")
 if any(f.startswith("kernels/") for f in files):
     problems.append("wheel ships a top-level 'kernels' package")
 for p in problems:

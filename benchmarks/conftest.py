@@ -211,7 +211,7 @@ def measure(benchmark):
         benchmark.group = case
         benchmark.extra_info.update(case=case, provider=provider, mode=mode, flops=total_flops, bytes=total_bytes,
                                     saved_mib=saved, dtype=str(dtype).replace("torch.", ""),
-                                    model_us=model_us(work, provider, mode))
+                                    **model_us(work, provider, mode))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
@@ -237,18 +237,25 @@ def measure(benchmark):
     return run
 
 
-def model_us(work, provider: str, mode: str):
+def model_us(work, provider: str, mode: str) -> dict:
     """The work model's H200 time of a case's op calls on ``provider``'s kernels, or its hsda SDPA
-    strategy's (``None`` when the provider has no model: the reference, torch, baselines)."""
+    strategy's, and the term that bounds it (``model_us`` None when the provider has no model: the
+    reference, torch, baselines)."""
     from vidkern import work as W
+    none = dict(model_us=None, model_bound=None)
     if not work or provider not in W.PATHS:
-        return None
+        return none
     directions = {"fwd": ("forward",), "bwd": ("backward",), "fwd+bwd": ("forward", "backward")}[mode]
     try:
-        return sum(W.total(op, direction, provider, shape)["model_us"] for op, shape in work
-                   for direction in directions if W.launches(op, direction, provider, shape))
+        totals = [W.total(op, direction, provider, shape) for op, shape in work
+                  for direction in directions if W.launches(op, direction, provider, shape)]
     except ValueError:   # an op this backend has no model for
-        return None
+        return none
+    by_bound = {}
+    for t in totals:
+        by_bound[t["bound"]] = by_bound.get(t["bound"], 0.0) + t["model_us"]
+    return dict(model_us=sum(t["model_us"] for t in totals),
+                model_bound=max(by_bound, key=by_bound.get) if by_bound else None)
 
 
 def work_shape(**keys):
@@ -273,7 +280,8 @@ def _rows(session) -> list:
                          median_ms=median * 1e3, iqr_ms=b.stats.iqr * 1e3, rounds=b.stats.rounds,
                          tflops=info["flops"] / median / 1e12, gbps=info["bytes"] / median / 1e9,
                          roofline_pct=100 * roofline_s / median, saved_mib=info["saved_mib"],
-                         peak_mem_mib=info.get("peak_mem_mib", float("nan")), model_us=info.get("model_us")))
+                         peak_mem_mib=info.get("peak_mem_mib", float("nan")), model_us=info.get("model_us"),
+                         model_bound=info.get("model_bound")))
     for r in rows:
         ref = next((x for x in rows if x["case"] == r["case"] and x["provider"] == "reference"), None)
         r["x_reference"] = ref["median_ms"] / r["median_ms"] if ref else None
@@ -318,7 +326,8 @@ def _aot_table() -> str:
 def _model_cells(r) -> str:
     if r.get("model_us") is None:
         return "- | -"
-    return f"{r['model_us']:,.1f} | {r['median_ms'] * 1e3 / r['model_us']:.2f}"
+    bound = f" ({r['model_bound']})" if r.get("model_bound") else ""
+    return f"{r['model_us']:,.1f}{bound} | {r['median_ms'] * 1e3 / r['model_us']:.2f}"
 
 
 def _work_table() -> str:
@@ -410,9 +419,10 @@ def pytest_sessionfinish(session, exitstatus):
              "`x ref`: the reference provider's median over this one's, same case, same run. "
              "`vs dense`: this provider's median over the fastest dense provider's (attention on every head: "
              + ", ".join(DENSE_PROVIDERS) + ") in the same case and run — below 1 is faster than dense. "
-             "`model us`: the counted work model's H200 lower bound for the triton/cuda kernels and hsda's "
-             "split/views strategies (their SDPA calls as an ideal flash kernel) "
-             "(vidkern.work; a model, not a measurement — on another device it is only a scale)."
+             "`model us`: the work model's H200 time for the triton/cuda kernels and hsda's split/views "
+             "strategies (their SDPA calls at FA2's published rate), priced from the compiled sm_90 code, with "
+             "the term that bounds it (vidkern.work; a model, not a measurement — on another device it is only a "
+             "scale); the work model table at the end gives every op's terms and bound."
              + (" QUICK run: tiny shapes, one round — not a measurement." if QUICK else ""), ""]
     for case in dict.fromkeys(r["case"] for r in rows):
         lines += [f"## {case}", "",

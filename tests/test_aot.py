@@ -207,3 +207,20 @@ def test_compiled_products_use_the_precision_each_dtype_needs():
     for family, name, dtype, dots in rows:
         assert set(dots.split(",")) <= want[dtype] | {"f32:tf32x3"} and set(dots.split(",")) & want[dtype], \
             (family, name, dtype, dots)
+
+
+def test_the_work_models_table_is_this_compile(aot_rows):
+    """``vidkern/work/sass_sm90.json`` (what the work model prices from; it cannot compile under the
+    interpreter) equals the sm_90 reports of this AOT run: regenerate it after a kernel change
+    (``python -m vidkern.work.compiled``)."""
+    import triton
+
+    from vidkern.work import compiled
+    table = compiled.table()
+    if table["triton"] != triton.__version__:
+        pytest.skip(f"the table is Triton {table['triton']}'s SASS, this is {triton.__version__}")
+    fresh = {e["key"]: e for e in compiled.entries_from_rows(aot_rows[1])}
+    kept = {e["key"]: e for e in table["entries"]}
+    assert sorted(fresh) == sorted(kept)
+    stale = [k for k in fresh if fresh[k] != kept[k]]
+    assert not stale, f"{len(stale)} entries differ from this compile, e.g. {stale[:3]}"

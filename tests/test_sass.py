@@ -44,6 +44,29 @@ def test_the_parser_finds_loops_and_counts_per_iteration():
     assert (inner.start, inner.end) == (0x20, 0x90)   # no MMA: the loop with the most instructions
     straight = sass.report("\n".join(ln for ln in text.splitlines() if "BRA" not in ln), 90, 32, 0, 4)
     assert straight.loop is None and straight.kernel["mma"] == 2
+    # the enclosing loop of the main one (none here: the main loop is outermost), and of the inner
+    assert rep.outer is None
+    assert sass.enclosing(found, found[0]).start == 0x20
+
+
+def test_work_per_instruction():
+    """What the model derives iterations from: MACs per warp of each tensor-core shape (a warpgroup
+    MMA is shared by its 4 warps), FFMAs, and the global bytes of each access width."""
+    text = sass.functions(LISTING)[(90, "demo")]
+    counts = sass.report(text, 90, 128, 0, 4).loop
+    assert counts["macs"] == 16 * 8 * 16 + 64 * 64 * 16 // 4
+    assert counts["gbytes"] == 32 * 16 + 32 * 4          # LDG.E.128 and STG.E
+    ins = sass.parse("""
+        /*0000*/                   HMMA.1688.F32.TF32 R8, R4, R6, R8 ;
+        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0020*/                   LDG.E.U16 R4, desc[UR4][R2.64] ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R5], desc[UR4][R2.64] ;
+        /*0040*/                   STG.E.64 desc[UR4][R2.64], R8 ;
+        /*0050*/                   FFMA R8, R4, R6, R8 ;
+    """)
+    assert [sass.mma_macs(i) for i in ins] == [16 * 8 * 8, 64 * 128 * 16 // 4, 0, 0, 0, 0]
+    assert [sass.access_bytes(i) for i in ins] == [0, 0, 64, 512, 256, 0]
+    assert sass.count(ins)["ffma"] == 1
 
 
 @pytest.mark.parametrize("arch,regs,warps,shared,ctas", [

@@ -39,7 +39,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -63,6 +63,9 @@ class Result:
     case: str = ""      # Triton: the recorded launch that compiled it (vidkern.aot.Variant.case)
     sass: object = None  # the static SASS report (vidkern.sass.Report)
     local: int = 0       # local-memory instructions (LDL/STL) in the SASS
+    function: str = ""   # the kernel's function name as a launch names it (Triton: ``fn.__name__``)
+    dtype: str = ""      # the inputs' dtype (bf16, fp16, fp32; "" for a CUDA kernel without one)
+    constexprs: dict = field(default_factory=dict)   # the declared configuration (CUDA: the pack V)
 
     @property
     def debug(self) -> bool:
@@ -248,7 +251,8 @@ def compile_variant(variant: Variant, arch: int) -> Result:
 
     spec = variant.spec
     res = Result(f"{spec.family} {spec.name}", " ".join(filter(None, [spec.label, variant.specialisation])), arch,
-                 case=variant.case)
+                 case=variant.case, function=spec.fn.__name__, dtype=DTYPES[spec.dtype],
+                 constexprs={k: v for k, v in spec.constexprs.items() if isinstance(v, (bool, int, float, str))})
     try:
         compiled = triton.compile(ASTSource(fn=spec.fn, signature=variant.signature, constexprs=variant.constexprs,
                                             attrs=variant.attrs),
@@ -345,6 +349,8 @@ def cuda_resources(path=None) -> list:
                               shared=int(fields.get("SHARED", 0)),
                               spill=int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0)),
                               missing=" ".join(need.replace("\\", "") for need in missing),
+                              function=kernel.removesuffix("_kernel"), dtype=_CUDA_DTYPES.get(dtype, dtype),
+                              constexprs={"V": int(pack)} if pack else {},
                               sass=sass.report(text, arch, int(fields.get("REG", 0)), int(fields.get("SHARED", 0)), 0)))
     return sorted(results, key=lambda r: (r.kernel, r.config, r.arch))
 
@@ -372,7 +378,7 @@ def as_dict(r: Result) -> dict:
     rep = r.sass
     out.update(ok=r.ok, warps=rep.warps if rep else 0, ctas_per_sm=rep.ctas_per_sm if rep else 0,
                tensor_cores=rep.mma if rep else "", loop=rep.loop if rep else None,
-               kernel_counts=rep.kernel if rep else None)
+               kernel_counts=rep.kernel if rep else None, outer=rep.outer if rep else None)
     return out
 
 

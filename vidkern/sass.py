@@ -98,14 +98,45 @@ def parse(text: str) -> list:
     return out
 
 
+_HGMMA_SHAPE = re.compile(r"^\.?(\d+)x(\d+)x(\d+)")
+_HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "1684": (16, 8, 4), "884": (8, 8, 4)}
+_WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def mma_macs(ins: Instr) -> int:
+    """Multiply-adds one warp's tensor-core instruction does: ``HMMA.16816`` is m16n8k16 (2048);
+    ``HGMMA.64xNx16`` is a warpgroup's 64 x N x 16, a quarter of it per warp."""
+    if ins.op == "HMMA":
+        m, n, k = _HMMA_SHAPES.get(ins.mods.split(".")[1] if ins.mods.count(".") else "", (0, 0, 0))
+        return m * n * k
+    if ins.op == "HGMMA" and (s := _HGMMA_SHAPE.search((ins.mods + ins.operands).lstrip("."))):
+        m, n, k = map(int, s.groups())
+        return m * n * k // 4
+    return 0
+
+
+def access_bytes(ins: Instr) -> int:
+    """Bytes one warp's global load or store moves with every lane active (``LDG.E.128``: 16 a
+    lane; no width modifier: 4); 0 for anything else (a TMA copy's size is not in its opcode)."""
+    if ins.op not in ("LDG", "LDGSTS", "STG", "RED", "ATOMG"):
+        return 0
+    width = next((_WIDTH[m] for m in ins.mods.split(".") if m in _WIDTH), 4)
+    return 32 * width
+
+
 def count(instrs) -> dict:
-    """Instructions by class (:data:`CLASSES`), plus ``"instr"``: all of them but ``NOP``."""
+    """Instructions by class (:data:`CLASSES`), plus ``"instr"``: all of them but ``NOP``;
+    ``"macs"``: tensor-core multiply-adds (:func:`mma_macs`); ``"ffma"``: fp32 FMAs (SIMT products);
+    ``"gbytes"``: global bytes with every lane active (:func:`access_bytes`) — all per warp."""
     out = {name: 0 for name in CLASSES}
-    out["instr"] = 0
+    out.update(instr=0, macs=0, ffma=0, gbytes=0)
     for ins in instrs:
         if ins.op == "NOP":
             continue
         out["instr"] += 1
+        out["macs"] += mma_macs(ins)
+        out["ffma"] += ins.op == "FFMA"
+        out["gbytes"] += access_bytes(ins)
         for name, ops in CLASSES.items():
             if ins.op in ops:
                 out[name] += 1
@@ -150,6 +181,8 @@ class Report:
     mma: str                    # tensor-core instruction kind of the main loop (or of the kernel without one)
     loop: Optional[dict]        # per main-loop iteration, per warp: counts by class; None: no loop
     kernel: dict                # the whole function's counts (static)
+    outer: Optional[dict] = None  # the innermost loop enclosing the main loop: its body's counts
+                                  # (main loop included); None: the main loop is outermost
 
     @property
     def ctas_per_sm(self) -> int:
@@ -165,9 +198,18 @@ class Report:
 def report(sass_text: str, arch: int, regs: int, shared: int, warps: int) -> Report:
     """The :class:`Report` of one function's SASS listing."""
     instrs = parse(sass_text)
-    lp = main_loop(loops(instrs))
+    found = loops(instrs)
+    lp = main_loop(found)
     body = [x for x in instrs if lp.start <= x.addr <= lp.end] if lp else instrs
-    return Report(arch, regs, shared, warps, mma_kind(body), lp.counts if lp else None, count(instrs))
+    outer = enclosing(found, lp) if lp else None
+    return Report(arch, regs, shared, warps, mma_kind(body), lp.counts if lp else None, count(instrs),
+                  outer.counts if outer else None)
+
+
+def enclosing(found: list, inner: Loop) -> Optional[Loop]:
+    """The innermost loop of ``found`` that strictly contains ``inner`` (None: ``inner`` is outermost)."""
+    around = [lp for lp in found if lp.contains(inner)]
+    return min(around, key=lambda lp: lp.end - lp.start) if around else None
 
 
 def functions(sass_text: str) -> dict:

@@ -14,37 +14,25 @@ every ``tl.load``/``tl.store``/``tl.dot``; the CUDA emulator every global access
 counted figures beside the formula's; tests hold them within 2% on several shapes per kernel, so
 the model cannot drift from the code.
 
-``model_us`` is a **model**, an H200 lower bound, not a measurement (constants below):
-
-    f        = programs / (SMS * ceil(programs / SMS))        # share of SM slots busy, in waves
-    model_us = max(bytes / (HBM_BYTES_PER_S * f), macs / (MAC_RATE[rate] * f)) + (steps - 1) * STEP_US
-
-one program per SM per wave (a program using a fraction of the machine gets that fraction of its
-bandwidth and tensor cores), and each sequential step inside a launch (a greedy pick) pays one
-block-wide synchronisation ``STEP_US``. The op total adds its launches (they run in order on one
-stream).
+Each record is then priced (:mod:`vidkern.work.machine`, every constant with its source) from
+what the compiled code issues (:mod:`vidkern.work.compiled`: the sm_90 SASS of the configuration
+the launch runs): ``dram_bytes`` (the L2 rule) and ``l2_bytes``, and the terms ``dram_us``,
+``l2_us``, ``mma_us`` (at the rate of the SASS's tensor-core kind), ``mufu_us``, ``issue_us``
+(with occupancy), ``latency_us`` and ``launch_us``; ``model_us`` = the largest throughput term
+plus the serial ones, ``bound`` names the largest. It is a model of an H200, not a measurement;
+``docs/verify.md`` has its calibration against published figures.
 
 ``python -m vidkern.work OP [key=value ...] [--json] [--measure]``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-# ------------------------------------------------------------------ the machine (H200 SXM), a model
-SMS = 132                       # streaming multiprocessors
-HBM_BYTES_PER_S = 3.7e12        # HBM3e, achievable read+write (4.8 TB/s peak; 4.3 measured for a copy)
-MAC_RATE = {                    # multiply-adds per second, dense
-    "bf16": 395e12,             # tensor cores: ~790 TFLOP/s measured for bf16 matmul on the lent H200
-    "fp16": 395e12,
-    "tf32": 197e12,             # tensor cores at half the 16-bit rate
-    "tf32x3": 197e12 / 3,       # three TF32 products per float32-accurate product (vidkern.kernels.launch)
-    "fp32": 33.5e12,            # FMA units (67 TFLOP/s datasheet): SIMT kernels, cuBLAS without TF32
-}
-STEP_US = 1.0                   # one block-wide barrier plus a dependent global round trip (~0.7 us HBM latency)
+from .machine import MACHINE, TERMS, price
+
+SMS = MACHINE.sms
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8, "i64": 8, "i32": 4}
-CONSTANTS = dict(SMS=SMS, HBM_BYTES_PER_S=HBM_BYTES_PER_S, MAC_RATE=MAC_RATE, STEP_US=STEP_US)
 
 OPS = ("hsda", "feature_summary", "team_gate", "orthogonal_select", "select_meta_tokens", "soft_merge")
 DIRECTIONS = ("forward", "backward")
@@ -100,18 +88,42 @@ class Shape:
 
 @dataclass
 class Launch:
-    """One kernel launch (or one torch op a launcher calls, ``kernel = "aten.<name>"``)."""
+    """One kernel launch (or one torch op a launcher calls, ``kernel = "aten.<name>"``).
+
+    ``bytes``: global bytes issued (every one an L2 request); ``unique``: the distinct bytes among
+    them (compulsory DRAM traffic; None: all of them) and ``working_set``: the bytes the programs
+    resident at once re-read (the L2 rule, :mod:`vidkern.work.machine`); ``round_trips``:
+    dependent global round trips per sequential step; ``published_us``: a library kernel's time
+    at its published rate (an SDPA call) instead of terms; ``dtype``: the inputs' dtype, which
+    selects the compiled configuration (:func:`vidkern.work.compiled.lookup`; :func:`records` sets
+    it from the shape)."""
     kernel: str
     programs: int
     bytes: int
     macs: int = 0
     steps: int = 1
-    rate: str = "bf16"                  # MAC_RATE key of its products
+    rate: str = "bf16"                  # operand type of its products: bf16, fp16, tf32, tf32x3, fp32
     config: dict = field(default_factory=dict)
+    unique: Optional[int] = None
+    working_set: float = 0.0
+    round_trips: int = 1
+    published_us: Optional[float] = None
+    dtype: str = ""
+
+    def price(self, machine=None) -> dict:
+        return price(self, machine)
 
     @property
     def model_us(self) -> float:
-        return model_us(self.programs, self.bytes, self.macs, self.steps, self.rate)
+        return self.price()["model_us"]
+
+
+def resident_set(programs_per_problem: int, problem_bytes: float, problems: int) -> float:
+    """The ``working_set`` of the L2 rule when each of ``problems`` independent problems (a head, a
+    batch row) has ``programs_per_problem`` programs, launched problem after problem, re-reading
+    ``problem_bytes``: the problems one SM-wide wave spans (one CTA per SM), plus one."""
+    spanned = min(problems, SMS // max(1, programs_per_problem) + 1)
+    return spanned * problem_bytes
 
 
 F32, I64 = 4, 8   # bytes of the fp32 statistics and int64 indices the kernels read and write
@@ -119,15 +131,6 @@ F32, I64 = 4, 8   # bytes of the fp32 statistics and int64 indices the kernels r
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def model_us(programs: int, nbytes: float, macs: float, steps: int = 1, rate: str = "bf16") -> float:
-    """The H200 lower bound of one launch (module docstring)."""
-    if programs <= 0:
-        return 0.0
-    busy = programs / (SMS * math.ceil(programs / SMS))
-    t = max(nbytes / (HBM_BYTES_PER_S * busy), macs / (MAC_RATE[rate] * busy)) * 1e6
-    return t + max(steps - 1, 0) * STEP_US
 
 
 # ------------------------------------------------------------------ registry
@@ -187,18 +190,30 @@ def launches(op: str, direction: str, backend: str, shape: Shape) -> list:
     return fn(direction, shape)
 
 
-def records(op: str, direction: str, backend: str, shape: Shape, counted: Optional[list] = None) -> list:
-    """The ``--json`` records: one per launch, then the ``"total"`` (``counted``: launches to report
-    instead of the formula's, e.g. from :data:`MEASURES`)."""
+def records(op: str, direction: str, backend: str, shape: Shape, counted: Optional[list] = None,
+            machine=None) -> list:
+    """The ``--json`` records: one per launch with its priced terms, then the ``"total"``
+    (``counted``: launches to report instead of the formula's, e.g. from :data:`MEASURES`). The
+    total adds the launches' bytes, MACs, steps and terms (they run in order on one stream); its
+    ``bound`` is the bound of the launches that take the most modelled time together."""
+    from dataclasses import replace
     rows = launches(op, direction, backend, shape) if counted is None else counted
+    rows = [r if r.dtype else replace(r, dtype=shape.dtype) for r in rows]
     base = dict(op=op, direction=direction, backend=backend, **shape.keys())
-    out = [dict(base, kernel=r.kernel, config=r.config, programs=r.programs, bytes=r.bytes, macs=r.macs,
-                steps=r.steps, model_us=r.model_us) for r in rows]
+    out = []
+    for r in rows:
+        terms = r.price(machine)
+        out.append(dict(base, kernel=r.kernel, config=r.config, programs=r.programs, bytes=r.bytes, macs=r.macs,
+                        steps=r.steps, **terms))
     min_bytes, useful = MINIMA[op](direction, shape) if op in MINIMA else (None, None)
+    by_bound = {}
+    for r in out:
+        by_bound[r["bound"]] = by_bound.get(r["bound"], 0.0) + r["model_us"]
     total = dict(base, kernel="total", config={}, programs=sum(r.programs for r in rows),
                  bytes=sum(r.bytes for r in rows), macs=sum(r.macs for r in rows),
-                 steps=sum(r.steps for r in rows), model_us=sum(r.model_us for r in rows),
-                 min_bytes=min_bytes, useful_macs=useful)
+                 steps=sum(r.steps for r in rows), min_bytes=min_bytes, useful_macs=useful,
+                 **{k: sum(r[k] for r in out) for k in TERMS + ("dram_bytes", "l2_bytes", "model_us")},
+                 bound=max(by_bound, key=by_bound.get) if by_bound else "-")
     return out + [total]
 
 

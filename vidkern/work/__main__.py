@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 from . import DIRECTIONS, MEASURES, OPS, PATHS, Shape, _load_formulas, ratio, records
+from .machine import MACHINES, TERMS
 
 _INTS = ("B", "H", "N", "L", "D", "d", "num_out", "num_global_heads")
 
@@ -60,7 +61,9 @@ def parse_shape(op: str, pairs: list) -> Shape:
 
 def _row(r: dict, counted: dict = None) -> str:
     text = (f"  {r['kernel']:<34} programs {r['programs']:>10,}  bytes {r['bytes']:>16,}  macs {r['macs']:>18,}"
-            f"  steps {r['steps']:>6,}  model {r['model_us']:>10,.1f} us")
+            f"  steps {r['steps']:>6,}  model {r['model_us']:>10,.1f} us ({r['bound']})"
+            f"\n  {'':<34} DRAM {r['dram_bytes']:>14,.0f} B  " + "  ".join(
+                f"{t[:-3]} {r[t]:,.1f}" for t in TERMS if r[t]) + (f"  [{r['compiled']}]" if r.get("compiled") else ""))
     if counted is not None:
         text += (f"\n  {'  counted':<34} programs {counted['programs']:>10,}  bytes {counted['bytes']:>16,}"
                  f"  macs {counted['macs']:>18,}")
@@ -77,7 +80,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
     parser.add_argument("--measure", action="store_true", help="count the kernels at this shape too")
     parser.add_argument("--reference", action="store_true", help="the table at the reference shapes")
+    parser.add_argument("--calibrate", action="store_true", help="the model beside published figures")
+    parser.add_argument("--machine", choices=sorted(MACHINES), default="h200", help="the GPU priced (default h200)")
     args = parser.parse_args(argv)
+    from . import machine as M
+    M.MACHINE = MACHINES[args.machine]
+    if args.calibrate:
+        from .calibrate import markdown as calibration
+        print(calibration())
+        return 0
     if args.reference:
         from .report import markdown, reference_rows
         rows = reference_rows()

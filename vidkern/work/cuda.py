@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from . import SMS, Launch, Shape, cdiv, formula, measure
+from . import SMS, Launch, Shape, cdiv, formula, measure, resident_set
 
 THREADS = 256          # csrc: kThreads
 WARPS = THREADS // 32
@@ -124,9 +124,12 @@ def select_launches(shape: Shape, k: int) -> list:
     for b0 in range(0, b, chunk):
         p = min(chunk, b - b0)
         out.append(Launch("aten.bmm", p * cdiv(L, GEMM_TILE) ** 2, 2 * p * L * d * isz + p * L * L * 4,
-                          p * L * L * d, rate=rate, config=dict(out="fp32")))
+                          p * L * L * d, rate=rate, config=dict(out="fp32"), unique=p * L * (d * isz + L * 4),
+                          working_set=resident_set(cdiv(L, GEMM_TILE) ** 2, L * d * isz, p)))
         per = 4 * L + 8 * WARPS + (k - 1) * (L - 1) * 4 + 8 * k
-        out.append(Launch("select_greedy", p, p * per, steps=k, rate="fp32",
+        # per step each thread scans its cdiv(L, kThreads) entries of the row with load, compare
+        # and store interleaved: one dependent global round trip per entry (review kernels-sass-read)
+        out.append(Launch("select_greedy", p, p * per, steps=k, rate="fp32", round_trips=cdiv(L, THREADS),
                           config=dict(K=k, smem=shared, chunk=p)))
     return out
 

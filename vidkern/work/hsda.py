@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from . import Launch, Shape, formula, measure, minimum
+from . import Launch, Shape, formula, measure, minimum, resident_set
 
 
 
@@ -90,7 +90,8 @@ def packed_launches(direction: str, shape: Shape) -> list:
         else:
             nbytes, products, name = rows * (8 + 7 * d * isz + 8), 5, "_hsda_packed_bwd_kernel"
         out.append(Launch(name, tiles * heads, heads * nbytes, tiles * heads * products * block * block * bd,
-                          rate=shape.rate, config=dict(P=block, GS=size, GPT=per, num_warps=K.packed_warps(block, shape.torch_dtype))))
+                          rate=shape.rate, config=dict(HEAD_DIM=d, P=block, GS=size, GPT=per,
+                                      num_warps=K.packed_warps(block, shape.torch_dtype))))
     return out
 
 
@@ -119,9 +120,18 @@ def forward_launch(shape: Shape) -> Launch:
         nbytes += count * per
         macs += count * key_tiles * 2 * bm * bn * bd
         programs += count
+    heads = _tile_heads(shape)
     return Launch("_hsda_fwd_kernel", programs * shape.B, nbytes * shape.B, macs * shape.B, rate=shape.rate,
-                  config=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                              SPARSE_MODE=mode))
+                  config=dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                              SPARSE_MODE=mode),
+                  # compulsory: Q, K, V, O and LSE of the tile kernel's heads; re-read: a head's K, V
+                  unique=shape.B * heads * shape.N * (4 * d * isz + 4),
+                  working_set=resident_set(programs // max(1, heads), 2 * shape.N * d * isz, shape.B * heads))
+
+
+def _tile_heads(shape: Shape) -> int:
+    """Heads the tile kernel runs: the global ones, and the sparse ones unless they are packed."""
+    return shape.global_heads + (0 if packed_buckets(shape) else shape.H - shape.global_heads)
 
 
 def forward_launches(shape: Shape) -> list:
@@ -135,9 +145,12 @@ def backward_launches(shape: Shape) -> list:
     bm, bn, isz, d, mode = cfg.BLOCK_M, cfg.BLOCK_N, shape.itemsize, shape.d, _mode(shape)
     b, h, n = shape.B, shape.H, shape.N
     pre = Launch("_hsda_bwd_preprocess_kernel", b * h * math.ceil(n / 64), b * h * n * (2 * d * isz + 4),
-                 config=dict(BLOCK_M=64))
+                 config=dict(HEAD_DIM=d, BLOCK_M=64))
     out = [pre]
-    config = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages, SPARSE_MODE=mode)
+    config = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  SPARSE_MODE=mode)
+    heads = _tile_heads(shape)
+    slab = b * heads * n * d * isz
     # dK/dV: a program per key tile, looping over the group's query tiles (Q, dO, lse, delta)
     nbytes = macs = programs = 0
     for count, glen, rows, is_global in _program_kinds(shape, bn):
@@ -149,8 +162,10 @@ def backward_launches(shape: Shape) -> list:
         macs += count * q_tiles * 4 * bm * bn * bd
         programs += count
     if programs:
+        # compulsory: K, V, Q, dO, lse, delta in, dK, dV out; re-read: a head's Q, dO, lse, delta
         out.append(Launch("_hsda_bwd_dkdv_kernel", programs * b, nbytes * b, macs * b, rate=shape.rate,
-                          config=config))
+                          config=config, unique=6 * slab + b * heads * n * 8,
+                          working_set=resident_set(programs // max(1, heads), n * (2 * d * isz + 8), b * heads)))
     # dQ: a program per query tile, looping over the group's key tiles (K, V)
     nbytes = macs = programs = 0
     for count, glen, rows, is_global in _program_kinds(shape, bm):
@@ -162,7 +177,10 @@ def backward_launches(shape: Shape) -> list:
         macs += count * k_tiles * 3 * bm * bn * bd
         programs += count
     if programs:
-        out.append(Launch("_hsda_bwd_dq_kernel", programs * b, nbytes * b, macs * b, rate=shape.rate, config=config))
+        # compulsory: Q, dO, lse, delta, K, V in, dQ out; re-read: a head's K, V
+        out.append(Launch("_hsda_bwd_dq_kernel", programs * b, nbytes * b, macs * b, rate=shape.rate, config=config,
+                          unique=5 * slab + b * heads * n * 8,
+                          working_set=resident_set(programs // max(1, heads), 2 * n * d * isz, b * heads)))
     return out + packed_launches("backward", shape)
 
 

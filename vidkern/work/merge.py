@@ -22,7 +22,7 @@ the final cast of ``dU``).
 """
 from __future__ import annotations
 
-from . import F32, I64, Launch, Shape, cdiv, formula, measure, minimum
+from . import F32, I64, Launch, Shape, cdiv, formula, measure, minimum, resident_set
 
 
 
@@ -60,14 +60,22 @@ def merge_launches(direction: str, shape: Shape) -> list:
             # lse: per token tile, every meta tile: idx, U's token rows and meta rows (S); lse out
             lse_bytes = tn * L * du * isz + tm * lp * (I64 + du * isz) + L * F32
             out.append(Launch("_merge_lse_kernel", tm * b, b * lse_bytes, b * tm * tn * bm * bn * kp(du), rate=rate,
-                              config=M.merge_config("lse", dtype).launch()))
+                              config=M.merge_config("lse", dtype).launch(),
+                              # compulsory: U (its meta rows are U's rows), idx, lse; re-read: a batch row's U
+                              unique=b * (L * du * isz + lp * I64 + L * F32),
+                              working_set=resident_set(tm, L * du * isz, b)))
             # fwd: per (meta tile, group): idx once; per token tile S (meta rows + token rows), lse,
             # the X and E chunks (groups together read each channel once per meta tile); A, P, col out
             fwd_bytes = (g * lp * I64 + g * tm * lp * du * isz + g * tn * L * (du * isz + F32)
                          + tn * L * 2 * d * isz + 2 * lp * d * isz + lp * F32)
+            row = L * (du + 2 * d) * isz + L * F32
             fwd_macs = tn * g * tm * (bn * bm * kp(du) + nc * 2 * bn * bm * ch)
             out.append(Launch("_merge_fwd_kernel", tn * g * b, b * fwd_bytes, b * fwd_macs, rate=rate,
-                              config=dict(M.merge_config("fwd", dtype, nc).launch(), groups=g)))
+                              config=dict(M.merge_config("fwd", dtype, nc).launch(), groups=g),
+                              # compulsory: U, lse, X, E, idx in; A, P, col out; re-read: a batch
+                              # row's U, lse, X, E
+                              unique=b * (row + lp * (I64 + 2 * d * isz + F32)),
+                              working_set=resident_set(tn * g, row, b)))
         return out
     gu, ncu = M.channel_split(du, ch, max_chunks)      # dU (token pass) and dV (meta pass)
     gx, ncx = M.channel_split(d, ch, max_chunks)       # dX, dE
@@ -76,6 +84,9 @@ def merge_launches(direction: str, shape: Shape) -> list:
     gm, ncm = gu, ncu
     stored = M.stores_scores(lp, d, isz)
     scores = L * lp * F32                              # one (L, L') fp32 score scratch, valid pairs
+    pair_row = (L + lp) * (du + 2 * d) * isz           # a batch row's U, X, E and dA, dP
+    dx_reread = lp * 2 * d * isz + (0 if stored else L * du * isz)
+    meta_reread = L * du * isz + (2 * scores if stored else pair_row)
     for b in _chunks(shape.B):
         out.append(Launch("aten.sum", b * lp, b * (4 * lp * d * isz + lp * F32), rate="fp32",
                           config=dict(of="gamma = A.dA + P.dP per meta token")))
@@ -85,7 +96,12 @@ def merge_launches(direction: str, shape: Shape) -> list:
                      + tm * lp * du * isz + L * du * F32 + L * F32 + (2 * scores if stored else 0))
         tok_macs = tm * gu * tn * (pair_macs + ncu * 2 * bm * bn * ch)
         out.append(Launch("_merge_bwd_tokens_kernel", tm * gu * b, b * tok_bytes, b * tok_macs, rate=rate,
-                          config=dict(M.merge_config("tokens", dtype, ncu).launch(), groups=gu, STORED=stored)))
+                          config=dict(M.merge_config("tokens", dtype, ncu).launch(), groups=gu, STORED=stored),
+                          # compulsory: U, X, E, dA, dP, idx, col, gamma, lse in; dU (fp32), delta
+                          # (and C1, dC1) out; re-read: a batch row's U, X, E, dA, dP
+                          unique=b * (pair_row + lp * (I64 + 2 * F32) + L * (du * F32 + 2 * F32)
+                                      + (2 * scores if stored else 0)),
+                          working_set=resident_set(tm * gu, pair_row, b)))
         # dx: per meta tile col and either C1 (stored) or lse once, idx, S (token rows + meta rows
         # of U); the dA, dP chunks; dX, dE out
         if stored:
@@ -95,7 +111,12 @@ def merge_launches(direction: str, shape: Shape) -> list:
         dx_bytes += tm * lp * 2 * d * isz + 2 * L * d * isz
         dx_macs = tm * gx * tn * ((0 if stored else bm * bn * kp(du)) + ncx * 2 * bm * bn * ch)
         out.append(Launch("_merge_bwd_dx_kernel", tm * gx * b, b * dx_bytes, b * dx_macs, rate=rate,
-                          config=dict(M.merge_config("dx", dtype, ncx).launch(), groups=gx, STORED=stored)))
+                          config=dict(M.merge_config("dx", dtype, ncx).launch(), groups=gx, STORED=stored),
+                          # compulsory: C1 or (U, lse), idx, col, dA, dP in; dX, dE out; re-read: a
+                          # batch row's dA, dP (and U)
+                          unique=b * (dx_reread + lp * (I64 + F32) + (scores if stored else L * F32)
+                                      + 2 * L * d * isz),
+                          working_set=resident_set(tm * gx, dx_reread, b)))
         # meta: idx once (and col, gamma unless stored); per token tile delta and either C1, dC1
         # (stored) or lse, S and G; the U chunks; dU rows idx read and written back (+ dV)
         if stored:
@@ -105,7 +126,12 @@ def merge_launches(direction: str, shape: Shape) -> list:
         meta_bytes += tn * L * du * isz + 2 * lp * du * F32
         meta_macs = tn * gm * tm * ((0 if stored else pair_macs) + ncm * bn * bm * ch)
         out.append(Launch("_merge_bwd_meta_kernel", tn * gm * b, b * meta_bytes, b * meta_macs, rate=rate,
-                          config=dict(M.merge_config("meta", dtype, ncm).launch(), groups=gm, STORED=stored)))
+                          config=dict(M.merge_config("meta", dtype, ncm).launch(), groups=gm, STORED=stored),
+                          # compulsory: idx, delta, C1 and dC1 (or U, X, E, dA, dP, lse, col, gamma),
+                          # U in; dU rows read and written; re-read: a batch row's scores (or its
+                          # pair rows) and U
+                          unique=b * (meta_reread + lp * (I64 + 2 * F32) + L * 2 * F32 + 2 * lp * du * F32),
+                          working_set=resident_set(tn * gm, meta_reread, b)))
     if shape.dtype != "fp32":
         out.append(Launch("aten._to_copy", shape.B * L, shape.B * L * du * (F32 + isz), rate="fp32",
                           config=dict(of="dU fp32 -> the inputs' dtype")))

@@ -10,6 +10,7 @@ stages at B=32 — spatial, per frame: 32*8 problems of L=196 -> 98 with CLS att
 from __future__ import annotations
 
 from . import FORMULAS, PATHS, Shape, _load_formulas, ratio, records
+from . import machine as _machine
 
 _VIT_B = dict(H=12, d=64, D=768, dtype="bf16")
 STAGE1 = dict(B=256, L=196, N=196, num_out=98, scores=True, D=768, dtype="bf16")
@@ -53,8 +54,18 @@ def reference_rows(backends=PATHS) -> list:
                 recs = records(op, direction, backend, shape)
                 if len(recs) > 1:    # selection has no backward
                     dense = dense_us(direction, shape) if op == "hsda" else None
-                    rows.append(dict(recs[-1], case=label, launches=recs[:-1], dense_us=dense))
+                    tot = recs[-1]
+                    limit = limit_us(tot.get("min_bytes"), tot.get("useful_macs"))
+                    rows.append(dict(tot, case=label, launches=recs[:-1], dense_us=dense, limit_us=limit,
+                                     share=ratio(limit, tot["model_us"])))
     return rows
+
+
+def limit_us(min_bytes, useful_macs, machine=None) -> float:
+    """The op's own physical limit: its useful MACs at the sustained dense bf16 tensor-core peak, or
+    its minimal bytes at the copy bandwidth, whichever is longer."""
+    m = machine or _machine.MACHINE
+    return max((useful_macs or 0) / m.mac_rate("HGMMA", "bf16"), (min_bytes or 0) / m.hbm) * 1e6
 
 
 def _fmt_bytes(n) -> str:
@@ -63,20 +74,25 @@ def _fmt_bytes(n) -> str:
 
 def markdown(rows=None) -> str:
     rows = reference_rows() if rows is None else rows
-    lines = ["Counted work model (vidkern.work; an H200 lower bound, not a measurement: "
-             "3.7 TB/s, bf16 395 TMAC/s, programs in waves over 132 SMs, 1 us per sequential step).", "",
-             "| op | case | dir | backend | launches | programs | MB | MB min | bytes/min | GMAC | "
-             "macs/useful | steps | model us | vs dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    m = _machine.MACHINE
+    lines = [f"Work model (vidkern.work) on the {m.name}: a model priced from the compiled sm_90 code, not a "
+             f"measurement ({m.hbm / 1e12:.1f} TB/s copy, {m.mac_rate('HGMMA', 'bf16') / 1e12:.0f} T bf16 MAC/s "
+             f"sustained on wgmma, 2/3 of it on mma.sync, MUFU 16 and issue 4 a clock per SM, "
+             f"{m.launch_s * 1e6:.1f} us a launch; vidkern/work/machine.py).", "",
+             "| op | case | dir | backend | launches | MB issued | MB DRAM | MB min | GMAC | macs/useful | steps | "
+             "model us | bound | limit us | share of limit | vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         useful = r.get("useful_macs")
         lines.append(
             f"| {r['op']} | {r['case']} | {r['direction'][:3]} | {r['backend']} | {len(r['launches'])} | "
-            f"{r['programs']:,} | {_fmt_bytes(r['bytes'])} | {_fmt_bytes(r.get('min_bytes'))} | "
-            f"{ratio(r['bytes'], r.get('min_bytes')):.2f} | {r['macs'] / 1e9:,.2f} | "
-            f"{ratio(r['macs'], useful) if useful else float('nan'):.2f} | {r['steps']:,} | {r['model_us']:,.1f} | "
-            f"{_vs_dense(r)} |")
-    lines += ["", "vs dense: model us over the ideal flash kernel's on every head (vidkern.work.sdpa); the "
-              "split and views rows model their SDPA calls as that same ideal kernel.", "",
+            f"{_fmt_bytes(r['bytes'])} | {_fmt_bytes(r['dram_bytes'])} | {_fmt_bytes(r.get('min_bytes'))} | "
+            f"{r['macs'] / 1e9:,.2f} | {ratio(r['macs'], useful) if useful else float('nan'):.2f} | {r['steps']:,} | "
+            f"{r['model_us']:,.1f} | {r['bound']} | {r['limit_us']:,.1f} | {r['share']:.0%} | {_vs_dense(r)} |")
+    lines += ["", "bound: the term the op's launches spend the most modelled time in (dram, l2, mma, mufu, issue, "
+              "latency, launch, or published: an SDPA call at FA2's published rate). limit: the op's useful MACs at "
+              "the sustained bf16 peak or its minimal bytes at copy bandwidth, whichever is longer; share = limit / "
+              "model. vs dense: model us over SDPA's (FA2 at its published rate) on every head.", "",
               "Saved by the (B, N, H, d) output layout (no copy before the output projection, per forward):"]
     from .sdpa import output_copy
     for label, op, shape in REFERENCE:

@@ -49,7 +49,7 @@ import functools
 
 import math
 
-from . import F32, I64, Launch, Shape, cdiv, formula, measure, minimum
+from . import F32, I64, Launch, Shape, cdiv, formula, measure, minimum, resident_set
 
 
 
@@ -83,8 +83,10 @@ def stream_launches(shape: Shape, k: int) -> list:
     norm = n * d * s + 2 * n * F32                          # X in; score = 0 and 1/|x| out
     step = F32 + tiles * d * s + n * d * s + 3 * n * F32 + I64   # 1/|x_cur|; x_cur per tile; X; inv, score in, score out; pick
     per = norm + 2 * I64 + (k - 1) * step                   # + start in, first pick out
+    # compulsory: X once, the picks; re-read every step: the problem's X (one program a problem)
     return [Launch("_stream_select_kernel", b, b * per, steps=max(1, k - 1), rate="fp32",
-                   config=cfg.launch())]
+                   config=cfg.launch(), unique=b * (n * d * s + 2 * n * F32 + k * I64 + I64),
+                   working_set=resident_set(1, n * d * s + 2 * n * F32, b))]
 
 
 def select_launches(shape: Shape, k: int) -> list:
@@ -111,7 +113,10 @@ def select_launches(shape: Shape, k: int) -> list:
         m = min(b, start + per) - start
         gram_bytes = m * (n * (tiles + 1) * (d * s + F32) + n * n * F32)
         macs = m * pairs * block * block * cdiv(d, block_d) * block_d
-        out.append(Launch("_gram_kernel", m * pairs, gram_bytes, macs, rate=shape.rate, config=gram_cfg))
+        # compulsory: X and 1/|x| once, the Gram written; re-read: a problem's X
+        out.append(Launch("_gram_kernel", m * pairs, gram_bytes, macs, rate=shape.rate, config=gram_cfg,
+                          unique=m * (n * (d * s + F32) + n * n * F32),
+                          working_set=resident_set(pairs, n * (d * s + F32), m)))
         out.append(Launch("_greedy_kernel", m, m * greedy_bytes(n, k), steps=max(1, k - 1), rate="fp32",
                           config=greedy_cfg))
     return out
