@@ -31,29 +31,46 @@ def test_the_parser_finds_loops_and_counts_per_iteration():
     assert [i.op for i in instrs][:4] == ["MOV", "S2R", "LDG", "HMMA"]
     found = sass.loops(instrs)
     assert sorted((lp.start, lp.end) for lp in found) == [(0x20, 0x90), (0x40, 0x70)]
+    outer, inner = sorted(found, key=lambda lp: lp.start)
+    assert outer.counts["mma"] == 2 and outer.counts["hgmma"] == 1 and outer.counts["hmma"] == 1
+    assert outer.counts["instr"] == 8 and outer.counts["mufu"] == 1 and outer.counts["bar"] == 1
+    assert outer.counts["ldg"] == 1 and outer.counts["stg"] == 1
+    assert sass.own(found, outer)["mma"] == 1 and sass.own(found, outer)["instr"] == 4
+    # the main loop: the innermost loop doing MACs in its own body (the inner loop's HGMMA)
     main = sass.main_loop(found)
-    assert (main.start, main.end) == (0x20, 0x90)    # the most tensor-core instructions: the outer loop
-    assert main.counts["mma"] == 2 and main.counts["hgmma"] == 1 and main.counts["hmma"] == 1
-    assert main.counts["instr"] == 8 and main.counts["mufu"] == 1 and main.counts["bar"] == 1
-    assert main.counts["ldg"] == 1 and main.counts["stg"] == 1
+    assert (main.start, main.end) == (0x40, 0x70)
     rep = sass.report(text, 90, regs=128, shared=0, warps=4)
     assert rep.mma == "HGMMA" and rep.loop == main.counts and rep.kernel["instr"] == 11   # NOP not counted
+    assert rep.outer == outer.counts and sass.enclosing(found, outer) is None
+    # even against a heavier outer body (an inner loop runs more trips); but a loop without MACs of
+    # its own is not the main loop
+    heavier = LISTING.replace("HMMA.16816.F32 R8, R4, R6, R8", "HGMMA.64x256x16.F32.BF16 R8, gdesc[UR8], R8")
+    assert sass.main_loop(sass.loops(sass.parse(sass.functions(heavier)[(90, "demo")]))).start == 0x40
+    idle = LISTING.replace("HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "FMUL R24, R24, R24")
+    assert sass.main_loop(sass.loops(sass.parse(sass.functions(idle)[(90, "demo")]))).start == 0x20
     no_mma = LISTING.replace("HMMA.16816.F32 R8, R4, R6, R8", "FFMA R8, R4, R6, R8").replace(
         "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24", "FMUL R24, R24, R24")
-    inner = sass.main_loop(sass.loops(sass.parse(sass.functions(no_mma)[(90, "demo")])))
-    assert (inner.start, inner.end) == (0x20, 0x90)   # no MMA: the loop with the most instructions
+    found = sass.loops(sass.parse(sass.functions(no_mma)[(90, "demo")]))
+    lp = sass.main_loop(found)
+    assert (lp.start, lp.end) == (0x20, 0x90)   # no MMA: the loop whose own body moves global bytes
+    # and the FMA loop, for a launch doing SIMT products: the outer loop's FFMA
+    fma = sass.report(sass.functions(no_mma)[(90, "demo")], 90, 32, 0, 4)
+    assert fma.fma_loop == lp.counts and fma.fma_outer is None and rep.fma_loop is None
+    no_ffma = no_mma.replace("FFMA R8, R4, R6, R8", "FADD R8, R4, R6")
+    assert sass.report(sass.functions(no_ffma)[(90, "demo")], 90, 32, 0, 4).fma_loop is None
+    no_memory = no_mma.replace("LDG.E.128 R4, desc[UR4][R2.64]", "MOV R4, R2").replace(
+        "STG.E desc[UR4][R2.64], R8", "MOV R8, R2")
+    lp = sass.main_loop(sass.loops(sass.parse(sass.functions(no_memory)[(90, "demo")])))
+    assert (lp.start, lp.end) == (0x40, 0x70)   # nor memory: every loop issues instructions; the innermost
     straight = sass.report("\n".join(ln for ln in text.splitlines() if "BRA" not in ln), 90, 32, 0, 4)
-    assert straight.loop is None and straight.kernel["mma"] == 2
-    # the enclosing loop of the main one (none here: the main loop is outermost), and of the inner
-    assert rep.outer is None
-    assert sass.enclosing(found, found[0]).start == 0x20
+    assert straight.loop is None and straight.kernel["mma"] == 2 and straight.outer is None
 
 
 def test_work_per_instruction():
     """What the model derives iterations from: MACs per warp of each tensor-core shape (a warpgroup
     MMA is shared by its 4 warps), FFMAs, and the global bytes of each access width."""
     text = sass.functions(LISTING)[(90, "demo")]
-    counts = sass.report(text, 90, 128, 0, 4).loop
+    counts = sass.report(text, 90, 128, 0, 4).outer
     assert counts["macs"] == 16 * 8 * 16 + 64 * 64 * 16 // 4
     assert counts["gbytes"] == 32 * 16 + 32 * 4          # LDG.E.128 and STG.E
     ins = sass.parse("""

@@ -151,3 +151,21 @@ def test_cli_json_has_every_term(capsys):
         assert set(M.TERMS) | {"dram_bytes", "l2_bytes", "model_us", "bound"} <= set(r)
     assert main(["--calibrate"]) == 0
     assert "model / FA3" in capsys.readouterr().out
+
+
+def test_simt_products_are_priced_at_the_fma_loop():
+    """The CUDA merge kernels do their products on the FMA units: a launch with products takes the
+    kernel's FMA loop as its main loop, one without (TEAM's gate) the loop that moves the bytes."""
+    shape = Shape(B=32, L=784, N=784, num_out=392, D=768)
+    (lse, fwd) = W.launches("soft_merge", "forward", "cuda", shape)
+    for launch in (lse, fwd):
+        launch.dtype = "bf16"
+        entry = compiled.lookup(launch)
+        assert entry["tensor_cores"] == "none" and entry["fma_loop"]["ffma"] > 0
+        assert compiled._loops(entry, launch)[0] is entry["fma_loop"]
+        per_iteration = entry["fma_loop"]["ffma"] * 32 * entry["warps"]
+        assert compiled.iterations(entry, launch) == pytest.approx(launch.macs / launch.programs / per_iteration)
+    gate = [l for l in W.launches("team_gate", "forward", "cuda", VIT_B) if l.kernel == "gate_apply"][0]
+    gate.dtype = "bf16"
+    entry = compiled.lookup(gate)
+    assert compiled._loops(entry, gate)[0] is entry["loop"] and entry["loop"]["gbytes"] > 0

@@ -378,7 +378,8 @@ def as_dict(r: Result) -> dict:
     rep = r.sass
     out.update(ok=r.ok, warps=rep.warps if rep else 0, ctas_per_sm=rep.ctas_per_sm if rep else 0,
                tensor_cores=rep.mma if rep else "", loop=rep.loop if rep else None,
-               kernel_counts=rep.kernel if rep else None, outer=rep.outer if rep else None)
+               kernel_counts=rep.kernel if rep else None, outer=rep.outer if rep else None,
+               fma_loop=rep.fma_loop if rep else None, fma_outer=rep.fma_outer if rep else None)
     return out
 
 

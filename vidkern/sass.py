@@ -7,8 +7,10 @@ warpgroup MMA, ``wgmma``; ``HMMA``: the warp-level ``mma.sync``; ``none``), and 
 iteration the instructions one warp issues, by class (:data:`CLASSES`).
 
 *Loops.* A loop is a backward branch: a ``BRA`` to an earlier address; its body is the code from
-the target to the branch. The *main loop* is the innermost loop holding the most tensor-core
-instructions, or, in a kernel without them, the innermost loop with the most instructions. Counts
+the target to the branch. The *main loop* is the most deeply nested loop whose own body (nested
+loops' bodies excluded) does the kernel's work: tensor-core MACs, or, in a kernel without them, global loads
+and stores, or else instructions; of equally deep ones, the one doing the most. A kernel without
+MMA that does fp32 FMAs also reports its FMA loop (SIMT products), chosen the same way by FMAs. Its counts are of its whole body, nested loops once. Counts
 are static: every instruction of the body once, both arms of any branch inside it (a masked tail
 path is counted as if taken). A kernel without a backward branch has no loop (``loop = None``):
 its counts are then those of the whole function, run once.
@@ -154,16 +156,30 @@ def loops(instrs) -> list:
     return found
 
 
-def main_loop(found: list) -> Optional[Loop]:
-    """The innermost loop with the most tensor-core instructions (without any: the most
-    instructions); None when there is no loop."""
+def own(found: list, lp: Loop) -> dict:
+    """``lp``'s counts less those of the loops nested directly in it: what its own body issues."""
+    nested = [o for o in found if lp.contains(o)]
+    direct = [o for o in nested if not any(x.contains(o) for x in nested)]
+    return {k: v - sum(o.counts[k] for o in direct) for k, v in lp.counts.items()}
+
+
+WORK = ("macs", "gbytes")    # what a main loop does, in order: tensor-core MACs, else global bytes
+
+
+def main_loop(found: list, work: tuple = WORK) -> Optional[Loop]:
+    """The innermost loop that does the kernel's work in its own body (:func:`own`): the first
+    measure of ``work`` any loop's own body has (by default tensor-core MACs, else global bytes),
+    else instructions. Of those loops, the most deeply nested (an inner loop runs more trips than
+    the loop around it), then the one doing the most; None when there is no loop."""
     if not found:
         return None
-    key = (lambda lp: lp.counts["mma"]) if any(lp.counts["mma"] for lp in found) else (lambda lp: lp.counts["instr"])
-    best = max(key(lp) for lp in found)
-    candidates = [lp for lp in found if key(lp) == best]
-    inner = [lp for lp in candidates if not any(lp.contains(o) for o in candidates)]
-    return min(inner, key=lambda lp: lp.end - lp.start)
+    mine = {id(lp): own(found, lp) for lp in found}
+    measure = next((k for k in work if any(mine[id(lp)][k] for lp in found)), "instr")
+    working = [lp for lp in found if mine[id(lp)][measure] > 0] or found
+
+    def depth(lp):
+        return sum(o.contains(lp) for o in found)
+    return max(working, key=lambda lp: (depth(lp), mine[id(lp)][measure], -(lp.end - lp.start)))
 
 
 def mma_kind(instrs) -> str:
@@ -183,6 +199,8 @@ class Report:
     kernel: dict                # the whole function's counts (static)
     outer: Optional[dict] = None  # the innermost loop enclosing the main loop: its body's counts
                                   # (main loop included); None: the main loop is outermost
+    fma_loop: Optional[dict] = None   # a kernel without MMA: the innermost loop doing fp32 FMAs (SIMT
+    fma_outer: Optional[dict] = None  # products) and the loop around it, priced for a launch with products
 
     @property
     def ctas_per_sm(self) -> int:
@@ -202,8 +220,13 @@ def report(sass_text: str, arch: int, regs: int, shared: int, warps: int) -> Rep
     lp = main_loop(found)
     body = [x for x in instrs if lp.start <= x.addr <= lp.end] if lp else instrs
     outer = enclosing(found, lp) if lp else None
-    return Report(arch, regs, shared, warps, mma_kind(body), lp.counts if lp else None, count(instrs),
-                  outer.counts if outer else None)
+    rep = Report(arch, regs, shared, warps, mma_kind(body), lp.counts if lp else None, count(instrs),
+                 outer.counts if outer else None)
+    if found and not rep.kernel["mma"] and any(own(found, x)["ffma"] for x in found):
+        fl = main_loop(found, ("ffma",))
+        around = enclosing(found, fl)
+        rep.fma_loop, rep.fma_outer = fl.counts, around.counts if around else None
+    return rep
 
 
 def enclosing(found: list, inner: Loop) -> Optional[Loop]:

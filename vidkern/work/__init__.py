@@ -93,7 +93,8 @@ class Launch:
     ``bytes``: global bytes issued (every one an L2 request); ``unique``: the distinct bytes among
     them (compulsory DRAM traffic; None: all of them) and ``working_set``: the bytes the programs
     resident at once re-read (the L2 rule, :mod:`vidkern.work.machine`); ``round_trips``:
-    dependent global round trips per sequential step; ``published_us``: a library kernel's time
+    dependent global round trips per sequential step; ``outer_iters``: trips one program (one warp
+    of it) makes of the loop around the kernel's main loop (:func:`vidkern.work.compiled.dynamic`); ``published_us``: a library kernel's time
     at its published rate (an SDPA call) instead of terms; ``dtype``: the inputs' dtype, which
     selects the compiled configuration (:func:`vidkern.work.compiled.lookup`; :func:`records` sets
     it from the shape)."""
@@ -107,6 +108,7 @@ class Launch:
     unique: Optional[int] = None
     working_set: float = 0.0
     round_trips: int = 1
+    outer_iters: int = 0                # trips a program makes of the loop around the main one (0: unknown)
     published_us: Optional[float] = None
     dtype: str = ""
 
@@ -212,7 +214,8 @@ def records(op: str, direction: str, backend: str, shape: Shape, counted: Option
     total = dict(base, kernel="total", config={}, programs=sum(r.programs for r in rows),
                  bytes=sum(r.bytes for r in rows), macs=sum(r.macs for r in rows),
                  steps=sum(r.steps for r in rows), min_bytes=min_bytes, useful_macs=useful,
-                 **{k: sum(r[k] for r in out) for k in TERMS + ("dram_bytes", "l2_bytes", "model_us")},
+                 **{k: sum(r.get(k, 0.0) for r in out)
+                    for k in TERMS + ("published_us", "dram_bytes", "l2_bytes", "model_us")},
                  bound=max(by_bound, key=by_bound.get) if by_bound else "-")
     return out + [total]
 

@@ -16,10 +16,15 @@ and ``kThreads / 32`` warps.
 :func:`lookup` finds a launch's entry: same function and dtype (any dtype for a kernel declared at
 one dtype only), and every declared constexpr the launch's ``config`` also names equal. :func:`dynamic` turns the entry's static counts into what a
 program issues: the main loop's body times its iterations plus the rest of the function once.
-The iterations are not modelled separately: they are the launch's counted work per program over
-the work of one static iteration — tensor-core MACs for a loop with MMA (``tf32x3``: three
-products per MAC), fp32 FMAs for SIMT products, else global bytes. A loop nested in the main
-loop is counted once per iteration, so its extra trips are priced at the main loop's mix.
+For a launch with products on a kernel without MMA (SIMT products) the main loop is the kernel's
+FMA loop (:attr:`vidkern.sass.Report.fma_loop`). The iterations are not modelled separately: they
+are the launch's counted work per program over the work of one static iteration — tensor-core MACs for a loop with MMA (``tf32x3``: three
+products per MAC), fp32 FMAs for SIMT products, else global bytes; in a kernel of sequential
+steps (a greedy selection) whose main loop is the step loop, the steps. The rest of the loop
+around the main loop (``outer`` in the report) runs ``Launch.outer_iters`` times a program (the
+formula knows it: the output tiles a program loops over; default: the steps, else once per main
+iteration). A loop beside the main one inside that loop counts once per outer trip; one nested
+inside the main loop is priced at the main loop's mix.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ def entries_from_rows(rows: list) -> list:
                         constexprs=r["constexprs"], warps=warps, regs=r["regs"], shared=r["shared"],
                         ctas_per_sm=ctas_per_sm(ARCH, r["regs"], warps, r["shared"]) if cuda else r["ctas_per_sm"],
                         tensor_cores=r["tensor_cores"], loop=r["loop"], outer=r.get("outer"),
+                        fma_loop=r.get("fma_loop"), fma_outer=r.get("fma_outer"),
                         kernel=r["kernel_counts"], case=r["case"]))
     return out
 
@@ -88,9 +94,17 @@ def lookup(launch):
     return None
 
 
+def _loops(entry: dict, launch) -> tuple:
+    """(main loop, the loop around it, the whole function) counts for ``launch``: the FMA loop of a
+    kernel doing SIMT products when the launch has products, else the main loop."""
+    if launch.macs and entry.get("fma_loop"):
+        return entry["fma_loop"], entry.get("fma_outer"), entry["kernel"]
+    return entry["loop"], entry.get("outer"), entry["kernel"]
+
+
 def iterations(entry: dict, launch) -> float:
     """Main-loop iterations one program of ``launch`` runs (module docstring); 0 without a loop."""
-    loop = entry["loop"]
+    loop = _loops(entry, launch)[0]
     if not loop or launch.programs <= 0:
         return 0.0
     warps = entry["warps"]
@@ -106,12 +120,21 @@ def iterations(entry: dict, launch) -> float:
 
 
 def dynamic(entry: dict, launch) -> dict:
-    """Instructions and MUFU instructions one warp of one program issues (module docstring)."""
-    loop, whole = entry["loop"], entry["kernel"]
+    """Instructions, MUFU instructions and barriers one warp of one program issues (module
+    docstring): the main loop's body its iterations times, the rest of the loop around it
+    ``outer_iters`` times, the rest of the function once."""
+    loop, outer, whole = _loops(entry, launch)
+    keys = ("instr", "mufu", "bar")
     if not loop:
-        return {k: whole[k] for k in ("instr", "mufu", "bar")}
-    it = iterations(entry, launch)
-    return {k: it * loop[k] + max(0, whole[k] - loop[k]) for k in ("instr", "mufu", "bar")}
+        return {k: whole[k] for k in keys}
+    if launch.steps > 1 and not outer:
+        it = launch.steps          # the main loop is the step loop
+    else:
+        it = iterations(entry, launch)
+    if not outer:
+        return {k: it * loop[k] + max(0, whole[k] - loop[k]) for k in keys}
+    around = launch.outer_iters or (launch.steps if launch.steps > 1 else it)
+    return {k: it * loop[k] + around * max(0, outer[k] - loop[k]) + max(0, whole[k] - outer[k]) for k in keys}
 
 
 def write(rows: list, path: str = TABLE) -> int:

@@ -85,15 +85,17 @@ def gate_launches(direction: str, shape: Shape) -> list:
     x = b * n * d * isz
     h = programs * d * isz            # each block stages g = sigmoid(h[b]) once
     config = dict(V=_pack(shape), rows_per_block=ROWS_PER_BLOCK, smem=d * 4)
+    rows = ROWS_PER_BLOCK // WARPS           # one warp a row: the row loop around the channel loop
     if direction == "forward":
-        return [Launch("gate_rows", programs, h + x + b * n * 4, rate="fp32", config=config),          # X; s0
+        return [Launch("gate_rows", programs, h + x + b * n * 4, rate="fp32", config=config, outer_iters=rows),  # X; s0
                 Launch("token_softmax", b, 4 * b * n * 4, rate="fp32"),
-                Launch("gate_apply", programs, h + b * n * 4 + 2 * x, rate="fp32", config=config)]
+                Launch("gate_apply", programs, h + b * n * 4 + 2 * x, rate="fp32", config=config, outer_iters=rows)]
     partial = b * blocks * d * 4
-    return [Launch("gate_bwd_rows", programs, h + 2 * x + 4 * b * n * 4, rate="fp32", config=config),
+    return [Launch("gate_bwd_rows", programs, h + 2 * x + 4 * b * n * 4, rate="fp32", config=config,
+                   outer_iters=rows),
             Launch("token_softmax_bwd", b, 5 * b * n * 4, rate="fp32"),
             Launch("gate_bwd", programs, h + b * n * 5 * 4 + 3 * x + partial, rate="fp32",
-                   config=dict(config, smem=(1 + WARPS) * d * 4)),
+                   config=dict(config, smem=(1 + WARPS) * d * 4), outer_iters=rows),
             Launch("gate_dh", cdiv(b * d, THREADS), partial + b * d * 2 * isz, rate="fp32")]
 
 
@@ -168,6 +170,15 @@ def _tile_macs(k: int) -> int:
     return TILE * TILE * TILE * cdiv(k, TILE)
 
 
+def _k_steps(launches: list) -> list:
+    """Sets each merge launch's ``outer_iters``: its product loop (``kk``, the main loop) sits in
+    a loop over 32-wide contraction chunks, one 32 x 32 x 32 tile product a trip."""
+    for launch in launches:
+        if launch.macs and not launch.kernel.startswith("aten."):
+            launch.outer_iters = max(1, launch.macs // launch.programs // TILE ** 3)
+    return launches
+
+
 def merge_launches(direction: str, shape: Shape) -> list:
     b, L, lp, d, isz = shape.B, shape.L, shape.num_out, shape.D, shape.itemsize
     du = d                                   # u (the keys) has x's width
@@ -180,7 +191,7 @@ def merge_launches(direction: str, shape: Shape) -> list:
                      + lp * d * isz * 2 + lp * 4)
         fwd = Launch("merge_fwd", nj * nc * b, b * fwd_bytes,
                      b * nj * nc * ni * (_tile_macs(du) + TILE * CHANNELS * TILE * 2), rate="fp32")
-        return [lse, fwd]
+        return _k_steps([lse, fwd])
     pairs = ni * nj
     # one (token tile, meta tile) pair: the row tables' scalars and the three tile products S, G
     pair_scalars = ni * lp * 16 + nj * L * 4
@@ -206,7 +217,7 @@ def merge_launches(direction: str, shape: Shape) -> list:
            Launch("aten.index_put", b * lp, 2 * dv + b * lp * 8, rate="fp32")]
     if shape.dtype != "fp32":
         out.append(Launch("aten._to_copy", b * L, b * L * du * (4 + isz), rate="fp32"))
-    return out
+    return _k_steps(out)
 
 
 @formula("soft_merge", "cuda")

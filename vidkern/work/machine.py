@@ -144,7 +144,9 @@ def price(launch, machine: Machine = None) -> dict:
         out["mufu_us"] = (per["mufu"] * warps * launch.programs * 32
                           / (m.mufu_per_clk * m.clock_hz * m.sustained * m.sms * f) * 1e6)
         out["issue_us"] = per["instr"] * warps * launch.programs / (issue_rate(resident, m) * m.sms * f) * 1e6
-        step_bars = (entry["loop"] or {}).get("bar", 0) if launch.steps > 1 else 0
+        # a greedy step is the loop around the main one when there is one (the row scan inside the
+        # step loop), else the main loop itself
+        step_bars = (entry.get("outer") or entry["loop"] or {}).get("bar", 0) if launch.steps > 1 else 0
     else:
         step_bars = 0
     per_step = launch.round_trips * m.mem_latency_s + step_bars * BARRIER_CLK / m.clock_hz

@@ -62,7 +62,7 @@ def merge_launches(direction: str, shape: Shape) -> list:
             out.append(Launch("_merge_lse_kernel", tm * b, b * lse_bytes, b * tm * tn * bm * bn * kp(du), rate=rate,
                               config=M.merge_config("lse", dtype).launch(),
                               # compulsory: U (its meta rows are U's rows), idx, lse; re-read: a batch row's U
-                              unique=b * (L * du * isz + lp * I64 + L * F32),
+                              unique=b * (L * du * isz + lp * I64 + L * F32), outer_iters=tn,
                               working_set=resident_set(tm, L * du * isz, b)))
             # fwd: per (meta tile, group): idx once; per token tile S (meta rows + token rows), lse,
             # the X and E chunks (groups together read each channel once per meta tile); A, P, col out
@@ -74,7 +74,7 @@ def merge_launches(direction: str, shape: Shape) -> list:
                               config=dict(M.merge_config("fwd", dtype, nc).launch(), groups=g),
                               # compulsory: U, lse, X, E, idx in; A, P, col out; re-read: a batch
                               # row's U, lse, X, E
-                              unique=b * (row + lp * (I64 + 2 * d * isz + F32)),
+                              unique=b * (row + lp * (I64 + 2 * d * isz + F32)), outer_iters=tm,
                               working_set=resident_set(tn * g, row, b)))
         return out
     gu, ncu = M.channel_split(du, ch, max_chunks)      # dU (token pass) and dV (meta pass)
@@ -101,7 +101,7 @@ def merge_launches(direction: str, shape: Shape) -> list:
                           # (and C1, dC1) out; re-read: a batch row's U, X, E, dA, dP
                           unique=b * (pair_row + lp * (I64 + 2 * F32) + L * (du * F32 + 2 * F32)
                                       + (2 * scores if stored else 0)),
-                          working_set=resident_set(tm * gu, pair_row, b)))
+                          working_set=resident_set(tm * gu, pair_row, b), outer_iters=tn))
         # dx: per meta tile col and either C1 (stored) or lse once, idx, S (token rows + meta rows
         # of U); the dA, dP chunks; dX, dE out
         if stored:
@@ -116,7 +116,7 @@ def merge_launches(direction: str, shape: Shape) -> list:
                           # batch row's dA, dP (and U)
                           unique=b * (dx_reread + lp * (I64 + F32) + (scores if stored else L * F32)
                                       + 2 * L * d * isz),
-                          working_set=resident_set(tm * gx, dx_reread, b)))
+                          working_set=resident_set(tm * gx, dx_reread, b), outer_iters=tn))
         # meta: idx once (and col, gamma unless stored); per token tile delta and either C1, dC1
         # (stored) or lse, S and G; the U chunks; dU rows idx read and written back (+ dV)
         if stored:
@@ -131,7 +131,7 @@ def merge_launches(direction: str, shape: Shape) -> list:
                           # U in; dU rows read and written; re-read: a batch row's scores (or its
                           # pair rows) and U
                           unique=b * (meta_reread + lp * (I64 + 2 * F32) + L * 2 * F32 + 2 * lp * du * F32),
-                          working_set=resident_set(tn * gm, meta_reread, b)))
+                          working_set=resident_set(tn * gm, meta_reread, b), outer_iters=tm))
     if shape.dtype != "fp32":
         out.append(Launch("aten._to_copy", shape.B * L, shape.B * L * du * (F32 + isz), rate="fp32",
                           config=dict(of="dU fp32 -> the inputs' dtype")))

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from . import FORMULAS, PATHS, Shape, _load_formulas, ratio, records
 from . import machine as _machine
+from .machine import TERMS
+
+COLUMNS = TERMS + ("published_us",)   # the terms table: an SDPA call's published time too
 
 _VIT_B = dict(H=12, d=64, D=768, dtype="bf16")
 STAGE1 = dict(B=256, L=196, N=196, num_out=98, scores=True, D=768, dtype="bf16")
@@ -89,6 +92,12 @@ def markdown(rows=None) -> str:
             f"{_fmt_bytes(r['bytes'])} | {_fmt_bytes(r['dram_bytes'])} | {_fmt_bytes(r.get('min_bytes'))} | "
             f"{r['macs'] / 1e9:,.2f} | {ratio(r['macs'], useful) if useful else float('nan'):.2f} | {r['steps']:,} | "
             f"{r['model_us']:,.1f} | {r['bound']} | {r['limit_us']:,.1f} | {r['share']:.0%} | {_vs_dense(r)} |")
+    lines += ["", "The terms, summed over each op's launches (us; `python -m vidkern.work OP --json` gives them per "
+              "launch):", "", "| op | case | dir | backend | " + " | ".join(t[:-3] for t in COLUMNS) + " |",
+              "|---|---|---|---|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['case']} | {r['direction'][:3]} | {r['backend']} | "
+                     + " | ".join(f"{r[t]:,.1f}" for t in COLUMNS) + " |")
     lines += ["", "bound: the term the op's launches spend the most modelled time in (dram, l2, mma, mufu, issue, "
               "latency, launch, or published: an SDPA call at FA2's published rate). limit: the op's useful MACs at "
               "the sustained bf16 peak or its minimal bytes at copy bandwidth, whichever is longer; share = limit / "
