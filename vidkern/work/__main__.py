@@ -5,7 +5,7 @@ Keys: ``B H N L D d num_out grid=T,Hp,Wp pattern num_global_heads dtype=bf16|fp1
 ``N`` and ``L`` name the same token count; ``grid`` sets it when neither is given. ``--measure``
 runs the kernels at that (small!) shape with counters — the Triton interpreter, or the CUDA
 emulator for ``backend=cuda`` — and prints the counted launches beside the formula's.
-``--backend split|views``: hsda's SDPA strategies (SDPA calls modelled as an ideal flash kernel).
+``--backend split|views``: hsda's SDPA strategies (SDPA calls priced at FA2's published rate).
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ REFERENCE = [
 
 def reference_rows(backends=PATHS) -> list:
     """The op-direction totals at every reference shape, for every backend (and hsda SDPA strategy)
-    with a model; hsda rows also carry ``dense_us``, the ideal dense kernel on every head."""
+    with a model; hsda rows also carry ``dense_us``, SDPA (FA2 at its published rate) on every head."""
     _load_formulas()
     from .sdpa import dense_us
     rows = []

@@ -29,7 +29,7 @@ What the strategies add around SDPA is counted as they issue it:
 
 The backward of a cat is narrowing (views), so it adds no traffic. ``split`` is modelled in
 natural token order (its default), ``views`` in grouped order (its only one).
-:func:`dense_launches` is the baseline: the same ideal kernel on every head. :func:`output_copy` is the
+:func:`dense_launches` is the baseline: the same SDPA call on every head. :func:`output_copy` is the
 copy that the ``(B, N, H, d)`` output layout of every path saves the attention module.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ def copy_launch(name: str, nbytes: int) -> Launch:
 
 
 def flash_launches(direction: str, shape: Shape, seqs: int, size: int, tag: str) -> list:
-    """The ideal flash kernel over ``seqs`` independent sequences of ``size`` tokens (module
+    """A flash kernel over ``seqs`` independent sequences of ``size`` tokens (module
     docstring); ``tag`` names the call in the kernel column."""
     if not seqs or not size:
         return []
@@ -178,7 +178,7 @@ def hsda_views(direction: str, shape: Shape) -> list:
 
 
 def dense_launches(direction: str, shape: Shape) -> list:
-    """Dense attention on every head (the baseline HSDA must beat): the ideal flash kernel over
+    """Dense attention on every head (the baseline HSDA must beat): the flash kernel over
     ``B * H`` sequences of ``N`` tokens."""
     return flash_launches(direction, shape, shape.B * shape.H, shape.N, "dense, all heads")
 
