@@ -76,7 +76,7 @@ def test_selection_reads_one_gram_row_per_step():
     (Shape(B=32 * 8, L=196, D=768, num_out=147), 1000),
     pytest.param(Shape(B=32, L=784, D=768, num_out=588, scores=True), 1000, marks=pytest.mark.xfail(
         strict=True, reason="issue 23: priced from its SASS, the greedy loop's dependent round trip per "
-                            "scanned entry (4 a step at L=784) takes stage 2 to ~1.4 ms")),
+                            "scanned entry (4 a step at L=784) takes stage 2 to ~1.2 ms")),
     pytest.param(Shape(B=1, L=12544, D=768, num_out=6272), 30000, marks=pytest.mark.xfail(
         strict=True, reason="issue 23: 49 dependent round trips a step at L=12544 (~120 ms; review: 60-120)")),
 ], ids=["stage1", "stage2", "long-clip"])
