@@ -2,7 +2,6 @@
 CUDA kernels run in the CPU emulator with global-memory counters (vidkern/work/emulator.py), at
 three small shapes per kernel, ragged ones included (sizes off the tiles, packs and warps).
 Launch names and order and programs must match exactly, bytes and multiply-adds within 2%."""
-import math
 
 import pytest
 
