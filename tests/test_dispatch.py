@@ -91,17 +91,18 @@ def test_kernels_package_lives_under_vidkern():
 
 
 def test_soft_merge_prefers_triton_over_the_simt_cuda_kernels(monkeypatch):
-    """On a GPU soft_merge goes to Triton's tensor-core kernels before the cuda backend (first in
+    """On a GPU soft_merge and orthogonal_select go to Triton's kernels before the cuda backend (first in
     priority for every other op); asked for by name, or without Triton, cuda runs it. The rule is
     dispatch's (PREFERENCES), not the backend's: cuda itself has no reason to decline."""
     cuda_backend, triton_backend = dispatch.get("cuda"), dispatch.get("triton")
     assert dispatch.order("soft_merge") == ["triton", "cuda", "torch", "reference"]
-    assert dispatch.order("orthogonal_select") == dispatch.names()
+    assert dispatch.order("hsda") == dispatch.names()
     capable = {"cuda": [], "triton": []}
     for name, be in (("cuda", cuda_backend), ("triton", triton_backend)):
         monkeypatch.setattr(be, "not_supported_reasons", lambda inputs, name=name: capable[name])
     assert dispatch.select(dispatch.Inputs("soft_merge", CUDA, torch.bfloat16)) is triton_backend
-    assert dispatch.select(dispatch.Inputs("orthogonal_select", CUDA, torch.bfloat16)) is cuda_backend
+    assert dispatch.select(dispatch.Inputs("feature_summary", CUDA, torch.bfloat16)) is cuda_backend
+    assert dispatch.select(dispatch.Inputs("orthogonal_select", CUDA, torch.bfloat16)) is triton_backend
     assert dispatch.select(dispatch.Inputs("soft_merge", CUDA, torch.bfloat16), "cuda") is cuda_backend
     capable["triton"] = ["triton missing"]
     assert dispatch.select(dispatch.Inputs("soft_merge", CUDA, torch.bfloat16)) is cuda_backend

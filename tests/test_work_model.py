@@ -169,3 +169,20 @@ def test_simt_products_are_priced_at_the_fma_loop():
     gate.dtype = "bf16"
     entry = compiled.lookup(gate)
     assert compiled._loops(entry, gate)[0] is entry["loop"] and entry["loop"]["gbytes"] > 0
+
+
+def test_dispatch_preferences_are_what_the_model_prices_faster():
+    """Every ``dispatch.PREFERENCES`` entry puts first the backend the model prices faster, at every
+    reference shape of the op (selection: ``orthogonal_select`` and ``select_meta_tokens``, which
+    runs it) and in every direction."""
+    from vidkern import dispatch
+    rows = report.reference_rows(backends=("triton", "cuda"))
+    for op, (preferred, _why) in dispatch.PREFERENCES.items():
+        ops = {op, "select_meta_tokens"} if op == "orthogonal_select" else {op}
+        priced = {}
+        for r in rows:
+            if r["op"] in ops:
+                priced.setdefault((r["op"], r["case"], r["direction"]), {})[r["backend"]] = r["model_us"]
+        assert priced, op
+        for key, us in priced.items():
+            assert us[preferred[0]] < us[preferred[1]], (op, key, us)

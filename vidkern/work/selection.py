@@ -19,8 +19,9 @@ Gram regime, per launch:
   problem — and stores ``L^2`` floats (off-diagonal tiles twice, as themselves and mirrored).
   MACs as issued: ``BLOCK^2 ceil(D / BLOCK_D) BLOCK_D`` per program (padding included).
 * ``_greedy_kernel`` (per chunk): ``n`` programs; per program the start (8 B) and ``K`` picks
-  (``8 K``) and, at greedy step ``i = 1 .. K-1``, the unpicked entries of one Gram row:
-  ``4 (L - i)`` bytes. ``steps = K - 1``.
+  (``8 K``) and, at greedy step ``i = 1 .. K-1``, the entries of one Gram row still unpicked when
+  it is read — the new pick's own (its ``+inf`` diagonal marks it taken) and the ``L - i`` others:
+  ``4 (L - i + 1)`` bytes. ``steps = K - 1``.
 
 Streaming fallback (``L > GREEDY_MAX_L``; also the design before the Gram regime, see
 :func:`stream_launches`): one launch, ``B`` programs; per program the norm pass (X read, ``2 L``
@@ -69,8 +70,8 @@ def candidates(op: str, shape: Shape) -> int:
 
 # ------------------------------------------------------------------ the kernels
 def greedy_bytes(length: int, k: int) -> int:
-    """Bytes one ``_greedy_kernel`` program issues: start, ``k`` picks, ``sum_{i<k} 4 (L - i)``."""
-    return I64 + I64 * k + F32 * ((k - 1) * length - k * (k - 1) // 2)
+    """Bytes one ``_greedy_kernel`` program issues: start, ``k`` picks, ``sum_{i<k} 4 (L - i + 1)``."""
+    return I64 + I64 * k + F32 * ((k - 1) * length - (k - 1) * (k - 2) // 2)
 
 
 def stream_launches(shape: Shape, k: int) -> list:
@@ -176,7 +177,7 @@ for _op in ("orthogonal_select", "select_meta_tokens"):   # both ops' minima: on
 def step_bytes(launch: Launch, length: int) -> float:
     """The most bytes one program of a greedy launch reads or writes in one greedy step."""
     if launch.kernel == "_greedy_kernel":
-        return F32 * (length - 1) + I64                      # step 1: L - 1 unpicked entries, one pick
+        return F32 * length + I64                            # step 1: all L entries (the start's own too), one pick
     raise ValueError(launch.kernel)
 
 
