@@ -1,6 +1,11 @@
 """Benchmark harness on pytest-benchmark.
 
-Every benchmark is one (case, provider, mode) cell. ``measure`` times it and records FLOPs
+Every benchmark is one (case, provider, mode) cell. The providers of one case run back to back
+(``pytest_collection_modifyitems``), and every round of a provider is paired with a round of each
+*anchor* of its case run just before it (:data:`ANCHORS`: the reference, dense SDPA), so the ratio
+columns are medians of per-round ratios: load that comes and goes during a case moves both sides
+of a ratio alike, and a ratio whose per-round spread is still wide is flagged (:data:`NOISY`).
+``measure`` times a cell and records FLOPs
 (2 per multiply-add, attended pairs only), bytes (minimum traffic: inputs read once, outputs
 written once), memory, and the case key. At the end of the session the harness writes
 ``benchmarks/results/<device>-<date>.json``, a markdown report and PNG plots: latency with
@@ -38,6 +43,40 @@ if INTERPRET and not torch.cuda.is_available():
 RESULTS = pathlib.Path(os.environ.get("VIDKERN_BENCH_RESULTS", pathlib.Path(__file__).parent / "results"))
 MODES = ("fwd", "bwd", "fwd+bwd")
 SKIPPED: dict = {}  # provider -> reason, for the report
+MIN_ROUNDS = 1 if QUICK else 5   # a median and an IQR of fewer rounds say little
+#: Providers each other provider of the same case is paired with, round by round: ``x ref`` is
+#: against ``reference``, ``vs dense`` against ``global_sdpa`` (plain SDPA on every head).
+ANCHORS = ("reference", "global_sdpa")
+#: A ratio is flagged when its relative spread (the IQR of its per-round ratios over their median;
+#: unpaired, the two sides' IQR/median summed) exceeds this: it could be off by more than 10%.
+NOISY = 0.10
+
+
+def _case_params(item) -> tuple:
+    spec = getattr(item, "callspec", None)
+    params = {k: v for k, v in (spec.params.items() if spec else ()) if k != "provider"}
+    return item.module.__name__ if hasattr(item, "module") else "", tuple(sorted((k, str(v)) for k, v in params.items()))
+
+
+def _anchor_rank(item) -> int:
+    spec = getattr(item, "callspec", None)
+    provider = spec.params.get("provider") if spec else None
+    return ANCHORS.index(provider) if provider in ANCHORS else len(ANCHORS)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the providers of one case back to back — the anchors first, then the rest in their declared
+    order — instead of one provider through every case: a case's cells are seconds apart, not minutes,
+    and every non-anchor round can be paired with an anchor round."""
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(_case_params(item), i)
+    items.sort(key=lambda item: (first[_case_params(item)], _anchor_rank(item)))   # stable otherwise
+
+
+#: the current case's anchors: case -> {provider: (setup, timed)}, one round each
+_ANCHOR_ROUNDS: dict = {}
+_PROGRESS = {"done": 0}
 
 # Dense peaks (TFLOP/s for the tensor-core dtype, fp32 without tensor cores; TB/s of HBM).
 # Matched in order against the device name (PCIe/NVL variants before the SXM default).
@@ -201,11 +240,20 @@ def measure(benchmark):
 
         (fwd if mode == "fwd" else fwd_bwd)()  # warm-up (compilation, caches) and the output gradients
         saved = 0.0 if mode == "fwd" else saved_for_backward_mib(lambda: forward(*inputs))
+        for stale in [c for c in _ANCHOR_ROUNDS if c != case]:   # the providers of a case run together
+            del _ANCHOR_ROUNDS[stale]
+        anchors = {p: a for p, a in _ANCHOR_ROUNDS.get(case, {}).items() if p != provider}
+        anchor_s = {p: [] for p in anchors}
         start = time.perf_counter()
         (fwd if mode == "fwd" else fwd_bwd)()
         _sync()
         once = time.perf_counter() - start
-        rounds = 1 if QUICK else max(3, min(50, int(budget_s / max(once, 1e-6))))
+        start = time.perf_counter()
+        _anchor_round(anchors, anchor_s)
+        pair_once = once + time.perf_counter() - start
+        for times in anchor_s.values():
+            times.clear()
+        rounds = 1 if QUICK else max(MIN_ROUNDS, min(50, int(budget_s / max(pair_once, 1e-6))))
         total_flops = flops["fwd"] * (mode != "bwd") + flops["bwd"] * (mode != "fwd")
         total_bytes = nbytes["fwd"] * (mode != "bwd") + nbytes["bwd"] * (mode != "fwd")
         benchmark.group = case
@@ -220,10 +268,21 @@ def measure(benchmark):
                 fn(*args)
                 _sync()
             return call
+        def paired_setup():
+            _anchor_round(anchors, anchor_s)   # timed here, just before this provider's round
+            return setup() if mode == "bwd" else ((), {})
         if mode == "bwd":
-            benchmark.pedantic(timed(bwd), setup=setup, rounds=rounds, iterations=1)
+            benchmark.pedantic(timed(bwd), setup=paired_setup, rounds=rounds, iterations=1)
         else:
-            benchmark.pedantic(timed(fwd if mode == "fwd" else fwd_bwd), rounds=rounds, iterations=1)
+            benchmark.pedantic(timed(fwd if mode == "fwd" else fwd_bwd), setup=paired_setup, rounds=rounds,
+                               iterations=1)
+        own = list(benchmark.stats.stats.data)
+        benchmark.extra_info["paired"] = {p: [t / a for t, a in zip(own, times)] for p, times in anchor_s.items()
+                                          if len(times) == len(own)}
+        if provider in ANCHORS:
+            _ANCHOR_ROUNDS.setdefault(case, {})[provider] = \
+                (setup, timed(bwd)) if mode == "bwd" else (lambda: ((), {}), timed(fwd if mode == "fwd" else fwd_bwd))
+        _progress(case, provider, own)
         if torch.cuda.is_available():
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:
@@ -235,6 +294,23 @@ def measure(benchmark):
                                                 "tensor-tracking dispatch mode")
         benchmark.extra_info["peak_mem_mib"] = peak
     return run
+
+
+def _anchor_round(anchors: dict, times: dict) -> None:
+    """One round of each anchor (its setup untimed), its time appended to ``times[provider]``."""
+    for p, (setup, timed_fn) in anchors.items():
+        args, kwargs = setup()
+        start = time.perf_counter()
+        timed_fn(*args, **kwargs)
+        times[p].append(time.perf_counter() - start)
+
+
+def _progress(case: str, provider: str, own: list) -> None:
+    """A line per cell on the terminal (past pytest's capture): long runs show where they are."""
+    _PROGRESS["done"] += 1
+    med = sorted(own)[len(own) // 2] * 1e3 if own else float("nan")
+    print(f"[bench {_PROGRESS['done']}] {case} | {provider}: {med:.3f} ms median of {len(own)}",
+          file=sys.__stderr__, flush=True)
 
 
 def model_us(work, provider: str, mode: str) -> dict:
@@ -282,12 +358,55 @@ def _rows(session) -> list:
                          roofline_pct=100 * roofline_s / median, saved_mib=info["saved_mib"],
                          peak_mem_mib=info.get("peak_mem_mib", float("nan")), model_us=info.get("model_us"),
                          model_bound=info.get("model_bound")))
+    paired = {(b.extra_info["case"], b.extra_info["provider"]): b.extra_info.get("paired", {})
+              for b in (bs.benchmarks if bs else [])}
     for r in rows:
         ref = next((x for x in rows if x["case"] == r["case"] and x["provider"] == "reference"), None)
-        r["x_reference"] = ref["median_ms"] / r["median_ms"] if ref else None
-        dense = [x["median_ms"] for x in rows if x["case"] == r["case"] and x["provider"] in DENSE_PROVIDERS]
-        r["vs_dense"] = r["median_ms"] / min(dense) if dense else None
+        r["x_reference"], r["x_reference_spread"] = _ratio(r, ref, paired, invert=True)
+        dense = [x for x in rows if x["case"] == r["case"] and x["provider"] in DENSE_PROVIDERS]
+        fastest = min(dense, key=lambda x: x["median_ms"]) if dense else None
+        r["vs_dense"], r["vs_dense_spread"] = _ratio(r, fastest, paired)
     return rows
+
+
+def _median(values: list) -> float:
+    v = sorted(values)
+    n = len(v)
+    return (v[(n - 1) // 2] + v[n // 2]) / 2
+
+
+def _iqr(values: list) -> float:
+    import statistics
+    return 0.0 if len(values) < 2 else (lambda q: q[2] - q[0])(statistics.quantiles(values, n=4, method="inclusive"))
+
+
+def _ratio(r: dict, anchor, paired: dict, invert: bool = False) -> tuple:
+    """``(ratio, relative spread)`` of row ``r`` against the ``anchor`` row (``invert``: anchor over
+    ``r``, else ``r`` over anchor): the median of the per-round ratios when the two were paired
+    (``measure``), else the ratio of the medians with the two IQR/median summed as its spread;
+    fewer than 3 rounds have no spread to speak of (infinite)."""
+    if anchor is None:
+        return None, None
+    if anchor is r:
+        return 1.0, 0.0
+    per_round = paired.get((r["case"], r["provider"]), {}).get(anchor["provider"])
+    if not per_round:   # the anchor ran after this provider (or never): compare the medians
+        per_round = [1 / x for x in paired.get((anchor["case"], anchor["provider"]), {}).get(r["provider"], [])]
+    if per_round:
+        ratios = [1 / x for x in per_round] if invert else per_round
+        med = _median(ratios)
+        return med, (_iqr(ratios) / med if len(ratios) >= 3 else float("inf"))
+    ratio = r["median_ms"] / anchor["median_ms"]
+    spread = (r["iqr_ms"] / r["median_ms"] + anchor["iqr_ms"] / anchor["median_ms"]
+              if min(r["rounds"], anchor["rounds"]) >= 3 else float("inf"))
+    return (1 / ratio if invert else ratio), spread
+
+
+def _fmt_ratio(value, spread) -> str:
+    """A ratio for the tables; ``?`` when its spread exceeds :data:`NOISY` (not meaningful)."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + (" ?" if spread is not None and spread > NOISY else "")
 
 
 #: Dense attention on every head, the cost HSDA must beat (issue 14): the fastest of these in a
@@ -347,33 +466,68 @@ def _flop_table() -> list:
     return table
 
 
+def _op_and_mode(case: str) -> tuple:
+    """``(op, mode, the rest)`` of a case label such as ``attention hsda ViT-S B=1 fwd+bwd``."""
+    words = case.split()
+    mode = words[-1] if words[-1] in MODES else ""
+    return words[0], mode, " ".join(words[1:-1] if mode else words[1:])
+
+
 def _plots(rows, stem) -> list:
+    """One PNG per op: a column per mode, speed-up over the reference on top (log scale; a hatched
+    pale bar is a ratio flagged noisy) and the memory saved for the backward below; bars grouped by
+    case, one colour per provider throughout."""
     try:
         import matplotlib
         matplotlib.use("Agg")
+        import matplotlib.patches
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as exc:
         return [f"plots skipped: matplotlib not importable ({exc})"]
-    cases = sorted({r["case"] for r in rows})
     providers = sorted({r["provider"] for r in rows})
+    colour = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(providers)}
     written = []
-    for metric, label, suffix in (("x_reference", "speed-up over reference (x)", "speedup"),
-                                  ("saved_mib", "saved for backward (MiB)", "memory")):
-        fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.9), 4.5))
-        width = 0.8 / max(len(providers), 1)
-        for i, p in enumerate(providers):
-            vals = [next((r[metric] or 0 for r in rows if r["case"] == c and r["provider"] == p), 0) for c in cases]
-            ax.bar([j + i * width for j in range(len(cases))], vals, width, label=p)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel(label)
-        if metric == "x_reference":
-            ax.set_yscale("log")
-            ax.axhline(1.0, color="black", linewidth=0.5)
-        ax.legend(fontsize=7)
-        ax.set_title(f"vidkern — {device_name()}")
-        fig.tight_layout()
-        path = stem.parent / f"{stem.name}-{suffix}.png"
-        fig.savefig(path, dpi=110)
+    for op in dict.fromkeys(_op_and_mode(r["case"])[0] for r in rows):
+        mine = [r for r in rows if _op_and_mode(r["case"])[0] == op]
+        modes = [m for m in (*MODES, "") if any(_op_and_mode(r["case"])[1] == m for r in mine)]
+        cases = list(dict.fromkeys(_op_and_mode(r["case"])[2] for r in mine))
+        present = [p for p in providers if any(r["provider"] == p for r in mine)]
+        width = 0.8 / max(len(present), 1)
+        fig, axes = plt.subplots(2, len(modes), figsize=(max(4.5, 1.1 * len(cases) * max(1, len(present) / 4))
+                                                         * len(modes), 6.5), squeeze=False)
+        for col, mode in enumerate(modes):
+            for row, (metric, label) in enumerate((("x_reference", "speed-up over reference (x)"),
+                                                   ("saved_mib", "saved for backward (MiB)"))):
+                ax = axes[row][col]
+                if metric == "saved_mib" and mode == "fwd":
+                    ax.set_axis_off()     # nothing is saved without a backward
+                    continue
+                for i, p in enumerate(present):
+                    for j, c in enumerate(cases):
+                        r = next((x for x in mine if x["provider"] == p
+                                  and _op_and_mode(x["case"])[1:] == (mode, c)), None)
+                        if r is None or not r[metric]:
+                            continue
+                        noisy = metric == "x_reference" and (r.get("x_reference_spread") or 0) > NOISY
+                        base = 1.0 if metric == "x_reference" else 0.0   # speed-ups up, slow-downs down
+                        ax.bar(j + i * width, r[metric] - base, width, bottom=base, color=colour[p],
+                               alpha=0.35 if noisy else 1.0, hatch="//" if noisy else None)
+                ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, rotation=30, ha="right",
+                              fontsize=7)
+                if metric == "x_reference":
+                    ax.set_yscale("log")
+                    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+                    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                    ax.axhline(1.0, color="black", linewidth=0.5)
+                    ax.set_title(f"{op} {mode}".strip(), fontsize=9)
+                ax.set_ylabel(label, fontsize=8)
+        fig.legend(handles=[matplotlib.patches.Patch(color=colour[p], label=p) for p in present], fontsize=7,
+                   loc="upper right")
+        fig.suptitle(f"vidkern {op} — {device_name()} (hatched: ratio too noisy to read)", fontsize=10)
+        fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+        path = stem.parent / f"{stem.name}-{op}.png"
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path.name)
     return written
@@ -416,9 +570,13 @@ def pytest_sessionfinish(session, exitstatus):
              "roofline allows over the measured median. `saved MiB`: activation memory autograd keeps from one "
              "forward. `peak MiB`: GPU allocator peak; on CPU the peak of the tensors allocated during one call "
              "(inputs excluded), tracked per ATen op. "
-             "`x ref`: the reference provider's median over this one's, same case, same run. "
-             "`vs dense`: this provider's median over the fastest dense provider's (attention on every head: "
+             "`x ref`: the reference provider's time over this one's, same case, same run. "
+             "`vs dense`: this provider's time over the fastest dense provider's (attention on every head: "
              + ", ".join(DENSE_PROVIDERS) + ") in the same case and run — below 1 is faster than dense. "
+             "Both are medians of per-round ratios where each round of this provider ran right after a round "
+             "of the reference and of global_sdpa (else the ratio of the medians); a ratio marked `?` has a "
+             f"relative spread over {NOISY:.0%} (IQR of its per-round ratios over their median; unpaired, the "
+             "two IQR/median summed): the machine was too noisy for it to mean anything. "
              "`model us`: the work model's H200 time for the triton/cuda kernels and hsda's split/views "
              "strategies (their SDPA calls at FA2's published rate), priced from the compiled sm_90 code, with "
              "the term that bounds it (vidkern.work; a model, not a measurement — on another device it is only a "
@@ -430,8 +588,8 @@ def pytest_sessionfinish(session, exitstatus):
                   "| vs dense | model us | measured/model |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["case"] == case):
-            ref = f"{r['x_reference']:.2f}" if r["x_reference"] else "-"
-            dense = f"{r['vs_dense']:.2f}" if r.get("vs_dense") else "-"
+            ref = _fmt_ratio(r["x_reference"], r.get("x_reference_spread"))
+            dense = _fmt_ratio(r.get("vs_dense"), r.get("vs_dense_spread"))
             lines.append(f"| {r['provider']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {r['rounds']} | "
                          f"{r['tflops']:.4f} | {r['gbps']:.2f} | {r['roofline_pct']:.1f} | {r['saved_mib']:.1f} | "
                          f"{r['peak_mem_mib']:.0f} | {ref} | {dense} | {_model_cells(r)} |")
