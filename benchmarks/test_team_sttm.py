@@ -2,7 +2,8 @@
 
 Providers: ``reference`` (eager; for selection a Python loop over problems and picks, as in
 Motionformer's code), ``triton`` and ``cuda`` (TEAM's fused Triton / CUDA C++ kernels), ``torch``
-(vidkern's backend), ``compile`` (torch.compile of the reference).
+(vidkern's backend), ``auto`` (``backend=None``: what a user gets, ``vidkern.dispatch``'s choice),
+``compile`` (torch.compile of the reference).
 
 TEAM's bytes are the minimum any implementation must move (SPEC §2): forward reads X once and
 writes Y once; backward reads X and dY once and writes dX once (the (B, D) and (B, N) vectors are
@@ -34,6 +35,7 @@ REFERENCE_TEAM = {"feature_summary": lambda a, h: R.feature_summary(a), "team_ga
 
 
 def team(op, x, h, backend):
+    backend = None if backend == "auto" else backend
     if backend == "compile":
         return compiled(REFERENCE_TEAM[op])(x, h)
     if op == "feature_summary":
@@ -61,7 +63,7 @@ def _team_provider_usable(provider):
 @pytest.mark.parametrize("batch", TEAM_BATCHES)
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("op", TEAM_OPS)
-@pytest.mark.parametrize("provider", ["reference", "cuda", "triton", "torch", "compile"])
+@pytest.mark.parametrize("provider", ["reference", "cuda", "triton", "torch", "auto", "compile"])
 def test_team(measure, provider, op, size, batch, mode):
     _team_provider_usable(provider)
     d = SIZES[size]["dim"]
@@ -107,12 +109,12 @@ def _sttm_provider_usable(provider, stage):
 def merge(u, x, e, idx, backend):
     if backend == "compile":
         return compiled(R.soft_merge)(u, idx, x, e)
-    return vidkern.soft_merge(u, idx, x, e, backend=backend)
+    return vidkern.soft_merge(u, idx, x, e, backend=None if backend == "auto" else backend)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("stage", list(STAGES))
-@pytest.mark.parametrize("provider", ["reference", "cuda", "triton", "torch", "compile"])
+@pytest.mark.parametrize("provider", ["reference", "cuda", "triton", "torch", "auto", "compile"])
 def test_soft_merge(measure, provider, stage, mode):
     """(problems, L, D) -> L' meta tokens: A = C^T X and P = C^T E."""
     if stage == "long clip" and DEVICE == "cpu" and mode != "fwd+bwd":
@@ -136,7 +138,7 @@ def test_soft_merge(measure, provider, stage, mode):
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-@pytest.mark.parametrize("provider", ["reference", "cuda", "triton", "torch"])
+@pytest.mark.parametrize("provider", ["reference", "cuda", "triton", "torch", "auto"])
 def test_select(measure, provider, stage):
     """Greedy most-orthogonal selection of L' of L tokens per problem. ``reference``: a Python loop
     over problems and picks on the (L, L) cosine matrix; ``torch``: Motionformer's style, a Python
@@ -147,7 +149,7 @@ def test_select(measure, provider, stage):
     b, length, lp, d = STAGES[stage]
     x = torch.randn(b, length, d, device=DEVICE, dtype=DTYPE)
     fn = ((lambda a: R.select_meta_tokens(a, lp)) if provider == "reference"
-          else (lambda a: vidkern.select_meta_tokens(a, lp, backend=provider)))
+          else (lambda a: vidkern.select_meta_tokens(a, lp, backend=None if provider == "auto" else provider)))
     measure(fn, (x,), case=f"select {stage} {b}x{length}->{lp} D={d} fwd", provider=provider, mode="fwd",
             flops={"fwd": 2 * b * (lp - 1) * length * d, "bwd": 0},
             nbytes={"fwd": x.numel() * x.element_size(), "bwd": 0}, dtype=DTYPE,

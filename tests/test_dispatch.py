@@ -13,8 +13,30 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 def test_automatic_choice_prefers_torch_on_cpu():
     assert dispatch.select(dispatch.Inputs("hsda", CPU, torch.float32)).name == "torch"
-    assert dispatch.select(dispatch.Inputs("team_gate", CPU, torch.float32)).name == "torch"
+    assert dispatch.select(dispatch.Inputs("orthogonal_select", CPU, torch.float32)).name == "torch"
     assert dispatch.names() == ["cuda", "triton", "torch", "reference"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_materialises_where_its_intermediates_are_small(dtype):
+    """On CPU, TEAM and the soft merges with L' <= 2 D run the reference (autograd, intermediates
+    saved: faster there than recomputing); wider merges stream in the torch backend; a forced
+    backend still runs; on CUDA the rule does not apply."""
+    pick = lambda op, device=CPU, backend=None, **facts: dispatch.select(
+        dispatch.Inputs(op, device, dtype, **facts), backend).name
+    assert pick("team_gate") == pick("feature_summary") == "reference"
+    assert pick("team_gate", backend="torch") == "torch"
+    merge = lambda lp, d, **kw: pick("soft_merge", meta_tokens=lp, token_width=d, **kw)
+    assert merge(98, 384) == merge(768, 384) == "reference"
+    assert merge(769, 384) == merge(6272, 768) == "torch"
+    assert merge(98, 384, backend="torch") == "torch"
+    assert dispatch.order("team_gate", dispatch.Inputs("team_gate", CUDA, dtype)) == dispatch.names()
+    # end to end: the op goes where the rule says (the reference path makes no custom-op call)
+    u, x = torch.randn(1, 16, 8, dtype=dtype), torch.randn(1, 16, 8, dtype=dtype)
+    idx = torch.arange(4)[None]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        graph = vidkern.soft_merge(u.requires_grad_(), idx, x, x)[0].grad_fn
+    assert "vidkern" not in type(graph).__name__.lower(), type(graph).__name__
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only rules of the triton backend")
@@ -70,12 +92,12 @@ def test_env_var_reaches_the_ops(monkeypatch):
         calls.append(chosen.name)
         return chosen
     monkeypatch.setattr(dispatch, "select", spy)
-    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     x = torch.randn(1, 4, 3)
     vidkern.feature_summary(x)
     monkeypatch.delenv(dispatch.ENV_VAR)
     vidkern.feature_summary(x)
-    assert calls == ["reference", "torch"]
+    assert calls == ["torch", "reference"]      # automatic on CPU: the reference (RULES)
 
 
 def test_info_reports_versions_and_backends():

@@ -37,6 +37,36 @@ PREFERENCES = {
                                               "clips): 10 ms against 120 ms on the long clip"),
 }
 
+#: The reference path — autograd through the materialised math, its intermediates saved — is faster
+#: on a CPU than the torch backend's custom ops, which recompute the forward in the backward to keep
+#: memory at the inputs' size, wherever those intermediates are small (benchmarks/test_team_sttm.py;
+#: docs in README "Backends"): TEAM's are (B, N, D) tensors; soft merge's are (B, L, L') score
+#: matrices, no more than twice the size of the (B, L, D) tokens while L' <= 2 D (measured 1.2-1.4x
+#: faster at L'/D = 0.26-1.5 on 2 cores); wider merges (the long clip, L'/D = 8) stream in the torch
+#: backend, where memory matters and streaming is faster too.
+CPU_MATERIALISE_MAX_RATIO = 2
+
+
+def _cpu_materialise(inputs: "Inputs") -> bool:
+    if inputs.device.type != "cpu":
+        return False
+    if inputs.op != "soft_merge":
+        return True
+    return (inputs.meta_tokens is not None and inputs.token_width is not None
+            and inputs.meta_tokens <= CPU_MATERIALISE_MAX_RATIO * inputs.token_width)
+
+
+#: op -> (applies(inputs), backends tried first when it does, why): preferences on the call's device
+#: and shape facts, over :data:`PREFERENCES`
+RULES = {
+    "feature_summary": (_cpu_materialise, ("reference", "torch"), "on CPU the reference (autograd, intermediates "
+                                                                  "saved) is faster than recomputing"),
+    "team_gate": (_cpu_materialise, ("reference", "torch"), "on CPU the reference (autograd, intermediates saved) "
+                                                            "is faster than recomputing"),
+    "soft_merge": (_cpu_materialise, ("reference", "torch"), "on CPU with L' <= 2 D the reference (materialised "
+                                                             "(L, L') scores, autograd) is faster than streaming"),
+}
+
 #: Methods of an op without a custom op (a plain function of the backend): name -> parameters.
 PLAIN_INTERFACES = {"group_mean": {"group_mean": ["x", "grid", "pattern", "num_groups"]}}
 
@@ -67,7 +97,8 @@ def availability_check(fn):
 class Inputs:
     """What dispatch knows of one call: ``op``, its tensors' ``device`` and ``dtype`` (``None``:
     any), the shape facts backends declare limits on (``head_dim`` for attention, ``channels`` for
-    TEAM), and ``forced``: the caller asked for the backend by name."""
+    TEAM) or :data:`RULES` read (``meta_tokens``, ``token_width`` for soft merge), and ``forced``:
+    the caller asked for the backend by name."""
 
     op: str
     device: torch.device
@@ -75,6 +106,8 @@ class Inputs:
     head_dim: Optional[int] = None
     channels: Optional[int] = None
     forced: bool = False
+    meta_tokens: Optional[int] = None   # soft merge: L' (the scores are (L, L'))
+    token_width: Optional[int] = None   # soft merge: D of the merged tokens
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -190,13 +223,18 @@ def names() -> list:
     return [name for _, name in _PRIORITY]
 
 
-def order(op: str) -> list:
+def order(op: str, inputs: Optional[Inputs] = None) -> list:
     """The backends automatic dispatch tries for ``op``: :func:`names`, with the preferred ones of
-    :data:`PREFERENCES` moved, in their order, into the places those backends hold."""
-    default = names()
-    preferred = [n for n in PREFERENCES.get(op, ((), ""))[0] if n in default]
-    slots = iter(preferred)
-    return [next(slots) if n in preferred else n for n in default]
+    :data:`PREFERENCES` moved, in their order, into the places those backends hold; then, for
+    ``inputs`` a rule of :data:`RULES` applies to, its preferred ones moved the same way."""
+    def prefer(default, wanted):
+        preferred = [n for n in wanted if n in default]
+        slots = iter(preferred)
+        return [next(slots) if n in preferred else n for n in default]
+    out = prefer(names(), PREFERENCES.get(op, ((), ""))[0])
+    if inputs is not None and op in RULES and RULES[op][0](inputs):
+        out = prefer(out, RULES[op][1])
+    return out
 
 
 def requested_backend(backend: Optional[str] = None, op: Optional[str] = None) -> Optional[str]:
@@ -240,7 +278,7 @@ def select(inputs: Inputs, backend: Optional[str] = None) -> Backend:
                                       + "; ".join(reasons) + f". Unset it to let vidkern choose among {names()}.")
         return chosen
     report = []
-    for name in order(op):
+    for name in order(op, inputs):
         reasons = _BACKENDS[name].not_supported_reasons(replace(inputs, forced=False))
         if not reasons:
             return _BACKENDS[name]
@@ -254,6 +292,8 @@ def rules() -> list:
     for op in OPS:
         if op in PREFERENCES:
             lines.append(f"{op}: {' > '.join(order(op))} — {PREFERENCES[op][1]}")
+        if op in RULES:
+            lines.append(f"{op}: {' before '.join(RULES[op][1])} {RULES[op][2]}")
     for name in names():
         if fallbacks(name):
             lines.append(f"forced {name}: {', '.join(fallbacks(name))} fall back to automatic dispatch "

@@ -375,6 +375,7 @@ SOFT_MERGE = OpSpec(
     "-> (Tensor, Tensor, Tensor, Tensor)",
     outputs=("a", "p", "row_lse", "col_sum"), returns=("a", "p"),
     reference=reference.soft_merge, empty=_no_batch,
+    facts=lambda a: {"meta_tokens": a["idx"].shape[1], "token_width": a["x"].shape[-1]},
     fake=_merge_fake,
     grad_inputs=("u", "x", "e"), grad_outputs=("a", "p"),
     saved=("u", "idx", "x", "e", "a", "p", "row_lse", "col_sum"), context=("tau",),
