@@ -30,7 +30,7 @@ def test_cpu_materialises_where_its_intermediates_are_small(dtype):
     assert merge(98, 384) == merge(768, 384) == "reference"
     assert merge(769, 384) == merge(6272, 768) == "torch"
     assert merge(98, 384, backend="torch") == "torch"
-    assert dispatch.order("team_gate", dispatch.Inputs("team_gate", CUDA, dtype)) == dispatch.names()
+    assert dispatch.order("feature_summary", dispatch.Inputs("feature_summary", CUDA, dtype)) == dispatch.names()
     # end to end: the op goes where the rule says (the reference path makes no custom-op call)
     u, x = torch.randn(1, 16, 8, dtype=dtype), torch.randn(1, 16, 8, dtype=dtype)
     idx = torch.arange(4)[None]
