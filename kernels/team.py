@@ -44,29 +44,50 @@ def _rows_f32(base, offs_n, offs_d, sn, sd, mask):
 
 
 @triton.jit
+def _channel_row(xb, n, sxn, mask_d):
+    """Token ``n``'s channels ``xb`` (a pointer vector) in fp32; channels past D read 0."""
+    return tl.load(xb + n * sxn, mask=mask_d, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _summary_fwd_kernel(X, PART, sxb, sxn, sxd, N, D, rows, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (channel block, split, batch) over tokens ``[split * rows, (split + 1) * rows)``:
-    PART[b, split, :, c] = (max, sum-exp, softmax-weighted mean) of X[b, tokens, c] (fp32)."""
+    PART[b, split, :, c] = (max, sum-exp, softmax-weighted mean) of X[b, tokens, c] (fp32).
+
+    A thread owns its channels and walks the tokens: the online (max, sum-exp, weighted sum) is
+    elementwise, with no reduction across threads (a 2D tile reduced over its token axis cost 144
+    shuffles and 24 barriers a tile on sm_90). Four tokens a step share one rescale: 1.25 exp a
+    element. Masked channels read 0 and are never stored."""
+    tl.static_assert(BLOCK_N == 4)
     b = tl.program_id(2).to(tl.int64)
     split = tl.program_id(1)
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
+    xb = X + b * sxb + offs_d * sxd
     m = tl.full([BLOCK_D], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_D], tl.float32)
     w = tl.zeros([BLOCK_D], tl.float32)
     n0 = split * rows
     n1 = tl.minimum(n0 + rows, N)
-    for start in range(n0, n1, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        mask = (offs_n < n1)[:, None] & mask_d[None, :]
-        x = tl.load(X + b * sxb + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask,
-                    other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        e = tl.where(mask, tl.exp(x - m_safe[None, :]), 0.0)
-        alpha = tl.exp(m - m_safe)
-        s = s * alpha + tl.sum(e, 0)
-        w = w * alpha + tl.sum(e * tl.where(mask, x, 0.0), 0)
+    whole = n0 + (n1 - n0) // BLOCK_N * BLOCK_N
+    for n in range(n0, whole, BLOCK_N):
+        x0 = _channel_row(xb, n, sxn, mask_d)
+        x1 = _channel_row(xb, n + 1, sxn, mask_d)
+        x2 = _channel_row(xb, n + 2, sxn, mask_d)
+        x3 = _channel_row(xb, n + 3, sxn, mask_d)
+        m_new = tl.maximum(tl.maximum(m, tl.maximum(x0, x1)), tl.maximum(x2, x3))
+        alpha = tl.exp(m - m_new)                      # 0 at the first step (m = -inf)
+        e0, e1, e2, e3 = tl.exp(x0 - m_new), tl.exp(x1 - m_new), tl.exp(x2 - m_new), tl.exp(x3 - m_new)
+        s = s * alpha + ((e0 + e1) + (e2 + e3))
+        w = w * alpha + ((e0 * x0 + e1 * x1) + (e2 * x2 + e3 * x3))
+        m = m_new
+    for n in range(whole, n1):                         # the last rows % 4 tokens
+        x = _channel_row(xb, n, sxn, mask_d)
+        m_new = tl.maximum(m, x)
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        s = s * alpha + e
+        w = w * alpha + e * x
         m = m_new
     f = w / s
     part = PART + (b * tl.num_programs(1) + split) * 3 * D + offs_d
@@ -85,18 +106,17 @@ def _summary_merge_kernel(PART, F, STATS, D, splits, BLOCK_D: tl.constexpr):
     m = tl.full([BLOCK_D], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_D], tl.float32)
     w = tl.zeros([BLOCK_D], tl.float32)
+    # two passes, so the splits' terms are independent (no rescale chained through every split):
+    # the maximum, then the sums rescaled to it, in split order
+    for i in range(0, splits):
+        m = tl.maximum(m, tl.load(PART + (b * splits + i) * 3 * D + offs_d, mask=mask_d, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
     for i in range(0, splits):
         part = PART + (b * splits + i) * 3 * D + offs_d
         mi = tl.load(part, mask=mask_d, other=float("-inf"))
-        si = tl.load(part + D, mask=mask_d, other=0.0)
-        fi = tl.load(part + 2 * D, mask=mask_d, other=0.0)
-        m_new = tl.maximum(m, mi)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        ai = si * tl.exp(mi - m_safe)
-        alpha = tl.exp(m - m_safe)
-        s = s * alpha + ai
-        w = w * alpha + ai * fi
-        m = m_new
+        ai = tl.load(part + D, mask=mask_d, other=0.0) * tl.exp(mi - m_safe)
+        s += ai
+        w += ai * tl.load(part + 2 * D, mask=mask_d, other=0.0)
     f = w / s
     tl.store(F + b * D + offs_d, f.to(F.dtype.element_ty), mask=mask_d)
     tl.store(STATS + b * 3 * D + offs_d, m, mask=mask_d)
@@ -324,36 +344,45 @@ def gate_rows(b: int, n: int, d: int) -> int:
     return rows
 
 
-#: The column kernels (``feature_summary`` forward and backward): 64 x 64 tiles, 16 warps, 8
-#: elements a thread. Compiled as Triton's JIT specialises a launch (``vidkern.aot``: a unit
+#: The backward column kernel (``feature_summary``; elementwise, no reduction): 64 x 64 tiles, 16
+#: warps, 8 elements a thread. Compiled as Triton's JIT specialises a launch (``vidkern.aot``: a unit
 #: channel stride becomes a constant), 8 warps spilled 8 bytes in summary_bwd on sm_80 (fp16,
 #: Triton 3.8; ptxas held it to 64 registers); 4 and 16 compile clean on 3.6 and 3.8. 16, not 4:
 #: a launch on an X without a unit channel stride compiles another variant, in which Triton 3.6
 #: lays a warp's lanes along the reduced token axis and 4 warps spilled (255 registers). Same tile,
 #: so the same work a program.
 SUMMARY_CONFIG = Config.of(BLOCK_N=64, BLOCK_D=64, num_warps=16)
+#: The forward column kernel: one warp a program, 128 channels (4 a thread), 4 tokens a step; a
+#: thread walks its channels' tokens (no cross-thread reduction), so small programs, many of them.
+SUMMARY_FWD_CONFIG = Config.of(BLOCK_N=4, BLOCK_D=128, num_warps=1)
+#: a column program's tokens are a multiple of this (the last split may be shorter): the backward's
+#: tile; the forward's per-split state (12 bytes a channel written, 16 read back) within 11% of
+#: the 128 16-bit tokens it summarises
+SPLIT_ROWS = {False: 64, True: 128}
+SUMMARY_FWD_WARPS = 8   # the forward's target: 8 warps an SM, enough to issue every clock (vidkern.work.machine)
 
 
-def summary_config(d: int) -> Config:
-    """The column kernels for ``d`` channels (fixed: one channel block of 64 per program, the
-    launch grid covers ``d``)."""
-    return SUMMARY_CONFIG
+def summary_config(d: int, forward: bool = False) -> Config:
+    """The column kernels for ``d`` channels, the forward's (``forward``) or the backward's (fixed
+    channel blocks per program, the launch grid covers ``d``)."""
+    return SUMMARY_FWD_CONFIG if forward else SUMMARY_CONFIG
 
 
-def summary_splits(b: int, n: int, d: int) -> tuple:
-    """``(splits, rows)`` of the column kernels' token axis: ``splits`` programs of ``rows`` tokens
-    (a multiple of ``BLOCK_N``; the last may be shorter) per (channel block, batch). One split when
-    ``b * cdiv(d, BLOCK_D)`` reaches :data:`TARGET_PROGRAMS`; otherwise, among the split counts
-    from the fewest reaching it to twice that (at most one a tile), the one whose grid fills its
-    last wave of :data:`WAVE` programs best (the fewest splits among equals: less partial state).
-    Whole tiles: a split's partial state is 24 bytes a channel (written and read back), at most
-    19% of the 64 16-bit tokens it summarises."""
-    cfg = summary_config(d)
-    block_n, base = cfg.BLOCK_N, b * triton.cdiv(d, cfg.BLOCK_D)
+def summary_splits(b: int, n: int, d: int, forward: bool = False) -> tuple:
+    """``(splits, rows)`` of a column kernel's token axis: ``splits`` programs of ``rows`` tokens
+    (a multiple of :data:`SPLIT_ROWS`; the last may be shorter) per (channel block, batch). One
+    split when ``b * cdiv(d, BLOCK_D)`` reaches the target — :data:`TARGET_PROGRAMS` programs (the
+    backward's 16 warps), or :data:`SUMMARY_FWD_WARPS` warps a wave's SM (the forward); otherwise, among the split counts from the fewest
+    reaching it to twice that (at most one per :data:`SPLIT_ROWS` tokens), the one whose grid fills
+    its last wave of :data:`WAVE` programs best (the fewest splits among equals: less partial
+    state)."""
+    cfg = summary_config(d, forward)
+    target = TARGET_PROGRAMS if not forward else SUMMARY_FWD_WARPS * WAVE // cfg.num_warps
+    block_n, base = SPLIT_ROWS[forward], b * triton.cdiv(d, cfg.BLOCK_D)
     tiles = triton.cdiv(n, block_n)
-    if base >= TARGET_PROGRAMS or tiles == 1:
+    if base >= target or tiles == 1:
         return 1, tiles * block_n
-    lo = triton.cdiv(TARGET_PROGRAMS, base)
+    lo = triton.cdiv(target, base)
     best = None
     for want in range(lo, 2 * lo + 1):
         rows = triton.cdiv(tiles, min(want, tiles)) * block_n
@@ -372,8 +401,8 @@ def feature_summary_forward(x):
     b, n, d = x.shape
     f = torch.empty((b, d), dtype=x.dtype, device=x.device)
     stats = torch.empty((b, 3, d), dtype=torch.float32, device=x.device)
-    cfg = summary_config(d)
-    splits, rows = summary_splits(b, n, d)
+    cfg = summary_config(d, forward=True)
+    splits, rows = summary_splits(b, n, d, forward=True)
     part = torch.empty((b, splits, 3, d), dtype=torch.float32, device=x.device)   # per-split states
     for bs in batch_chunks(b):
         _summary_fwd_kernel[(triton.cdiv(d, cfg.BLOCK_D), splits, bs.stop - bs.start)](
@@ -463,7 +492,7 @@ def aot_specs(dtype) -> list:
     specs = []
     for name, fn in TEAM_KERNELS.items():
         if name in ("summary_fwd", "summary_bwd"):
-            configs = [summary_config(SUMMARY_CONFIG.BLOCK_D)]
+            configs = [summary_config(768, forward=name == "summary_fwd")]
         elif name in ("summary_merge", "gate_dh"):
             configs = [SMALL_CONFIG]
         else:

@@ -99,10 +99,10 @@ def test_kernels_check_their_inputs(dev):
 def test_dispatch_limits(dev):
     with pytest.raises(NotImplementedError, match="2048 channels > 1024"):
         gate(torch.randn(1, 4, 2048).to(dev), torch.randn(1, 2048).to(dev))
-    # float64 stays on the torch backend
+    # float64 never goes to the cuda backend
     assert dispatch.select(dispatch.Inputs("team_gate", torch.device(dev), torch.float64)).name != "cuda"
-    if dev.type == "cpu":   # the emulator never runs unless asked for by name
-        assert dispatch.select(dispatch.Inputs("team_gate", dev, torch.float32)).name == "torch"
+    if dev.type == "cpu":   # the emulator never runs unless asked for by name (CPU TEAM: the reference)
+        assert dispatch.select(dispatch.Inputs("team_gate", dev, torch.float32)).name == "reference"
         assert "asked for" in " ".join(dispatch.get("cuda").reasons("team_gate", dev, torch.float32))
 
 

@@ -30,7 +30,7 @@ def test_cpu_materialises_where_its_intermediates_are_small(dtype):
     assert merge(98, 384) == merge(768, 384) == "reference"
     assert merge(769, 384) == merge(6272, 768) == "torch"
     assert merge(98, 384, backend="torch") == "torch"
-    assert dispatch.order("feature_summary", dispatch.Inputs("feature_summary", CUDA, dtype)) == dispatch.names()
+    assert dispatch.order("hsda", dispatch.Inputs("hsda", CUDA, dtype)) == dispatch.names()
     # end to end: the op goes where the rule says (the reference path makes no custom-op call)
     u, x = torch.randn(1, 16, 8, dtype=dtype), torch.randn(1, 16, 8, dtype=dtype)
     idx = torch.arange(4)[None]
@@ -123,7 +123,7 @@ def test_soft_merge_prefers_triton_over_the_simt_cuda_kernels(monkeypatch):
     for name, be in (("cuda", cuda_backend), ("triton", triton_backend)):
         monkeypatch.setattr(be, "not_supported_reasons", lambda inputs, name=name: capable[name])
     assert dispatch.select(dispatch.Inputs("soft_merge", CUDA, torch.bfloat16)) is triton_backend
-    assert dispatch.select(dispatch.Inputs("feature_summary", CUDA, torch.bfloat16)) is cuda_backend
+    assert dispatch.select(dispatch.Inputs("group_mean", CUDA, torch.bfloat16)) is cuda_backend   # no preference
     assert dispatch.select(dispatch.Inputs("orthogonal_select", CUDA, torch.bfloat16)) is triton_backend
     assert dispatch.select(dispatch.Inputs("soft_merge", CUDA, torch.bfloat16), "cuda") is cuda_backend
     capable["triton"] = ["triton missing"]

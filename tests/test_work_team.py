@@ -86,7 +86,7 @@ def test_no_full_size_scratch_at_model_shapes(shape):
     """The partial states the launchers allocate, at the reference shapes (sizes from the same
     functions the launchers call): a small fraction of B*N*D elements."""
     b, n, d = shape.B, shape.N, shape.D
-    splits, _ = T.summary_splits(b, n, d)
+    splits, _ = T.summary_splits(b, n, d, forward=True)     # only the forward keeps per-split states
     blocks = -(-n // T.gate_rows(b, n, d))
     for numel in (b * splits * 3 * d, b * blocks * d, b * blocks * 2):
         assert numel <= b * n * d // 16
@@ -129,6 +129,13 @@ def test_long_splits_and_row_loops_match_the_reference(monkeypatch):
     torch.testing.assert_close(f.double(), fr, rtol=1e-5, atol=1e-5)
     (dxr,) = torch.autograd.grad(fr, xr, df.double())
     torch.testing.assert_close(T.feature_summary_backward(df, x, f, stats).double(), dxr, rtol=1e-5, atol=1e-5)
+    # the forward's splits: 128 tokens each, walked 4 a step; 303 tokens leave a last split of 47
+    # (11 steps and 3 single tokens), and 130 channels a masked second block of 2
+    assert T.summary_splits(2, 300, 100, forward=True) == (3, 128)
+    xt = torch.randn(2, 303, 130) * 3
+    assert T.summary_splits(2, 303, 130, forward=True) == (3, 128)
+    torch.testing.assert_close(T.feature_summary_forward(xt)[0].double(), R.feature_summary(xt.double()),
+                               rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(T, "TARGET_PROGRAMS", 1)          # gate: 32 rows (4 tiles of 8) a program
     assert T.gate_rows(2, 300, 100) == 32
     y, s = T.team_gate_forward(x, h)

@@ -39,15 +39,15 @@ def summary_launches(direction: str, shape: Shape) -> list:
     backward."""
     T = _team()
     b, n, d, isz = shape.B, shape.N, shape.D, shape.itemsize
-    cfg = T.summary_config(d)
-    splits, rows = T.summary_splits(b, n, d)
+    cfg = T.summary_config(d, direction == "forward")
+    splits, rows = T.summary_splits(b, n, d, direction == "forward")
     programs = cdiv(d, cfg.BLOCK_D) * splits * b
     config = dict(cfg.launch(), splits=splits, rows=rows)
     x = b * n * d * isz
     if direction == "forward":
         # X once; per (split, channel) the state (max, sum-exp, mean) out, merged in split order
         small = T.SMALL_CONFIG
-        merge = b * splits * 3 * d * F32 + b * d * isz + b * 3 * d * F32   # states in; f, stats out
+        merge = b * splits * 4 * d * F32 + b * d * isz + b * 3 * d * F32   # states in (maxima twice); f, stats out
         return [Launch("_summary_fwd_kernel", programs, x + b * splits * 3 * d * F32, rate="fp32", config=config),
                 Launch("_summary_merge_kernel", cdiv(d, small.BLOCK_D) * b, merge, rate="fp32",
                        config=dict(small.launch(), splits=splits))]
