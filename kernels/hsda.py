@@ -8,13 +8,13 @@ groups. FlashAttention-2 style: online softmax in fp32, the log-sum-exp saved fo
 which recomputes probabilities (a preprocessing pass computes ``delta = rowsum(dO * O)``).
 
 Rows of a group are gathered straight from q/k/v/o in natural token order — no permuted copy is
-made. How the ``j``-th token of group ``g`` is found (``SPARSE_MODE``):
-
-- ``1`` checkerboard, by index arithmetic on the grid: ``c_g`` cells per frame have parity
-  ``g`` (``ceil(Hp*Wp/2)`` for ``g = 0``); two consecutive rows hold ``Wp`` of them, the first row
-  ``(Wp + 1 - g) // 2``. Works for odd ``Hp*Wp`` (unequal groups) and ``T = 1``.
-- ``2`` table: a group-major permutation ``PERM`` of the tokens with group offsets ``GOFF``
-  (temporal and explicit partitions; built once per pattern on the host, ``N`` int32s).
+made. The ``j``-th token of group ``g`` is ``PERM[GOFF[g] + j]``: a group-major permutation of the
+tokens with group offsets, built once per pattern and grid on the host (``N`` int32s, cached) for
+every pattern, the checkerboard included. A table row costs one L1-resident load; the
+checkerboard's index arithmetic (div/mod on runtime ``Hp``, ``Wp``) cost 20/40/33% more
+instructions in the forward/dK-dV/dQ loops on sm_90 (and was paid by the global heads too, whose
+rows ``tl.where`` also computed). The debug forward checks the tables against that arithmetic
+(``CHECKERBOARD``).
 
 Program order puts the global heads' (longer) programs first. Inputs may have any strides
 (a stride-0 ``dO`` is read in place). fp16/bf16 use tensor cores with fp32 accumulation; fp32
@@ -26,23 +26,10 @@ import triton
 import triton.language as tl
 
 @triton.jit
-def _group_rows(j, g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE: tl.constexpr):
-    """Natural token index of the ``j``-th member of group ``g`` (``j`` a vector, in range)."""
-    if SPARSE_MODE == 1:
-        hw = HP * WP
-        cells = (hw + 1 - g) // 2                   # cells of parity g per frame
-        t = j // cells
-        r = j % cells
-        first = (WP + 1 - g) // 2                   # of them in an even row
-        pair = r // WP
-        rem = r % WP
-        second = (rem >= first).to(tl.int32)
-        h = 2 * pair + second
-        w = 2 * (rem - second * first) + (g + h) % 2
-        sparse = t * hw + h * WP + w
-    else:
-        sparse = tl.load(PERM + tl.load(GOFF + g) + j)
-    return tl.where(is_global, j, sparse)
+def _group_rows(j, g, is_global, PERM, GOFF):
+    """Natural token index of the ``j``-th member of group ``g`` (``j`` a vector, in range): ``j``
+    itself for a global head."""
+    return tl.where(is_global, j, tl.load(PERM + tl.load(GOFF + g) + j))
 
 
 @triton.jit
@@ -53,11 +40,11 @@ def _rows_ptr(base, rows, s_row, s_col, offs_d):
 
 
 @triton.jit
-def _span(first, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK: tl.constexpr, SPARSE_MODE: tl.constexpr):
+def _span(first, glen, g, is_global, PERM, GOFF, BLOCK: tl.constexpr):
     """Positions ``first .. first + BLOCK`` of a group: (in-group mask, natural token rows)."""
     offs = first + tl.arange(0, BLOCK)
     mask = offs < glen
-    return mask, _group_rows(tl.where(mask, offs, 0), g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE)
+    return mask, _group_rows(tl.where(mask, offs, 0), g, is_global, PERM, GOFF)
 
 
 @triton.jit
@@ -82,13 +69,15 @@ def _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK: tl.constexpr):
     return head, g, start, glen, is_global
 
 
-@triton.jit(do_not_specialize=["N", "H", "HG", "TILES_GLOBAL", "T", "HP", "WP"])
+@triton.jit(do_not_specialize=["N", "H", "HG", "TILES_GLOBAL", "HP", "WP"])
 def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-                     N, H, HG, TILES_GLOBAL, T, HP, WP, scale,
+                     N, H, HG, TILES_GLOBAL, HP, WP, scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     SPARSE_MODE: tl.constexpr, PRECISION: tl.constexpr, DEBUG: tl.constexpr):
-    """O = softmax(scale Q K^T) V over the program's group; LSE (natural log) per row."""
+                     PRECISION: tl.constexpr, DEBUG: tl.constexpr, CHECKERBOARD: tl.constexpr):
+    """O = softmax(scale Q K^T) V over the program's group; LSE (natural log) per row. ``DEBUG``:
+    count each program's key tiles and, for the checkerboard (``CHECKERBOARD``, ``HP x WP``
+    frames), the keys its tables gathered from the other group."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     head, g, start, glen, is_global = _tile(pid, HG, TILES_GLOBAL, TILES, N, GOFF, BLOCK_M)
@@ -97,7 +86,7 @@ def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
     v_base = V + b * svb + head * svh
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    mask_m, rows_m = _span(start, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_M, SPARSE_MODE)
+    mask_m, rows_m = _span(start, glen, g, is_global, PERM, GOFF, BLOCK_M)
     q = _load_rows(Q + b * sqb + head * sqh, rows_m, mask_m, sqn, sqd, offs_d, mask_d)
     qk_scale = scale * 1.4426950408889634                     # exp2 domain
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -106,7 +95,7 @@ def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
     visits = 0
     wrong = 0
     for s in range(0, glen, BLOCK_N):
-        mask_n, rows_n = _span(s, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_N, SPARSE_MODE)
+        mask_n, rows_n = _span(s, glen, g, is_global, PERM, GOFF, BLOCK_N)
         k = _load_rows(k_base, rows_n, mask_n, skn, skd, offs_d, mask_d)
         v = _load_rows(v_base, rows_n, mask_n, svn, svd, offs_d, mask_d)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -120,7 +109,7 @@ def _hsda_fwd_kernel(Q, K, V, O, LSE, PERM, GOFF, TILES, COUNT,
         m_i = m_new
         if DEBUG:
             visits += 1
-            if SPARSE_MODE == 1:  # every gathered key must lie in the program's group
+            if CHECKERBOARD:  # every gathered key must lie in the program's group
                 hw = HP * WP
                 cell = rows_n % hw
                 key_group = (cell // WP + cell % WP) % 2
@@ -154,12 +143,12 @@ def _hsda_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh, sdn,
     tl.store(DELTA + bh * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
 
 
-@triton.jit(do_not_specialize=["N", "H", "HG", "TILES_GLOBAL", "T", "HP", "WP"])
+@triton.jit(do_not_specialize=["N", "H", "HG", "TILES_GLOBAL"])
 def _hsda_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GOFF, TILES,
                           sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                          N, H, HG, TILES_GLOBAL, T, HP, WP, scale,
+                          N, H, HG, TILES_GLOBAL, scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SPARSE_MODE: tl.constexpr, PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr):
     """dK, dV of one key tile: loop over the query tiles of the same group (dK, dV contiguous)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -170,7 +159,7 @@ def _hsda_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GOFF, TILES,
     row_stats = (b * H + head) * N
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    mask_n, rows_n = _span(start, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_N, SPARSE_MODE)
+    mask_n, rows_n = _span(start, glen, g, is_global, PERM, GOFF, BLOCK_N)
     k = _load_rows(K + b * skb + head * skh, rows_n, mask_n, skn, skd, offs_d, mask_d)
     v = _load_rows(V + b * svb + head * svh, rows_n, mask_n, svn, svd, offs_d, mask_d)
     kv_mask = mask_n[:, None] & mask_d[None, :]
@@ -178,7 +167,7 @@ def _hsda_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GOFF, TILES,
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale = scale * 1.4426950408889634
     for s in range(0, glen, BLOCK_M):
-        mask_m, rows_m = _span(s, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_M, SPARSE_MODE)
+        mask_m, rows_m = _span(s, glen, g, is_global, PERM, GOFF, BLOCK_M)
         q = _load_rows(q_base, rows_m, mask_m, sqn, sqd, offs_d, mask_d)
         do = _load_rows(do_base, rows_m, mask_m, sdn, sdd, offs_d, mask_d)
         lse = tl.load(LSE + row_stats + rows_m, mask=mask_m, other=0.0) * 1.4426950408889634
@@ -195,12 +184,12 @@ def _hsda_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, GOFF, TILES,
     tl.store(DV + row_stats * HEAD_DIM + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit(do_not_specialize=["N", "H", "HG", "TILES_GLOBAL", "T", "HP", "WP"])
+@triton.jit(do_not_specialize=["N", "H", "HG", "TILES_GLOBAL"])
 def _hsda_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GOFF, TILES,
                         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                        N, H, HG, TILES_GLOBAL, T, HP, WP, scale,
+                        N, H, HG, TILES_GLOBAL, scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        SPARSE_MODE: tl.constexpr, PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr):
     """dQ of one query tile: loop over the key tiles of the same group (dQ contiguous)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -211,7 +200,7 @@ def _hsda_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GOFF, TILES,
     row_stats = (b * H + head) * N
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    mask_m, rows_m = _span(start, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_M, SPARSE_MODE)
+    mask_m, rows_m = _span(start, glen, g, is_global, PERM, GOFF, BLOCK_M)
     q = _load_rows(Q + b * sqb + head * sqh, rows_m, mask_m, sqn, sqd, offs_d, mask_d)
     do = _load_rows(DO + b * sdb + head * sdh, rows_m, mask_m, sdn, sdd, offs_d, mask_d)
     q_mask = mask_m[:, None] & mask_d[None, :]
@@ -220,7 +209,7 @@ def _hsda_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PERM, GOFF, TILES,
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     qk_scale = scale * 1.4426950408889634
     for s in range(0, glen, BLOCK_N):
-        mask_n, rows_n = _span(s, glen, g, is_global, PERM, GOFF, T, HP, WP, BLOCK_N, SPARSE_MODE)
+        mask_n, rows_n = _span(s, glen, g, is_global, PERM, GOFF, BLOCK_N)
         k = _load_rows(k_base, rows_n, mask_n, skn, skd, offs_d, mask_d)
         v = _load_rows(v_base, rows_n, mask_n, svn, svd, offs_d, mask_d)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -339,7 +328,7 @@ def block_d(head_dim: int) -> int:
 
 
 #: (kind, half or fp32, padded head dim) -> config, for Triton 3.8. Found by compiling candidates
-#: in order for sm_80 and sm_90, both sparse modes, and keeping the first without spills
+#: in order for sm_80 and sm_90 (then with both the checkerboard arithmetic and the tables), and keeping the first without spills
 #: (``vidkern.aot`` re-checks every entry the running Triton gets). Gathered rows cost registers,
 #: hence smaller tiles than FlashAttention's; float32 (tf32x3 products) needs smaller tiles still,
 #: and has no spill-free backward at d = 128.
@@ -385,11 +374,10 @@ def pick_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int) -> Conf
 
 @dataclass(frozen=True)
 class Tables:
-    """Group layout of the sparse heads: ``perm``/``goff`` (mode 2) and the tile list."""
+    """Group layout of the sparse heads: ``perm``/``goff`` and the tile list."""
 
-    mode: int                 # 1 checkerboard arithmetic, 2 table
     count: int                # number of sparse tiles (kept on the host: no device sync per launch)
-    perm: torch.Tensor        # int32 (N,) group-major token order (mode 2; a placeholder for mode 1)
+    perm: torch.Tensor        # int32 (N,) group-major token order
     goff: torch.Tensor        # int32 (G + 1,) group offsets
     tiles: torch.Tensor       # int32 [count, g_0, start_0, ...]
 
@@ -400,15 +388,6 @@ def _tiles(sizes, block: int, device) -> torch.Tensor:
     return torch.tensor(data, dtype=torch.int32, device=device)
 
 
-@functools.lru_cache(maxsize=256)
-def _checkerboard_tables(grid: tuple, block: int, device: torch.device) -> Tables:
-    t, hp, wp = grid
-    sizes = [t * ((hp * wp + 1) // 2), t * (hp * wp // 2)]
-    goff = torch.tensor([0, sizes[0], sizes[0] + sizes[1]], dtype=torch.int32, device=device)
-    tiles = _tiles(sizes, block, device)
-    return Tables(1, (len(tiles) - 1) // 2, torch.zeros(1, dtype=torch.int32, device=device), goff, tiles)
-
-
 def _table_tables(ids_cpu: torch.Tensor, block: int, dev: torch.device) -> Tables:
     """Tables of the int64 host ids ``ids_cpu``, on ``dev``."""
     order = torch.argsort(ids_cpu, stable=True)
@@ -417,17 +396,15 @@ def _table_tables(ids_cpu: torch.Tensor, block: int, dev: torch.device) -> Table
     goff = torch.zeros(len(sizes) + 1, dtype=torch.int32)
     goff[1:] = torch.cumsum(counts, 0)
     tiles = _tiles(sizes, block, dev)
-    return Tables(2, (len(tiles) - 1) // 2, order.to(torch.int32).to(dev), goff.to(dev), tiles)
+    return Tables((len(tiles) - 1) // 2, order.to(torch.int32).to(dev), goff.to(dev), tiles)
 
 
 def tables(pattern, grid, block: int, device) -> Tables:
-    """Sparse-head tables for ``pattern`` (``"checkerboard"``: arithmetic; anything else: a table).
-    Named patterns are cached per grid; an explicit pattern tensor in vidkern's pattern cache
-    (``patterns.derived``: per tensor, for as long as its values are unchanged; typically a module
-    buffer), so the host copy of its ids is made once, not every step."""
+    """Sparse-head tables for ``pattern``. Named patterns are cached per grid; an explicit pattern
+    tensor in vidkern's pattern cache (``patterns.derived``: per tensor, for as long as its values
+    are unchanged; typically a module buffer), so the host copy of its ids is made once, not every
+    step."""
     device = torch.device(device)
-    if isinstance(pattern, str) and pattern == "checkerboard":
-        return _checkerboard_tables(tuple(grid), block, device)
     if isinstance(pattern, str):
         return _named_table_tables(pattern, tuple(grid), block, device)
     from vidkern import patterns
@@ -536,9 +513,9 @@ def hsda_forward(q, k, v, grid, pattern, num_global_heads, scale, config: Config
         _hsda_fwd_kernel[(programs, bs.stop - bs.start)](
             q[bs], k[bs], v[bs], out[bs], lse[bs], tab.perm, tab.goff, tab.tiles, count[bs] if debug else count,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            n, h, num_global_heads, tiles_global, grid[0], grid[1], grid[2], scale,
-            HEAD_DIM=d, BLOCK_D=block_d(d), SPARSE_MODE=tab.mode, PRECISION=dot_precision(q.dtype), DEBUG=debug,
-            **cfg.launch())
+            n, h, num_global_heads, tiles_global, grid[1], grid[2], scale,
+            HEAD_DIM=d, BLOCK_D=block_d(d), PRECISION=dot_precision(q.dtype), DEBUG=debug,
+            CHECKERBOARD=debug and isinstance(pattern, str) and pattern == "checkerboard", **cfg.launch())
     for pk in packed or []:
         for bs in batch_chunks(b):
             _hsda_packed_fwd_kernel[(pk.tiles, h - num_global_heads, bs.stop - bs.start)](
@@ -574,8 +551,7 @@ def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, 
             kernel[(programs, bs.stop - bs.start)](
                 q[bs], k[bs], v[bs], grad_out[bs], lse[bs], delta[bs], *(t[bs] for t in outs),
                 tab.perm, tab.goff, tab.tiles, *strides,
-                n, h, num_global_heads, tiles_global, grid[0], grid[1], grid[2], scale,
-                HEAD_DIM=d, SPARSE_MODE=tab.mode, **common)
+                n, h, num_global_heads, tiles_global, scale, HEAD_DIM=d, **common)
     for pk in packed or []:
         for bs in batch_chunks(b):
             _hsda_packed_bwd_kernel[(pk.tiles, h - num_global_heads, bs.stop - bs.start)](
@@ -590,26 +566,25 @@ def hsda_backward(grad_out, q, k, v, out, lse, grid, pattern, num_global_heads, 
 TILE_KERNELS = {"fwd": _hsda_fwd_kernel, "bwd_preprocess": _hsda_bwd_preprocess_kernel,
                 "bwd_dkdv": _hsda_bwd_dkdv_kernel, "bwd_dq": _hsda_bwd_dq_kernel}
 PACKED_KERNELS = {"packed_fwd": _hsda_packed_fwd_kernel, "packed_bwd": _hsda_packed_bwd_kernel}
-SPARSE_MODES = (1, 2)   # the tile kernels' group rule: checkerboard arithmetic, or PERM/GOFF tables
 
 
-def tile_aot_spec(name: str, dtype, head_dim: int, mode: int = 1, debug: bool = False):
+def tile_aot_spec(name: str, dtype, head_dim: int, debug: bool = False):
     """The configuration the launchers compile of tile kernel ``name`` (:data:`TILE_KERNELS`) for
-    ``dtype``, ``head_dim`` and sparse ``mode``: :func:`pick_config`'s tiles, warps and stages;
-    ``debug``: the work-counting forward the tests launch."""
+    ``dtype`` and ``head_dim``: :func:`pick_config`'s tiles, warps and stages; ``debug``: the
+    work-counting forward the tests launch (on the checkerboard)."""
     from .launch import AotSpec
     fn, bd = TILE_KERNELS[name], block_d(head_dim)
     if name == "bwd_preprocess":
         return AotSpec("hsda", name, fn, dtype, dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=64), 4)
     cfg = pick_config("fwd" if name == "fwd" else "bwd", head_dim, dtype, 90)
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=bd, **cfg.constexprs, SPARSE_MODE=mode,
-                  PRECISION=dot_precision(dtype), **({"DEBUG": debug} if name == "fwd" else {}))
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=bd, **cfg.constexprs, PRECISION=dot_precision(dtype),
+                  **({"DEBUG": debug, "CHECKERBOARD": debug} if name == "fwd" else {}))
     return AotSpec("hsda", name, fn, dtype, consts, cfg.num_warps, cfg.num_stages)
 
 
 def aot_specs(dtype) -> list:
     """Every configuration the HSDA launchers can launch for inputs of ``dtype`` (``vidkern.aot``):
-    per head dim, the tile kernels in both sparse modes (:func:`tile_aot_spec`) plus the debug
+    per head dim, the tile kernels (:func:`tile_aot_spec`) plus the debug
     forward, and the packed-tile kernels at every tile size ``P`` (:data:`PACKED_WARPS`)."""
     from .launch import AotSpec
     specs = []
@@ -617,8 +592,8 @@ def aot_specs(dtype) -> list:
         if d > MAX_HEAD_DIM[dtype_class(dtype)]:
             continue   # declared unsupported (limits.hsda_head_dim_reasons): dispatch falls back to torch
         specs.append(tile_aot_spec("bwd_preprocess", dtype, d))
-        specs += [tile_aot_spec(name, dtype, d, mode) for name in ("fwd", "bwd_dkdv", "bwd_dq") for mode in SPARSE_MODES]
-        specs.append(tile_aot_spec("fwd", dtype, d, 1, debug=True))
+        specs += [tile_aot_spec(name, dtype, d) for name in ("fwd", "bwd_dkdv", "bwd_dq")]
+        specs.append(tile_aot_spec("fwd", dtype, d, debug=True))
         for name, fn in PACKED_KERNELS.items():
             for block, warps in PACKED_WARPS[dtype_class(dtype)].items():
                 specs.append(AotSpec("hsda", name, fn, dtype, dict(HEAD_DIM=d, BLOCK_D=block_d(d), P=block,
@@ -647,7 +622,7 @@ def aot_launches(dtype) -> list:
     """``(label, launch)`` pairs: each ``launch()`` runs the HSDA launchers (forward and backward)
     on CPU tensors of ``dtype``; ``vidkern.aot`` records their kernel launches instead of running
     them. The reference shape (ViT-B, 8x14x14 tokens, checkerboard 6+6) at every head dim, then
-    what reaches the other configurations: an explicit two-group pattern (the table mode), the
+    what reaches the other configurations: an explicit two-group pattern (its own tables), the
     temporal heads (packed tiles of P = 16, 32, 64 rows: groups of 8, 16, 32 frames), the debug
     forward."""
     launches = []

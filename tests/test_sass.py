@@ -138,7 +138,8 @@ def test_tensor_core_kind_per_kernel(aot_rows):
         if r["tensor_cores"] != "none":
             assert (r["loop"] or r["kernel_counts"])["mma"] > 0, r
     fwd = next(r for r in rows if r["kernel"] == "hsda fwd" and r["arch"] == 90 and
-               r["config"].startswith("bf16 HEAD_DIM=64 ") and "SPARSE_MODE=1 " in r["config"] and " debug" not in r["config"])
-    # the review's reading of the same kernel: 137 registers, one CTA an SM, ~507 instructions an iteration
-    assert fwd["ctas_per_sm"] == 1 and fwd["regs"] > 128 and 400 < fwd["loop"]["instr"] < 700
+               r["config"].startswith("bf16 HEAD_DIM=64 ") and " debug" not in r["config"] + " ")
+    # the review read 137 registers, one CTA an SM, ~507 instructions an iteration with the checkerboard
+    # arithmetic; the row tables take ~406 at 130 registers
+    assert fwd["ctas_per_sm"] == 1 and fwd["regs"] > 128 and 300 < fwd["loop"]["instr"] < 450
     assert fwd["loop"]["mufu"] >= 32 and fwd["loop"]["hgmma"] > 0

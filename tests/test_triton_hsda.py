@@ -152,15 +152,14 @@ def test_work_check(grid):
 
 
 @triton.jit
-def _shifted_rows(j, g, is_global, PERM, GOFF, T, HP, WP, SPARSE_MODE: tl.constexpr):
-    """A broken row map for the test below: the j-th cell of the frame, shifted by one."""
-    hw = HP * WP
-    return tl.where(is_global, j, (j // hw) * hw + (j % hw + 1) % hw)
+def _shifted_rows(j, g, is_global, PERM, GOFF):
+    """A broken row map for the test below: the group's j-th token moved on by one in natural order."""
+    return tl.where(is_global, j, (tl.load(PERM + tl.load(GOFF + g) + j) + 1) % tl.load(GOFF + 2))
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="swaps a jit helper, which only the interpreter picks up at run time")
 def test_work_counter_catches_wrong_group_keys(monkeypatch):
-    """The wrong-group counter can fail: break the checkerboard arithmetic (every row shifted by one)."""
+    """The wrong-group counter can fail: break the row tables (every row shifted by one)."""
     monkeypatch.setattr(K, "_group_rows", _shifted_rows)
     q, k, v = _qkv(1, 2, 30, 32)
     _, _, count = K.hsda_forward(q, k, v, (2, 3, 5), "checkerboard", 0, 0.25, config=TINY, debug=True)

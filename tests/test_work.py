@@ -95,7 +95,6 @@ def test_hsda_shapes_cover_both_kernels():
     from vidkern.work import hsda as M
     assert [bool(M.packed_buckets(s)) for s in HSDA_SHAPES] == [False] * 3 + [True] * 3
     assert [len(M.packed_buckets(s)) for s in HSDA_SHAPES[3:]] == [1, 2, 2]
-    assert M._mode(HSDA_SHAPES[1]) == 2
 
 
 @pytest.mark.parametrize("shape", HSDA_SHAPES, ids=HSDA_IDS)
@@ -109,16 +108,16 @@ def test_hsda_formula_matches_the_interpreters_count(shape, direction):
 
 
 def test_the_agreement_check_can_fail(monkeypatch):
-    """A formula that forgets the PERM table loads of mode 2 (or the packed kernel's index loads) is
-    caught."""
+    """A formula that forgets the PERM table loads (or the packed kernel's index loads) is caught."""
     if not count.interpreting():
         pytest.skip("counting needs the Triton interpreter (TRITON_INTERPRET=1)")
     from vidkern.work import hsda as M
     shape = HSDA_SHAPES[1]
     counted = W.MEASURES[("hsda", "triton")]("forward", shape)
-    monkeypatch.setattr(M, "_span_bytes", lambda mode, block: 0)
+    monkeypatch.setattr(M, "_span_bytes", lambda block: 0)
     with pytest.raises(AssertionError):
         agree(W.launches("hsda", "forward", "triton", shape), counted)
+    monkeypatch.undo()
     shape = HSDA_SHAPES[3]
     counted = W.MEASURES[("hsda", "triton")]("backward", shape)
     formula = W.launches("hsda", "backward", "triton", shape)

@@ -112,9 +112,10 @@ def test_compiled_terms_read_the_sass_of_the_launched_configuration():
 
 
 def test_hsda_forward_dram_is_its_compulsory_traffic():
-    """The issue's reading: 1.7 GB issued, about 0.31 GB from DRAM (K and V re-reads hit L2)."""
+    """The issue's reading: 1.7 GB issued (1.73 with the row tables' PERM loads), about 0.31 GB from
+    DRAM (K and V re-reads hit L2)."""
     tot = W.total("hsda", "forward", "triton", VIT_B)
-    assert tot["bytes"] == pytest.approx(1.70e9, rel=0.01)
+    assert tot["bytes"] == pytest.approx(1.726e9, rel=0.01)
     assert tot["dram_bytes"] == pytest.approx(tot["min_bytes"], rel=0.01)
     assert tot["dram_bytes"] == pytest.approx(0.311e9, rel=0.01)
 

@@ -1,9 +1,8 @@
 """Work model of the HSDA Triton kernels (``vidkern.kernels.hsda``), forward and backward.
 
 Mirrors the launchers: the launch table (``pick_config``), the tile list (one tile per
-``BLOCK`` rows of each group; global heads' tiles first), the sparse mode (1: checkerboard by
-index arithmetic, no table loads; 2: a group-major ``PERM`` table read once per gathered row),
-and per program every ``tl.load``/``tl.store`` the kernel issues: the few scalars of the tile map,
+``BLOCK`` rows of each group; global heads' tiles first), the group-major ``PERM`` table read once
+per gathered row (every pattern, global heads included), and per program every ``tl.load``/``tl.store`` the kernel issues: the few scalars of the tile map,
 the gathered row tiles (valid rows only: masked-off lanes issue nothing) and the per-row
 statistics. MACs are the ``tl.dot`` tiles issued, ``BLOCK_M x BLOCK_N x BLOCK_D`` each, padding
 included: 2 per (query tile, key tile) forward, 4 in the dK/dV kernel and 3 in the dQ kernel
@@ -31,13 +30,6 @@ def group_sizes(shape: Shape) -> list:
     from .. import patterns
     ids = patterns.group_ids(shape.pattern, shape.grid, "cpu")
     return [int(c) for c in torch.bincount(ids) if c]
-
-
-def _mode(shape: Shape) -> int:
-    """The tile kernel's sparse mode: its tables are the checkerboard's (mode 1) unless it runs
-    sparse heads with another pattern."""
-    plain = shape.pattern == "checkerboard" or shape.global_heads >= shape.H or packed_buckets(shape)
-    return 1 if plain else 2
 
 
 def _config(kind: str, shape: Shape):
@@ -100,22 +92,22 @@ def _tile_map_bytes(is_global: bool) -> int:
     return 4 + (0 if is_global else 8) + 8
 
 
-def _span_bytes(mode: int, block: int) -> int:
-    """``_span`` over ``block`` positions: mode 2 loads ``GOFF[g]`` and ``block`` PERM entries
-    (unmasked: positions past the group end read entry 0)."""
-    return 4 + 4 * block if mode == 2 else 0
+def _span_bytes(block: int) -> int:
+    """``_span`` over ``block`` positions loads ``GOFF[g]`` and ``block`` PERM entries (unmasked:
+    positions past the group end read entry 0; a global head's too, ``tl.where`` takes both sides)."""
+    return 4 + 4 * block
 
 
 def forward_launch(shape: Shape) -> Launch:
     cfg, bd = _config("fwd", shape)
-    bm, bn, isz, d, mode = cfg.BLOCK_M, cfg.BLOCK_N, shape.itemsize, shape.d, _mode(shape)
+    bm, bn, isz, d = cfg.BLOCK_M, cfg.BLOCK_N, shape.itemsize, shape.d
     nbytes = macs = programs = 0
     for count, glen, rows, is_global in _program_kinds(shape, bm):
         if not count:
             continue
         key_tiles = math.ceil(glen / bn)
-        per = _tile_map_bytes(is_global) + _span_bytes(mode, bm) + rows * d * isz        # Q tile
-        per += key_tiles * _span_bytes(mode, bn) + 2 * glen * d * isz                    # K, V tiles
+        per = _tile_map_bytes(is_global) + _span_bytes(bm) + rows * d * isz        # Q tile
+        per += key_tiles * _span_bytes(bn) + 2 * glen * d * isz                    # K, V tiles
         per += rows * d * isz + rows * 4                                                 # O, LSE
         nbytes += count * per
         macs += count * key_tiles * 2 * bm * bn * bd
@@ -123,7 +115,7 @@ def forward_launch(shape: Shape) -> Launch:
     heads = _tile_heads(shape)
     return Launch("_hsda_fwd_kernel", programs * shape.B, nbytes * shape.B, macs * shape.B, rate=shape.rate,
                   config=dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                              SPARSE_MODE=mode),
+                              DEBUG=False),
                   # compulsory: Q, K, V, O and LSE of the tile kernel's heads; re-read: a head's K, V
                   unique=shape.B * heads * shape.N * (4 * d * isz + 4),
                   working_set=resident_set(programs // max(1, heads), 2 * shape.N * d * isz, shape.B * heads))
@@ -142,21 +134,20 @@ def forward_launches(shape: Shape) -> list:
 
 def backward_launches(shape: Shape) -> list:
     cfg, bd = _config("bwd", shape)
-    bm, bn, isz, d, mode = cfg.BLOCK_M, cfg.BLOCK_N, shape.itemsize, shape.d, _mode(shape)
+    bm, bn, isz, d = cfg.BLOCK_M, cfg.BLOCK_N, shape.itemsize, shape.d
     b, h, n = shape.B, shape.H, shape.N
     pre = Launch("_hsda_bwd_preprocess_kernel", b * h * math.ceil(n / 64), b * h * n * (2 * d * isz + 4),
                  config=dict(HEAD_DIM=d, BLOCK_M=64))
     out = [pre]
-    config = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                  SPARSE_MODE=mode)
+    config = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     heads = _tile_heads(shape)
     slab = b * heads * n * d * isz
     # dK/dV: a program per key tile, looping over the group's query tiles (Q, dO, lse, delta)
     nbytes = macs = programs = 0
     for count, glen, rows, is_global in _program_kinds(shape, bn):
         q_tiles = math.ceil(glen / bm)
-        per = _tile_map_bytes(is_global) + _span_bytes(mode, bn) + 2 * rows * d * isz          # K, V
-        per += q_tiles * _span_bytes(mode, bm) + glen * (2 * d * isz + 8)                      # Q, dO, lse, delta
+        per = _tile_map_bytes(is_global) + _span_bytes(bn) + 2 * rows * d * isz          # K, V
+        per += q_tiles * _span_bytes(bm) + glen * (2 * d * isz + 8)                      # Q, dO, lse, delta
         per += 2 * rows * d * isz                                                              # dK, dV
         nbytes += count * per
         macs += count * q_tiles * 4 * bm * bn * bd
@@ -170,8 +161,8 @@ def backward_launches(shape: Shape) -> list:
     nbytes = macs = programs = 0
     for count, glen, rows, is_global in _program_kinds(shape, bm):
         k_tiles = math.ceil(glen / bn)
-        per = _tile_map_bytes(is_global) + _span_bytes(mode, bm) + rows * (2 * d * isz + 8)    # Q, dO, lse, delta
-        per += k_tiles * _span_bytes(mode, bn) + 2 * glen * d * isz                            # K, V
+        per = _tile_map_bytes(is_global) + _span_bytes(bm) + rows * (2 * d * isz + 8)    # Q, dO, lse, delta
+        per += k_tiles * _span_bytes(bn) + 2 * glen * d * isz                            # K, V
         per += rows * d * isz                                                                  # dQ
         nbytes += count * per
         macs += count * k_tiles * 3 * bm * bn * bd
