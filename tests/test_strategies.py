@@ -112,20 +112,8 @@ def test_views_fold_without_copies():
     assert sdpa._runs([3, 3, 0, 2, 3]) == [(0, 2, 3), (6, 1, 2), (8, 1, 3)]
 
 
-def test_strategy_rule_and_bad_arguments(monkeypatch):
+def test_strategy_rule_and_bad_arguments():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # on CUDA, where the Triton backend runs the inputs: fused, whatever the order (the work model)
-    from vidkern import dispatch
-    triton_backend = dispatch.get("triton")
-    monkeypatch.setattr(triton_backend, "not_supported_reasons",
-                        lambda inputs: [] if inputs.device.type == "cuda" and inputs.forced is False
-                        and (inputs.head_dim or 64) <= 128 else ["no"])
-    assert sdpa.default_strategy(cuda, "natural") == sdpa.default_strategy(cuda, "grouped", 8) == "fused"
-    assert sdpa.default_strategy(cuda, "grouped", 33, torch.bfloat16, 64) == "fused"
-    assert sdpa.default_strategy(cuda, "natural", head_dim=256) == "split"     # beyond Triton's head dims
-    assert sdpa.default_strategy(cpu, "natural") == "split"
-    # without Triton on CUDA (or on CPU): split for natural order, views for grouped
-    monkeypatch.setattr(triton_backend, "not_supported_reasons", lambda inputs: ["triton missing"])
     assert sdpa.default_strategy(cpu, "natural") == sdpa.default_strategy(cuda, "natural") == "split"
     assert sdpa.default_strategy(cpu, "grouped") == sdpa.default_strategy(cuda, "grouped") == "views"
     # small groups (temporal heads at T = 8) go to the packed Triton kernel on CUDA only

@@ -74,8 +74,6 @@ def report() -> str:
         rule = ", ".join(f"{order} tokens -> {sdpa.default_strategy(dev, order)}" for order in sdpa.TOKEN_ORDERS)
         rule += (f"; grouped with every sparse group <= {small} tokens (fp16/bf16; fp32: "
                  f"{limits.PACKED_GROUP_MAX['fp32']}) -> {sdpa.default_strategy(dev, 'grouped', small)}")
-        if dev.type == "cuda":
-            rule = f"fused wherever the Triton backend runs the inputs; without it: {rule}"
         lines.append(f"  {dev.type}: {rule}")
     return "\n".join(lines)
 

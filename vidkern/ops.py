@@ -86,7 +86,7 @@ def hsda(q: Tensor, k: Tensor, v: Tensor, grid, num_global_heads: Optional[int] 
         elif not known:
             strategy = "split"
         else:
-            strategy = sdpa.default_strategy(q.device, token_order, max(sizes, default=None), q.dtype, q.shape[-1])
+            strategy = sdpa.default_strategy(q.device, token_order, max(sizes, default=None), q.dtype)
     strategy = checks.choice("strategy", strategy, sdpa.STRATEGIES)
     if strategy == "views" and token_order != "grouped":
         raise ValueError("strategy='views' needs token_order='grouped' (each group's tokens contiguous); "

@@ -33,43 +33,31 @@ TOKEN_ORDERS = ("natural", "grouped")
 
 
 def default_strategy(device: torch.device, token_order: str, largest_group: Optional[int] = None,
-                     dtype: torch.dtype = torch.bfloat16, head_dim: Optional[int] = None) -> str:
+                     dtype: torch.dtype = torch.bfloat16) -> str:
     """The rule :func:`vidkern.hsda` applies when neither ``strategy`` nor ``backend`` is given
-    (``largest_group``: the sparse heads' largest group, ``None`` when unknown or all heads global;
-    ``head_dim``: q's, ``None`` when unknown).
+    (``largest_group``: the sparse heads' largest group, ``None`` when unknown or all heads global).
 
-    - CUDA, when the Triton backend runs these inputs (dtype and head dim within its limits):
-      ``"fused"`` — every head in the Triton kernels, whatever the token order.
-    - otherwise, natural tokens: ``"split"`` — the global heads on SDPA, the sparse heads on the
-      automatic backend; grouped tokens: ``"views"`` — every head on SDPA, no gather; except on
-      CUDA when every sparse group is small enough for the packed Triton kernel
-      (``limits.PACKED_GROUP_MAX``, e.g. temporal heads): ``"split"``, since a flash kernel pads
-      each group of 8 to its 128-row tile (256x the useful products) where packed tiles issue 2x.
+    - natural tokens: ``"split"`` — the global heads on SDPA (cuDNN, which published measurements
+      put at 1.2-1.5x FlashAttention-2 on Hopper), the sparse heads on the automatic backend
+      (Triton on CUDA, torch on CPU).
+    - grouped tokens: ``"views"`` — every head on SDPA, no gather; except on CUDA when every
+      sparse group is small enough for the packed Triton kernel (``limits.PACKED_GROUP_MAX``,
+      e.g. temporal heads): ``"split"``, since a flash kernel pads each group of 8 to its
+      128-row tile (256x the useful products) where packed tiles issue 2x.
 
-    Why, on the work model (``python -m vidkern.work --reference``: H200, ViT-B B = 32, bf16,
-    fwd + bwd, our kernels priced from their sm_90 SASS, SDPA calls at FlashAttention-2's published
-    rate; dense on all heads = 1.00): checkerboard — fused 0.51, split 0.70, views 0.80; temporal
-    — fused 0.37, split 0.56, views 1.32. (The fused kernels reading every pattern's rows from a
-    table made the difference: with the checkerboard's index arithmetic they were issue-bound at
-    0.76.) Measured on CPU (ViT-S, B = 1, 6 heads, d = 64, fp32, 2 threads, fwd+bwd; global SDPA =
-    1.00): checkerboard — views 0.83, split 0.88, fused 0.94; temporal — views 0.57, split
-    0.63-0.65, fused 0.68, hence views for every group size on CPU. Not yet measured on a GPU
-    (``make gpu-check`` times all three beside cuDNN and flash; the CUDA rule follows the model
-    until then).
+    Why, on the counted work model (``python -m vidkern.work --reference``: H200 bound, ViT-B
+    B = 32, bf16, fwd + bwd, SDPA calls modelled as an ideal FlashAttention-2 kernel; dense on all
+    heads = 1.00): checkerboard — views 0.82, split 0.96, fused 1.26 (its 7-product backward);
+    temporal — split 0.57, views 0.83, fused 0.87. Measured on CPU (ViT-S, B = 1, 6 heads,
+    d = 64, fp32, 2 threads, fwd+bwd; global SDPA = 1.00): checkerboard — views 0.83, split 0.88,
+    fused 0.94; temporal — views 0.57, split 0.63-0.65, fused 0.68, hence views for every group
+    size on CPU. Not yet measured on a GPU (``make gpu-check`` times all three beside cuDNN and
+    flash).
     """
-    if device.type == "cuda" and _triton_runs(device, dtype, head_dim):
-        return "fused"
     if token_order != "grouped":
         return "split"
     small = largest_group is not None and largest_group <= limits.PACKED_GROUP_MAX[limits.dtype_class(dtype)]
     return "split" if device.type == "cuda" and small else "views"
-
-
-def _triton_runs(device: torch.device, dtype: torch.dtype, head_dim: Optional[int]) -> bool:
-    """Whether the Triton backend would run hsda on these inputs (no reasons to decline)."""
-    from . import dispatch
-    return not dispatch.get("triton").not_supported_reasons(
-        dispatch.Inputs("hsda", device, dtype, head_dim=head_dim))
 
 
 def token_major_empty(q: torch.Tensor) -> torch.Tensor:
