@@ -135,12 +135,27 @@ def test_calibration_never_faster_than_the_best_published():
                 assert r["dram_bytes"] / (r["model_us"] * 1e-6) <= H200.hbm * 1.0001, r
 
 
+def test_a_softmax_between_products_runs_in_series_with_them():
+    """Attention's main loop (tensor-core products and exponentials) is priced products plus the
+    longer of its MUFU and issue time; a loop with products but no exponentials (the Gram) is not."""
+    (fwd,) = W.launches("hsda", "forward", "triton", VIT_B)
+    t = fwd.price(H200)
+    assert t["mma_us"] > 0 and t["mufu_us"] > 0
+    assert t["serial_us"] == pytest.approx(t["mma_us"] + max(t["mufu_us"], t["issue_us"]))
+    assert t["bound"] == "serial" and t["model_us"] > t["serial_us"]
+    gram = next(l for l in W.launches("orthogonal_select", "forward", "triton",
+                                      Shape(B=32, L=784, N=784, num_out=392, D=768, dtype="bf16"))
+                if l.kernel == "_gram_kernel")
+    g = gram.price(H200)
+    assert g["mma_us"] > 0 and g["serial_us"] == 0.0
+
+
 def test_reference_prints_model_bound_and_share():
     rows = report.reference_rows()
     text = report.markdown(rows)
     assert "| model us | bound | limit us | share of limit |" in text
     for r in rows:
-        assert r["bound"] in ("dram", "l2", "mma", "mufu", "issue", "latency", "launch", "published"), r
+        assert r["bound"] in tuple(t[:-3] for t in M.TERMS) + ("published",), r
         assert 0 < r["share"] <= 1.0, (r["case"], r["backend"], r["share"])
 
 

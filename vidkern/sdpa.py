@@ -45,10 +45,10 @@ def default_strategy(device: torch.device, token_order: str, largest_group: Opti
       e.g. temporal heads): ``"split"``, since a flash kernel pads each group of 8 to its
       128-row tile (256x the useful products) where packed tiles issue 2x.
 
-    Why, on the counted work model (``python -m vidkern.work --reference``: H200 bound, ViT-B
-    B = 32, bf16, fwd + bwd, SDPA calls modelled as an ideal FlashAttention-2 kernel; dense on all
-    heads = 1.00): checkerboard — views 0.82, split 0.96, fused 1.26 (its 7-product backward);
-    temporal — split 0.57, views 0.83, fused 0.87. Measured on CPU (ViT-S, B = 1, 6 heads,
+    Why, on the work model (``python -m vidkern.work --reference``: H200, ViT-B B = 32, bf16,
+    fwd + bwd, our kernels priced from their sm_90 SASS with softmax and products in series, SDPA
+    calls at FlashAttention-2's published rate; dense on all heads = 1.00): checkerboard — views
+    0.79, split 0.82, fused 0.86; temporal — split 0.56, fused 0.59, views 1.32. Measured on CPU (ViT-S, B = 1, 6 heads,
     d = 64, fp32, 2 threads, fwd+bwd; global SDPA = 1.00): checkerboard — views 0.83, split 0.88,
     fused 0.94; temporal — views 0.57, split 0.63-0.65, fused 0.68, hence views for every group
     size on CPU. Not yet measured on a GPU (``make gpu-check`` times all three beside cuDNN and

@@ -24,13 +24,18 @@ ceil(programs / SMS))``, the share of SM time that is busy.
 - ``issue_us``: all warp instructions the SASS issues, 4 per clock per SM at best; a scheduler
   with ``w`` resident warps issues ``min(1, w * ISSUE_ILP / ALU_LATENCY)`` per clock (occupancy,
   from the kernel's CTAs per SM).
+- ``serial_us``: a main loop that multiplies on tensor cores *and* exponentiates (attention: a
+  softmax between two products) runs, without warp specialisation, its products and its softmax
+  one after the other — the softmax needs this step's scores, the next product its
+  probabilities — so ``mma_us + max(mufu_us, issue_us)`` (FlashAttention-3 §3.1: the overlap FA3
+  adds by ping-pong scheduling is what FA2-style kernels lack; zero for any other launch).
 - ``latency_us`` (serial): one exposed global round trip per launch (its first loads), plus per
   sequential step after the first (``steps``: a greedy pick) ``round_trips`` dependent global
   round trips and the block barriers of the step.
 - ``launch_us`` (serial): one kernel launch on a stream.
 
-``model_us = max(dram, l2, mma, mufu, issue) + latency + launch``; ``bound`` names the largest
-term of all seven. The instruction, MUFU and barrier counts per program are the SASS's
+``model_us = max(dram, l2, mma, mufu, issue, serial) + latency + launch``; ``bound`` names the largest
+term of all eight. The instruction, MUFU and barrier counts per program are the SASS's
 (:func:`vidkern.work.compiled.dynamic`); a launch with no compiled code (a torch op) has only the
 memory and product terms, a launch priced at a published rate (an SDPA call) only that and its
 launch.
@@ -89,8 +94,8 @@ H100 = Machine("H100", sms=132, clock_hz=1.83e9, sustained=SUSTAINED, hbm=3.35e1
 MACHINES = {"h200": H200, "h100": H100}
 MACHINE = H200
 
-TERMS = ("dram_us", "l2_us", "mma_us", "mufu_us", "issue_us", "latency_us", "launch_us")
-THROUGHPUT = TERMS[:5]
+TERMS = ("dram_us", "l2_us", "mma_us", "mufu_us", "issue_us", "serial_us", "latency_us", "launch_us")
+THROUGHPUT = TERMS[:6]
 
 
 def busy(programs: int, machine: Machine) -> float:
@@ -144,6 +149,9 @@ def price(launch, machine: Machine = None) -> dict:
         out["mufu_us"] = (per["mufu"] * warps * launch.programs * 32
                           / (m.mufu_per_clk * m.clock_hz * m.sustained * m.sms * f) * 1e6)
         out["issue_us"] = per["instr"] * warps * launch.programs / (issue_rate(resident, m) * m.sms * f) * 1e6
+        loop = entry["loop"] or {}
+        if launch.macs and loop.get("mma") and loop.get("mufu"):
+            out["serial_us"] = out["mma_us"] + max(out["mufu_us"], out["issue_us"])
         # a greedy step is the loop around the main one when there is one (the row scan inside the
         # step loop), else the main loop itself
         step_bars = (entry.get("outer") or entry["loop"] or {}).get("bar", 0) if launch.steps > 1 else 0
