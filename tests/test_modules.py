@@ -282,3 +282,30 @@ def test_tgi_bfloat16_backward_is_finite_in_every_one_of_many_calls(autocast):
             bad.append(call)
     assert not bad, (f"non-finite gradients in calls {bad} of 64 (oneDNN bf16 on this CPU: "
                      f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()})")
+
+
+def test_qkv_gradients_are_written_once_into_the_projections_layout():
+    """HSDAttention's backward puts dq, dk, dv straight into one (B, N, 3, H, d) gradient (no
+    (3, B, H, N, d) stack copied again), with the same values as autograd's unbind."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from vidkern.nn.attention import _SplitQKV
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 6, 3, 4, 8, requires_grad=True)
+    grads = [torch.randn(2, 4, 6, 8) for _ in range(3)]
+    want = torch.autograd.grad(qkv.permute(2, 0, 3, 1, 4).unbind(0), qkv, grads)[0]
+
+    class Ops(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    outs = _SplitQKV.apply(qkv)
+    assert all(o.data_ptr() == qkv.data_ptr() + i * 4 * 8 * 4 for i, o in enumerate(outs))   # views
+    with Ops():
+        got = torch.autograd.grad(outs, qkv, grads)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "stack" not in Ops.seen and Ops.seen.count("copy_") == 3, Ops.seen
+    # a gradient that does not reach one of them (k unused) is zero there
+    got = torch.autograd.grad((outs[0] * 2).sum() + outs[2].sum(), qkv)[0]
+    assert got[:, :, 1].abs().sum() == 0 and (got[:, :, 0] == 2).all() and (got[:, :, 2] == 1).all()
