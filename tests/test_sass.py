@@ -140,6 +140,8 @@ def test_tensor_core_kind_per_kernel(aot_rows):
     fwd = next(r for r in rows if r["kernel"] == "hsda fwd" and r["arch"] == 90 and
                r["config"].startswith("bf16 HEAD_DIM=64 ") and " debug" not in r["config"] + " ")
     # the review read 137 registers, one CTA an SM, ~507 instructions an iteration with the checkerboard
-    # arithmetic; the row tables take ~406 at 130 registers
-    assert fwd["ctas_per_sm"] == 1 and fwd["regs"] > 128 and 300 < fwd["loop"]["instr"] < 450
+    # arithmetic; the row tables take ~400 at 128-130 registers (Triton 3.6: 128, two CTAs an SM;
+    # 3.8: 130, one)
+    assert 300 < fwd["loop"]["instr"] < 450 and fwd["regs"] >= 128
+    assert fwd["ctas_per_sm"] == (1 if fwd["regs"] > 128 else 2), fwd
     assert fwd["loop"]["mufu"] >= 32 and fwd["loop"]["hgmma"] > 0
