@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import time
 import weakref
 
@@ -369,15 +370,11 @@ def _rows(session) -> list:
     return rows
 
 
-def _median(values: list) -> float:
-    v = sorted(values)
-    n = len(v)
-    return (v[(n - 1) // 2] + v[n // 2]) / 2
-
-
 def _iqr(values: list) -> float:
-    import statistics
-    return 0.0 if len(values) < 2 else (lambda q: q[2] - q[0])(statistics.quantiles(values, n=4, method="inclusive"))
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q3 - q1
 
 
 def _ratio(r: dict, anchor, paired: dict, invert: bool = False) -> tuple:
@@ -394,7 +391,7 @@ def _ratio(r: dict, anchor, paired: dict, invert: bool = False) -> tuple:
         per_round = [1 / x for x in paired.get((anchor["case"], anchor["provider"]), {}).get(r["provider"], [])]
     if per_round:
         ratios = [1 / x for x in per_round] if invert else per_round
-        med = _median(ratios)
+        med = statistics.median(ratios)
         return med, (_iqr(ratios) / med if len(ratios) >= 3 else float("inf"))
     ratio = r["median_ms"] / anchor["median_ms"]
     spread = (r["iqr_ms"] / r["median_ms"] + anchor["iqr_ms"] / anchor["median_ms"]
