@@ -31,6 +31,22 @@ PACKED_GROUP_MAX = {"half": 32, "fp32": 8}
 TEAM_MAX_CHANNELS = 1024
 
 
+#: Soft merge materialises its ``(L, L')`` score matrices (SPEC §3.2) while ``L' <= 2 D``: the
+#: ``(B, L, L')`` scratch is then no more than a small multiple of the ``(B, L, D)`` tokens, so memory
+#: stays ``O((L + L') D)`` as the spec asks, and every product is one batched GEMM (cuBLAS on a GPU:
+#: the Triton backend's materialised path, ``vidkern.kernels.merge``; the reference's autograd on a
+#: CPU, ``vidkern.dispatch.RULES``). Wider merges (the long clip, ``L' = 8 D``) stream.
+MERGE_MATERIALISE_MAX_RATIO = 2
+#: ... and while a row of ``L'`` scores fits one program of the row kernels (``merge_row_config``)
+MERGE_MATERIALISE_MAX_META = 4096
+
+
+def merge_materialises(meta_tokens: int, width: int) -> bool:
+    """Whether a soft merge of ``meta_tokens`` (``L'``) onto ``width``-channel tokens (``D``) holds
+    its ``(L, L')`` scores (:data:`MERGE_MATERIALISE_MAX_RATIO`)."""
+    return meta_tokens <= min(MERGE_MATERIALISE_MAX_RATIO * width, MERGE_MATERIALISE_MAX_META)
+
+
 def dtype_class(dtype: torch.dtype) -> str:
     """``"fp32"`` or ``"half"`` (float16/bfloat16): the key of the per-dtype-class limits."""
     return "fp32" if dtype == torch.float32 else "half"

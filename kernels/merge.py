@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 
 from .launch import Config, batch_chunks, dot_precision, for_triton, on_input_device
-from .limits import dtype_class
+from .limits import MERGE_MATERIALISE_MAX_META, dtype_class, merge_materialises
 
 
 # =========================================================================== helpers
@@ -532,6 +532,80 @@ def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
         _meta_add(DU_OUT, v7, rows, mask_n, c0 + 7 * CH, DU, CH)
 
 
+# =========================================================================== materialised (L' <= 2 D)
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _row_softmax(s, mask, mask_r):
+    """``(C1, m, total)`` of ``R`` rows of base-2 scores (``-inf`` outside ``mask``): ``C1`` the rows'
+    softmax (0 outside), normalised by the row sum itself — so the backward, which recomputes it
+    from the same ``S``, gets the forward's values bit for bit — and ``m + log2(total)`` the rows'
+    base-2 log-sum-exp."""
+    m = tl.where(mask_r, tl.max(s, 1), 0.0)
+    e = tl.exp2(s - m[:, None])
+    total = tl.where(mask_r, tl.sum(e, 1), 1.0)
+    return tl.where(mask, e * (1.0 / total)[:, None], 0.0), m, total
+
+
+@triton.jit
+def _merge_rows_fwd_kernel(S, W, LSE, COLP, L, LP, inv_tau,
+                           ROWS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """Per ``ROWS`` token rows of one problem, ``R`` at a time, from the scores ``S = U V^T`` (fp32,
+    before ``1 / tau``): ``LSE[n] = logsumexp_j S[n, j] / tau``; ``W = exp(C1)`` with ``C1 =
+    softmax_meta(S / tau)``, in the inputs' dtype (``C1`` is in [0, 1], so ``W`` in [1, e] needs no
+    scaling in any dtype); and the program's column sums of that rounded ``W`` (the ``A``, ``P``
+    products use it) into ``COLP[b, program]``. All contiguous, rows of ``L'``."""
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask_c = cols < LP
+    col = tl.zeros([BLOCK], tl.float32)
+    scale = inv_tau * 1.4426950408889634            # base-2 exponents
+    for r0 in range(0, ROWS, R):
+        rows = t * ROWS + r0 + tl.arange(0, R)
+        mask_r = rows < L
+        mask = mask_r[:, None] & mask_c[None, :]
+        offs = (b * L + rows)[:, None] * LP + cols[None, :]
+        c1, m, total = _row_softmax(tl.load(S + offs, mask=mask, other=float("-inf")) * scale, mask, mask_r)
+        w = tl.where(mask, tl.exp(c1), 0.0).to(W.dtype.element_ty)
+        tl.store(W + offs, w, mask=mask)
+        col += tl.sum(w.to(tl.float32), 0)
+        tl.store(LSE + b * L + rows, (m + tl.log2(total)) * 0.6931471805599453, mask=mask_r)
+    tl.store(COLP + (b * tl.num_programs(0) + t) * LP + cols, col, mask=mask_c)
+
+
+@triton.jit
+def _merge_rows_bwd_kernel(S, GX, GE, COL, GAMMA, DS, W, L, LP, inv_tau, ds_scale,
+                           ROWS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+    """Per ``ROWS`` token rows of one problem, ``R`` at a time, from ``S = U V^T`` and ``G = GX + GE``
+    (``X dA^T``, ``E dP^T``; fp32): ``C1 = softmax_meta(S / tau)`` (the forward's), ``W = exp(C1)``, ``dC1 = W (G -
+    gamma) / col``, ``delta_n = sum_j C1 dC1``, and writes ``dS * ds_scale`` with ``dS = C1 (dC1 -
+    delta) / tau`` and ``W``, both in the inputs' dtype (``ds_scale``: an exact power of two that
+    keeps float16's ``dS`` normal; 1 otherwise). All contiguous, rows of ``L'``."""
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask_c = cols < LP
+    inv_col = 1.0 / tl.load(COL + b * LP + cols, mask=mask_c, other=1.0)
+    gamma = tl.load(GAMMA + b * LP + cols, mask=mask_c, other=0.0)
+    scale = inv_tau * 1.4426950408889634
+    for r0 in range(0, ROWS, R):
+        rows = t * ROWS + r0 + tl.arange(0, R)
+        mask_r = rows < L
+        mask = mask_r[:, None] & mask_c[None, :]
+        offs = (b * L + rows)[:, None] * LP + cols[None, :]
+        c1, _, _ = _row_softmax(tl.load(S + offs, mask=mask, other=float("-inf")) * scale, mask, mask_r)
+        w = tl.where(mask, tl.exp(c1), 0.0)
+        g = tl.load(GX + offs, mask=mask, other=0.0) + tl.load(GE + offs, mask=mask, other=0.0)
+        dc1 = w * (g - gamma[None, :]) * inv_col[None, :]
+        delta = tl.sum(c1 * dc1, 1)
+        ds = c1 * (dc1 - delta[:, None]) * (inv_tau * ds_scale)
+        tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
+        tl.store(W + offs, w.to(W.dtype.element_ty), mask=mask)
+
+
 # =========================================================================== launch configuration
 # Tiles: 16 x 16 score tiles (the smallest tl.dot: least ragged padding, 16-row accumulators),
 # BK-wide contraction steps for S and G, CH-channel output chunks. float32's tf32x3 products need
@@ -621,13 +695,110 @@ def merge_config(kernel: str, dtype, nc: int = 1) -> Config:
     return Config.of(num_warps=merge_warps(kernel, nc, rows, ch, dtype), num_stages=MERGE_STAGES.get(kernel), **tiles)
 
 
+#: the materialised path's row kernels: ``ROWS`` token rows a program, ``R`` at a time, a whole row
+#: of ``L'`` scores in ``BLOCK`` lanes (a power of two from ``MERGE_ROW_BLOCKS``); ``R BLOCK`` about
+#: ``MERGE_ROW_ELEMS`` elements a step, 16 fp32 a thread (4 warps; 8 at 4096-wide rows)
+MERGE_ROW_BLOCKS = tuple(1 << k for k in range(7, MERGE_MATERIALISE_MAX_META.bit_length()))
+MERGE_ROW_ELEMS = 2048
+MERGE_ROWS = 32
+
+
+def merge_row_config(lp: int) -> Config:
+    """The launch of the materialised path's row kernels for ``L' = lp`` scores a row."""
+    block = next(blk for blk in MERGE_ROW_BLOCKS if blk >= lp)
+    r = max(1, MERGE_ROW_ELEMS // block)
+    return Config.of(num_warps=max(4, r * block // 512), ROWS=MERGE_ROWS, R=r, BLOCK=block)
+
+
 # =========================================================================== launchers
+def _gemm32(a, b):
+    """``a @ b`` batched, accumulated and returned in float32: cuBLAS's float32 output from 16-bit
+    operands (``torch.bmm``'s ``out_dtype``, CUDA only); off a GPU (the interpreter's tests) the
+    same product computed in float32."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if a.is_cuda:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+def _meta_rows(u, idx):
+    """``V = U[idx]`` ``(B, L', Du)``."""
+    return u.gather(1, idx[..., None].expand(-1, -1, u.shape[2]))
+
+
+def half_scale(length: int, dtype) -> float:
+    """The exact power of two the materialised backward scales its 16-bit operands ``dS`` and ``dA /
+    col`` by before their cast, and its float32 products back by: for float16, ``2^floor(log2 L)``
+    — ``dS ~ |dA| sqrt(D) / (L L')`` and ``dA / col ~ dA / L`` would be subnormal there (float16's
+    smallest normal is 6e-5) at ordinary sizes; scaled by ``~L`` they are the size of the incoming
+    gradients, which are float16 themselves (and ``|dS| L <= 2 e |G|`` cannot overflow where ``G``
+    does not). 1 for bfloat16 and float32, which have float32's range."""
+    return float(1 << (max(length, 1).bit_length() - 1)) if dtype == torch.float16 else 1.0
+
+
+def _materialised_forward(u, idx, x, e, tau):
+    """The forward while ``merge_materialises`` (``L' <= 2 D``): ``S = U V^T`` (fp32, one GEMM), the
+    row kernel (``LSE``, ``W = exp(C1)``, column sums), ``A = W^T X / col`` and ``P = W^T E / col``
+    (two GEMMs). 3U of products, all on cuBLAS; scratch ``(B, L, L')`` fp32 and 16-bit."""
+    b, length, _ = u.shape
+    lp = idx.shape[1]
+    cfg = merge_row_config(lp)
+    tiles = triton.cdiv(length, cfg.ROWS)
+    s = _gemm32(u, _meta_rows(u, idx).transpose(1, 2))
+    w = torch.empty((b, length, lp), dtype=x.dtype, device=x.device)
+    lse = torch.empty((b, length), dtype=torch.float32, device=x.device)
+    colp = torch.empty((b, tiles, lp), dtype=torch.float32, device=x.device)
+    for bs in batch_chunks(b):
+        _merge_rows_fwd_kernel[(tiles, bs.stop - bs.start)](s[bs], w[bs], lse[bs], colp[bs], length, lp, 1.0 / tau,
+                                                            **cfg.launch())
+    col = colp.sum(1)
+    wt, inv_col = w.transpose(1, 2), (1.0 / col)[..., None]
+    a = (_gemm32(wt, x) * inv_col).to(x.dtype)
+    p = (_gemm32(wt, e.expand(b, -1, -1)) * inv_col).to(e.dtype)
+    return a, p, lse, col
+
+
+def _materialised_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau):
+    """The backward while ``merge_materialises``: ``S = U V^T``, ``X dA^T``, ``E dP^T`` (fp32 GEMMs),
+    the row kernel (``dS``, ``W``), then ``dU = dS V + scatter_idx(dS^T U)``, ``dX = W (dA / col)``,
+    ``dE = W (dP / col)`` (GEMMs). 7U of products, each once."""
+    b, length, du_dim = u.shape
+    lp, dtype = idx.shape[1], x.dtype
+    cfg = merge_row_config(lp)
+    tiles = triton.cdiv(length, cfg.ROWS)
+    e = e.expand(b, -1, -1)
+    gamma = gamma_of(grad_a, grad_p, a, p)
+    v = _meta_rows(u, idx)
+    s = _gemm32(u, v.transpose(1, 2))
+    gx, ge = _gemm32(x, grad_a.transpose(1, 2)), _gemm32(e, grad_p.transpose(1, 2))
+    scale = half_scale(length, dtype)
+    ds = torch.empty((b, length, lp), dtype=dtype, device=x.device)
+    w = torch.empty_like(ds)
+    for bs in batch_chunks(b):
+        _merge_rows_bwd_kernel[(tiles, bs.stop - bs.start)](s[bs], gx[bs], ge[bs], col_sum[bs],
+                                                            gamma[bs], ds[bs], w[bs], length, lp, 1.0 / tau, scale,
+                                                            **cfg.launch())
+    del s, gx, ge
+    du = _gemm32(ds, v)
+    du.scatter_add_(1, idx[..., None].expand(-1, -1, du_dim), _gemm32(ds.transpose(1, 2), u))
+    k = (scale / col_sum)[..., None]
+    if scale == 1.0:
+        dx, de = torch.bmm(w, (grad_a * k).to(dtype)), torch.bmm(w, (grad_p * k).to(dtype))
+    else:
+        dx, de = ((_gemm32(w, (g * k).to(dtype)) * (1.0 / scale)).to(dtype) for g in (grad_a, grad_p))
+    return (du * (1.0 / scale)).to(u.dtype), dx, de
+
+
 @on_input_device
 def soft_merge_forward(u, idx, x, e, tau):
     """``u (B, L, Du)``, ``idx (B, L')``, ``x, e (B, L, D)`` any strides (``e`` may be a stride-0
-    broadcast) -> ``(A, P, row_lse (B, L) fp32, col_sum (B, L') fp32)``."""
+    broadcast) -> ``(A, P, row_lse (B, L) fp32, col_sum (B, L') fp32)``. Materialised (GEMMs and a
+    row kernel) while ``merge_materialises(L', D)``, streamed otherwise."""
     b, length, du = u.shape
     lp, d = idx.shape[1], x.shape[2]
+    if b and merge_materialises(lp, d):
+        return _materialised_forward(u, idx, x, e, tau)
     bm, bn, _, ch = merge_blocks(x.dtype)
     groups, nc = channel_split(d, ch, merge_chunks(x.dtype))
     a = torch.empty((b, lp, d), dtype=x.dtype, device=x.device)
@@ -660,6 +831,8 @@ def soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, ta
     """Returns ``(du, dx, de)`` in the inputs' dtypes (contiguous)."""
     b, length, du_dim = u.shape
     lp, d = idx.shape[1], x.shape[2]
+    if b and merge_materialises(lp, d):
+        return _materialised_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau)
     bm, bn, _, ch = merge_blocks(x.dtype)
     max_chunks = merge_chunks(x.dtype)
     groups_u, nc_u = channel_split(du_dim, ch, max_chunks)      # dU (token pass), dV (meta pass)

@@ -20,7 +20,23 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.fixture(params=["triton", "cuda"])
 def kernels(request, monkeypatch):
     """(backend name, device) of the kernels under test."""
-    if request.param == "cuda":
+    return _kernels(request.param, request, monkeypatch)
+
+
+@pytest.fixture(params=["triton-materialised", "triton-streamed", "cuda"])
+def merge_kernels(request, monkeypatch):
+    """(backend name, device) of the soft-merge kernels under test: the Triton launcher's two paths
+    forced whatever the shape (``merge_materialises`` picks between them by ``L' <= 2 D``), and CUDA's."""
+    backend, _, path = request.param.partition("-")
+    out = _kernels(backend, request, monkeypatch)
+    if path:
+        from vidkern.kernels import merge
+        monkeypatch.setattr(merge, "merge_materialises", lambda lp, d: path == "materialised")
+    return out
+
+
+def _kernels(name, request, monkeypatch):
+    if name == "cuda":
         return "cuda", request.getfixturevalue("cuda_kernel_device")
     device = torch.device("cuda" if GPU else "cpu")
     reasons = dispatch.get("triton").reasons("soft_merge", device, torch.float32, forced=True)
@@ -133,8 +149,8 @@ def test_select_meta_tokens_with_scores_and_strided_input(kernels):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 37, 19, 24), (1, 50, 25, 40), (2, 20, 20, 16), (1, 9, 1, 8), (1, 70, 35, 70)])
-def test_soft_merge_matches_reference(shape, dtype, kernels, poison):
-    backend, dev = kernels
+def test_soft_merge_matches_reference(shape, dtype, merge_kernels, poison):
+    backend, dev = merge_kernels
     skip_unsupported(backend, "soft_merge", dev, dtype)
     b, length, lp, d = shape
     u = R.normalize(torch.randn(b, length, d)).to(dev)
@@ -147,7 +163,7 @@ def test_soft_merge_matches_reference(shape, dtype, kernels, poison):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_soft_merge_backward_against_float64(dtype, kernels, monkeypatch):
+def test_half_soft_merge_backward_against_float64(dtype, merge_kernels, monkeypatch):
     """Half-precision gradients at a stage-sized merge (2 x 512 -> 256 tokens, D = 64) with small
     upstream gradients (1e-2). The backward's ``dS ~ |dA| sqrt(D) / (L L')`` (~6e-7 here) is far below
     float16's smallest normal (6.1e-5): cast to float16 as it is for the tensor cores, it lost its
@@ -155,7 +171,7 @@ def test_half_soft_merge_backward_against_float64(dtype, kernels, monkeypatch):
     it shares the inputs' rounding — each gradient must be within two unit roundoffs of the best
     the dtype can hold: the exact gradient rounded to it (dU, ~2.5e-6, is itself subnormal in
     float16, which alone costs 6.9e-3)."""
-    backend, dev = kernels
+    backend, dev = merge_kernels
     skip_unsupported(backend, "soft_merge", dev, dtype)
     if backend == "triton" and dev.type == "cpu":
         from vidkern.kernels import merge
@@ -177,8 +193,8 @@ def test_half_soft_merge_backward_against_float64(dtype, kernels, monkeypatch):
         assert err <= best + 2 * unit, f"{name}: relative error {err:.3g} > {best:.3g} (exact rounded) + 2 * {unit:.2g}"
 
 
-def test_soft_merge_strided_inputs_and_stride0_grads(kernels):
-    backend, dev = kernels
+def test_soft_merge_strided_inputs_and_stride0_grads(merge_kernels):
+    backend, dev = merge_kernels
     b, length, lp, d = 2, 33, 17, 24
     u = R.normalize(torch.randn(b, d, length).transpose(1, 2)).to(dev).requires_grad_()
     xe = torch.randn(b, length, 3 * d).to(dev)
@@ -194,10 +210,11 @@ def test_soft_merge_strided_inputs_and_stride0_grads(kernels):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("lp, d", [(200, 16), (20, 64)], ids=["recomputed", "stored-scores"])
+@pytest.mark.parametrize("lp, d", [(200, 16), (20, 64)], ids=["streamed", "materialised"])
 def test_soft_merge_never_allocates_the_token_by_meta_matrix(kernels, lp, d):
-    """Memory stays O(L D): never an ``L x L'`` tensor as long as ``L' > D`` (the Triton backward
-    keeps an ``(L, L')`` score scratch only when it is smaller than the token gradients)."""
+    """Memory stays O(L D): never an ``L x L'`` tensor as long as ``L' > 2 D`` (the Triton launcher
+    materialises ``(L, L')`` scores only while ``L' <= 2 D``, ``kernels.limits.merge_materialises``;
+    here ``L' < D``, within the token-sized bound)."""
     backend, dev = kernels
     b, length = 1, 400
     u = R.normalize(torch.randn(b, length, d)).to(dev)

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from . import library
+from .kernels import limits
 
 ENV_VAR = "VIDKERN_BACKEND"
 
@@ -46,19 +47,17 @@ PREFERENCES = {
 #: on a CPU than the torch backend's custom ops, which recompute the forward in the backward to keep
 #: memory at the inputs' size, wherever those intermediates are small (benchmarks/test_team_sttm.py;
 #: docs in README "Backends"): TEAM's are (B, N, D) tensors; soft merge's are (B, L, L') score
-#: matrices, no more than twice the size of the (B, L, D) tokens while L' <= 2 D (measured 1.2-1.4x
-#: faster at L'/D = 0.26-1.5 on 2 cores); wider merges (the long clip, L'/D = 8) stream in the torch
-#: backend, where memory matters and streaming is faster too.
-CPU_MATERIALISE_MAX_RATIO = 2
-
-
+#: matrices, small while L' <= 2 D (``kernels.limits.merge_materialises``, the rule the Triton
+#: backend's materialised path follows on a GPU; measured 1.2-1.4x faster at L'/D = 0.26-1.5 on 2
+#: cores); wider merges (the long clip, L'/D = 8) stream in the torch backend, where memory matters
+#: and streaming is faster too.
 def _cpu_materialise(inputs: "Inputs") -> bool:
     if inputs.device.type != "cpu":
         return False
     if inputs.op != "soft_merge":
         return True
     return (inputs.meta_tokens is not None and inputs.token_width is not None
-            and inputs.meta_tokens <= CPU_MATERIALISE_MAX_RATIO * inputs.token_width)
+            and limits.merge_materialises(inputs.meta_tokens, inputs.token_width))
 
 
 #: op -> (applies(inputs), backends tried first when it does, why): preferences on the call's device
