@@ -37,8 +37,9 @@ TEAM_MAX_CHANNELS = 1024
 #: the Triton backend's materialised path, ``vidkern.kernels.merge``; the reference's autograd on a
 #: CPU, ``vidkern.dispatch.RULES``). Wider merges (the long clip, ``L' = 8 D``) stream.
 MERGE_MATERIALISE_MAX_RATIO = 2
-#: ... and while a row of ``L'`` scores fits one program of the row kernels (``merge_row_config``)
-MERGE_MATERIALISE_MAX_META = 4096
+#: ... and while a row of ``L'`` scores fits one program of the row kernels (``merge_row_config``):
+#: ``L' <= 2 D`` up to ViT-L's D = 1024
+MERGE_MATERIALISE_MAX_META = 2048
 
 
 def merge_materialises(meta_tokens: int, width: int) -> bool:

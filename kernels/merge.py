@@ -1,14 +1,30 @@
 """Triton kernels for STTM's soft merging (SPEC §3.2), designed against the work model
 (``vidkern.work.merge``: every launch's bytes and MACs, counted).
 
-**Soft merge** (``soft_merge``) never holds the ``L x L'`` matrix. With ``S = U V^T / tau``
-(``V = U[idx]``), ``C1 = softmax_meta(S)``, ``W = exp(C1)`` (``C1`` is in [0, 1], so the token-axis
-softmax needs no running max), ``C = W / colsum(W)``, ``A = C^T X``, ``P = C^T E``; backward with
-``G = X dA^T + E dP^T``, ``gamma_j = A_j.dA_j + P_j.dP_j`` (``= sum_n C G``), ``dC1 = C (G - gamma)``,
-``delta_n = sum_j C1 dC1``, ``dS = C1 (dC1 - delta) / tau``, ``dU = dS V + scatter_idx(dS^T U)``,
-``dX = C dA``, ``dE = C dP``.
+**Soft merge** (``soft_merge``), with ``S = U V^T / tau`` (``V = U[idx]``), ``C1 = softmax_meta(S)``,
+``W = exp(C1)`` (``C1`` is in [0, 1], so the token-axis softmax needs no running max), ``C = W /
+colsum(W)``, ``A = C^T X``, ``P = C^T E``; backward with ``G = X dA^T + E dP^T``, ``gamma_j = A_j.dA_j +
+P_j.dP_j`` (``= sum_n C G``), ``dC1 = C (G - gamma)``, ``delta_n = sum_j C1 dC1``, ``dS = C1 (dC1 -
+delta) / tau``, ``dU = dS V + scatter_idx(dS^T U)``, ``dX = C dA``, ``dE = C dP``. Two paths, by
+``kernels.limits.merge_materialises``:
 
-*Design.* Units: ``U = L L' D`` MACs per problem (``Du = D``). The products the math needs once
+**Materialised** (``L' <= 2 D``, sttm_vit_b's stages): the ``(B, L, L')`` matrices are then no
+larger than a small multiple of the ``(B, L, D)`` tokens (memory stays ``O((L + L') D)``), so every
+product the math needs is one batched cuBLAS GEMM, issued once — forward ``S``, ``A``, ``P`` (3U,
+``U = B L L' D`` MACs), backward ``S``, ``X dA^T``, ``E dP^T``, ``dS V``, ``dS^T U``, ``dX``, ``dE`` (7U)
+— at the tile sizes and wgmma rate cuBLAS picks, and two row kernels do the softmaxes between
+them: ``_merge_rows_fwd_kernel`` (one pass for the log-sum-exps and column sums, one for ``C``) and
+``_merge_rows_bwd_kernel`` (``dS`` and ``C``), each holding whole rows of ``L'`` scores. The 16-bit
+GEMM operands ``C`` and ``dS`` are tiny (``C ~ 1 / L``; ``dS ~ |dA| sqrt(D) / (L L')``): float16's are
+scaled by ``half_scale`` (a power of two near ``L``) and the float32 products scaled back. float32
+inputs get cuBLAS's float32 GEMMs (TF32 only where the caller allows it, ``torch.backends.cuda.
+matmul.allow_tf32``; the streamed kernels use tf32x3). On the model (H200, bf16) sttm_vit_b's stage 2 (B = 32, 784 -> 392, D = 768) takes 123 + 266 us forward
+and backward, 49% of the tensor-core peak for its useful products, where the streamed kernels
+below take 646 + 1,160 us (11%: their 16-row tiles re-read ``X`` and ``E`` from L2 per meta tile).
+
+**Streamed** (wider merges: the long clip, ``L' = 8 D``) never holds the ``L x L'`` matrix.
+
+*Streamed design.* Units: ``U = L L' D`` MACs per problem (``Du = D``). The products the math needs once
 (``useful_macs``) are forward ``S + A + P`` = 3U and backward ``S + G + dU + dX + dE + dV`` = 7U.
 ``S`` (and ``G``) are recomputed per pass from the inputs, since memory must stay ``O((L + L') D)``,
 so the passes are what costs: each program computes its ``S``/``G`` tile **once** and keeps *all*
@@ -42,13 +58,6 @@ smallest ``tl.dot``) to keep both the registers and the ragged-tile padding smal
   ``delta``), ``dV = dS^T U`` (1U), added in place to the rows ``idx`` of ``dU`` (meta rows are
   distinct within a problem: no races). 4U. Backward total 12U (vs 151U; the classic three
   passes — delta, token, meta — would be 13U).
-- **Stored scores** (``stores_scores``: when ``2 L' 4 <= 3 D itemsize``, i.e. an fp32 ``(L, L')``
-  pair of scratch tensors no larger than the token gradients, so memory stays ``O(L D)``): the
-  token pass also writes ``C1`` and ``dC1`` (fp32, exactly the values it computed), the dX/dE pass
-  reads ``C1`` (2U) and the meta pass ``C1``, ``dC1`` (1U) instead of recomputing ``S`` and ``G``.
-  8U, with bit-identical results. It is what keeps sttm_vit_b's spatial stage (196 -> 98 tokens,
-  16-row tiles padded to 208 x 112: 1.21x) within twice the useful work: 8/7 x 1.21 = 1.39
-  (12U would give 2.08); the long clip (L' = 6272) recomputes, 12/7 with whole tiles.
 
 fp32 accumulation throughout; fp32 inputs use tf32x3 products (as in the HSDA kernels) and keep
 fewer chunks resident (their products need about twice the registers). The backward's ``dS``,
@@ -165,18 +174,6 @@ def _tok_store(DU_OUT, u, q, corr, inv_tau, rows, mask_m, c0, DU, CH: tl.constex
 @triton.jit
 def _meta_chunk(v, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0, DU, CH: tl.constexpr, PRECISION: tl.constexpr):
     return v + tl.dot(dsw, _tile(UB, offs_m, mask_m, sul, sud, c0, DU, CH), input_precision=PRECISION) * dsu[:, None]
-
-
-@triton.jit
-def _score_put(PTR, val, b, offs_m, mask_m, offs_n, mask_n, L, LP):
-    """One (BM, BN) tile of a contiguous fp32 ``(B, L, L')`` score scratch, valid pairs only."""
-    tl.store(PTR + (b * L + offs_m)[:, None] * LP + offs_n[None, :], val, mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _score_get(PTR, b, offs_m, mask_m, offs_n, mask_n, L, LP):
-    return tl.load(PTR + (b * L + offs_m)[:, None] * LP + offs_n[None, :], mask=mask_m[:, None] & mask_n[None, :],
-                   other=0.0)
 
 
 @triton.jit
@@ -299,15 +296,14 @@ def _merge_tile(UB, XB, EB, DAB, DPB, offs_m, mask_m, meta, offs_n, mask_n, lse,
 
 
 @triton.jit
-def _merge_bwd_tokens_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT, C1S, DC1S,
+def _merge_bwd_tokens_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
                              sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, sab, sal, sad, spb, spl, spd,
                              L, LP, DU, D, inv_tau,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
-                             NC: tl.constexpr, STORED: tl.constexpr, PRECISION: tl.constexpr):
+                             NC: tl.constexpr, PRECISION: tl.constexpr):
     """Per (token tile, channel group), one sweep over the meta tiles: ``DELTA`` and ``dU = dS V``
     (fp32, without the scatter of ``dV``; contiguous), from ``R = C1 (dC1 - r) V`` and ``Q = C1 V``
-    (module docstring). ``STORED``: channel group 0 also writes ``C1`` and ``dC1`` (fp32
-    ``(B, L, L')``, valid pairs only) for the dX/dE and meta passes."""
+    (module docstring)."""
     b = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     c0 = tl.program_id(1) * (NC * CH)
@@ -337,10 +333,6 @@ def _merge_bwd_tokens_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OU
         c1, c, dc1 = _merge_tile(UB, XB, EB, DAB, DPB, offs_m, mask_m, meta, offs_n, mask_n, lse, col, gamma,
                                  sul, sud, sxl, sxd, sel, sed, sal, sad, spl, spd, DU, D, inv_tau,
                                  BM, BN, BK, PRECISION)
-        if STORED:
-            if tl.program_id(1) == 0:
-                _score_put(C1S, c1, b, offs_m, mask_m, offs_n, mask_n, L, LP)
-                _score_put(DC1S, dc1, b, offs_m, mask_m, offs_n, mask_n, L, LP)
         part = tl.sum(c1 * dc1, 1)
         delta += part
         # r: the first meta tile's C1-weighted mean of dC1, the reference the 16-bit operand is taken from
@@ -384,14 +376,13 @@ def _merge_bwd_tokens_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OU
 
 
 @triton.jit
-def _merge_bwd_dx_kernel(U, IDX, DA, DP, LSE, COL, DX, DE, C1S, sub, sul, sud, sab, sal, sad, spb, spl, spd,
+def _merge_bwd_dx_kernel(U, IDX, DA, DP, LSE, COL, DX, DE, sub, sul, sud, sab, sal, sad, spb, spl, spd,
                          L, LP, DU, D, inv_tau,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
-                         NC: tl.constexpr, STORED: tl.constexpr, PRECISION: tl.constexpr):
+                         NC: tl.constexpr, PRECISION: tl.constexpr):
     """Per (token tile, channel group), one sweep over the meta tiles: ``dX = C dA``, ``dE = C dP``
     (contiguous). Only ``S`` is needed (not ``G``), so this is its own pass: beside the token pass's
-    two accumulators per chunk, two more would not fit the registers at D = 768. ``STORED``: ``C1``
-    is read from the token pass's ``C1S`` instead of recomputed."""
+    two accumulators per chunk, two more would not fit the registers at D = 768."""
     b = tl.program_id(2).to(tl.int64)
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     c0 = tl.program_id(1) * (NC * CH)
@@ -399,8 +390,7 @@ def _merge_bwd_dx_kernel(U, IDX, DA, DP, LSE, COL, DX, DE, C1S, sub, sul, sud, s
     UB = U + b * sub
     DAB = DA + b * sab
     DPB = DP + b * spb
-    if not STORED:
-        lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
+    lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
     x0, e0 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
     x1, e1 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
     x2, e2 = tl.zeros([BM, CH], tl.float32), tl.zeros([BM, CH], tl.float32)
@@ -414,12 +404,9 @@ def _merge_bwd_dx_kernel(U, IDX, DA, DP, LSE, COL, DX, DE, C1S, sub, sul, sud, s
         mask_n = offs_n < LP
         col = tl.load(COL + b * LP + offs_n, mask=mask_n, other=1.0)
         valid = mask_m[:, None] & mask_n[None, :]
-        if STORED:
-            c1 = _score_get(C1S, b, offs_m, mask_m, offs_n, mask_n, L, LP)
-        else:
-            meta = tl.load(IDX + b * LP + offs_n, mask=mask_n, other=0)
-            s = _rows_dot(UB, offs_m, mask_m, sul, sud, UB, meta, mask_n, sul, sud, DU, BM, BN, BK, PRECISION) * inv_tau
-            c1 = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        meta = tl.load(IDX + b * LP + offs_n, mask=mask_n, other=0)
+        s = _rows_dot(UB, offs_m, mask_m, sul, sud, UB, meta, mask_n, sul, sud, DU, BM, BN, BK, PRECISION) * inv_tau
+        c1 = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         c = tl.where(valid, tl.exp(c1) / col[None, :], 0.0)
         cw, cu = _scaled(c, DA.dtype.element_ty)
         x0, e0 = _dx_chunk(x0, e0, cw, cu, DAB, DPB, offs_n, mask_n, sal, sad, spl, spd, c0 + 0 * CH, D, CH, PRECISION)
@@ -456,14 +443,13 @@ def _merge_bwd_dx_kernel(U, IDX, DA, DP, LSE, COL, DX, DE, C1S, sub, sul, sud, s
 
 
 @triton.jit
-def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT, C1S, DC1S,
+def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
                            sub, sul, sud, sxb, sxl, sxd, seb, sel, sed, sab, sal, sad, spb, spl, spd,
                            L, LP, DU, D, inv_tau,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CH: tl.constexpr,
-                           NC: tl.constexpr, STORED: tl.constexpr, PRECISION: tl.constexpr):
+                           NC: tl.constexpr, PRECISION: tl.constexpr):
     """Per (meta tile, channel group): ``dV = dS^T U`` streamed over token tiles, added to the rows
-    ``idx`` of ``DU_OUT`` (fp32, contiguous). ``STORED``: ``C1`` and ``dC1`` are read from the token
-    pass's ``C1S``/``DC1S`` instead of recomputed (no ``S``, no ``G``)."""
+    ``idx`` of ``DU_OUT`` (fp32, contiguous)."""
     b = tl.program_id(2).to(tl.int64)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     c0 = tl.program_id(1) * (NC * CH)
@@ -474,9 +460,8 @@ def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
     DAB = DA + b * sab
     DPB = DP + b * spb
     meta = tl.load(IDX + b * LP + offs_n, mask=mask_n, other=0)
-    if not STORED:
-        col = tl.load(COL + b * LP + offs_n, mask=mask_n, other=1.0)
-        gamma = tl.load(GAMMA + b * LP + offs_n, mask=mask_n, other=0.0)
+    col = tl.load(COL + b * LP + offs_n, mask=mask_n, other=1.0)
+    gamma = tl.load(GAMMA + b * LP + offs_n, mask=mask_n, other=0.0)
     v0 = tl.zeros([BN, CH], tl.float32)
     v1 = tl.zeros([BN, CH], tl.float32)
     v2 = tl.zeros([BN, CH], tl.float32)
@@ -489,14 +474,10 @@ def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < L
         delta = tl.load(DELTA + b * L + offs_m, mask=mask_m, other=0.0)
-        if STORED:
-            c1 = _score_get(C1S, b, offs_m, mask_m, offs_n, mask_n, L, LP)
-            dc1 = _score_get(DC1S, b, offs_m, mask_m, offs_n, mask_n, L, LP)
-        else:
-            lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
-            c1, c, dc1 = _merge_tile(UB, XB, EB, DAB, DPB, offs_m, mask_m, meta, offs_n, mask_n, lse, col, gamma,
-                                     sul, sud, sxl, sxd, sel, sed, sal, sad, spl, spd, DU, D, inv_tau,
-                                     BM, BN, BK, PRECISION)
+        lse = tl.load(LSE + b * L + offs_m, mask=mask_m, other=0.0)
+        c1, c, dc1 = _merge_tile(UB, XB, EB, DAB, DPB, offs_m, mask_m, meta, offs_n, mask_n, lse, col, gamma,
+                                 sul, sud, sxl, sxd, sel, sed, sal, sad, spl, spd, DU, D, inv_tau,
+                                 BM, BN, BK, PRECISION)
         ds = c1 * (dc1 - delta[:, None]) * inv_tau                      # (BM, BN)
         dsw, dsu = _scaled(tl.trans(ds), U.dtype.element_ty)
         v0 = _meta_chunk(v0, dsw, dsu, UB, offs_m, mask_m, sul, sud, c0 + 0 * CH, DU, CH, PRECISION)
@@ -533,16 +514,12 @@ def _merge_bwd_meta_kernel(U, IDX, X, E, DA, DP, LSE, COL, GAMMA, DELTA, DU_OUT,
 
 
 # =========================================================================== materialised (L' <= 2 D)
-LN2 = 0.6931471805599453
-LOG2E = 1.4426950408889634
-
-
 @triton.jit
 def _row_softmax(s, mask, mask_r):
     """``(C1, m, total)`` of ``R`` rows of base-2 scores (``-inf`` outside ``mask``): ``C1`` the rows'
-    softmax (0 outside), normalised by the row sum itself — so the backward, which recomputes it
-    from the same ``S``, gets the forward's values bit for bit — and ``m + log2(total)`` the rows'
-    base-2 log-sum-exp."""
+    softmax (0 outside), normalised by the row sum itself — every pass that recomputes it from the
+    same ``S`` gets the same values bit for bit — and ``m + log2(total)`` the rows' base-2
+    log-sum-exp."""
     m = tl.where(mask_r, tl.max(s, 1), 0.0)
     e = tl.exp2(s - m[:, None])
     total = tl.where(mask_r, tl.sum(e, 1), 1.0)
@@ -550,18 +527,23 @@ def _row_softmax(s, mask, mask_r):
 
 
 @triton.jit
-def _merge_rows_fwd_kernel(S, W, LSE, COLP, L, LP, inv_tau,
-                           ROWS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
+def _merge_rows_fwd_kernel(S, C, LSE, COLP, COL, L, LP, inv_tau, c_scale,
+                           ROWS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr, WRITE: tl.constexpr):
     """Per ``ROWS`` token rows of one problem, ``R`` at a time, from the scores ``S = U V^T`` (fp32,
-    before ``1 / tau``): ``LSE[n] = logsumexp_j S[n, j] / tau``; ``W = exp(C1)`` with ``C1 =
-    softmax_meta(S / tau)``, in the inputs' dtype (``C1`` is in [0, 1], so ``W`` in [1, e] needs no
-    scaling in any dtype); and the program's column sums of that rounded ``W`` (the ``A``, ``P``
-    products use it) into ``COLP[b, program]``. All contiguous, rows of ``L'``."""
+    before ``1 / tau``), ``C1 = softmax_meta(S / tau)`` and ``W = exp(C1)`` (``C1`` is in [0, 1]: no
+    running maximum). Two passes: the first (``WRITE`` false) writes ``LSE[n] = logsumexp_j S[n, j] /
+    tau`` and the program's column sums of ``W`` into ``COLP[b, program]``; the second, given the
+    column sums ``COL``, writes ``C = W / col`` times ``c_scale`` (an exact power of two that keeps
+    float16's ``C ~ 1 / L`` normal; 1 otherwise) in the inputs' dtype: the operand of ``A = C^T X``
+    and ``P = C^T E``. All contiguous, rows of ``L'``."""
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask_c = cols < LP
-    col = tl.zeros([BLOCK], tl.float32)
+    if WRITE:
+        factor = c_scale / tl.load(COL + b * LP + cols, mask=mask_c, other=1.0)
+    else:
+        col = tl.zeros([BLOCK], tl.float32)
     scale = inv_tau * 1.4426950408889634            # base-2 exponents
     for r0 in range(0, ROWS, R):
         rows = t * ROWS + r0 + tl.arange(0, R)
@@ -569,21 +551,25 @@ def _merge_rows_fwd_kernel(S, W, LSE, COLP, L, LP, inv_tau,
         mask = mask_r[:, None] & mask_c[None, :]
         offs = (b * L + rows)[:, None] * LP + cols[None, :]
         c1, m, total = _row_softmax(tl.load(S + offs, mask=mask, other=float("-inf")) * scale, mask, mask_r)
-        w = tl.where(mask, tl.exp(c1), 0.0).to(W.dtype.element_ty)
-        tl.store(W + offs, w, mask=mask)
-        col += tl.sum(w.to(tl.float32), 0)
-        tl.store(LSE + b * L + rows, (m + tl.log2(total)) * 0.6931471805599453, mask=mask_r)
-    tl.store(COLP + (b * tl.num_programs(0) + t) * LP + cols, col, mask=mask_c)
+        w = tl.where(mask, tl.exp(c1), 0.0)
+        if WRITE:
+            tl.store(C + offs, (w * factor[None, :]).to(C.dtype.element_ty), mask=mask)
+        else:
+            col += tl.sum(w, 0)
+            tl.store(LSE + b * L + rows, (m + tl.log2(total)) * 0.6931471805599453, mask=mask_r)
+    if not WRITE:
+        tl.store(COLP + (b * tl.num_programs(0) + t) * LP + cols, col, mask=mask_c)
 
 
 @triton.jit
-def _merge_rows_bwd_kernel(S, GX, GE, COL, GAMMA, DS, W, L, LP, inv_tau, ds_scale,
+def _merge_rows_bwd_kernel(S, GX, GE, COL, GAMMA, DS, C, L, LP, inv_tau, scale_,
                            ROWS: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr):
     """Per ``ROWS`` token rows of one problem, ``R`` at a time, from ``S = U V^T`` and ``G = GX + GE``
-    (``X dA^T``, ``E dP^T``; fp32): ``C1 = softmax_meta(S / tau)`` (the forward's), ``W = exp(C1)``, ``dC1 = W (G -
-    gamma) / col``, ``delta_n = sum_j C1 dC1``, and writes ``dS * ds_scale`` with ``dS = C1 (dC1 -
-    delta) / tau`` and ``W``, both in the inputs' dtype (``ds_scale``: an exact power of two that
-    keeps float16's ``dS`` normal; 1 otherwise). All contiguous, rows of ``L'``."""
+    (``X dA^T``, ``E dP^T``; fp32): ``C1 = softmax_meta(S / tau)`` (the forward's), ``W = exp(C1)``,
+    ``C = W / col``, ``dC1 = C (G - gamma)``, ``delta_n = sum_j C1 dC1``, and writes ``dS = C1 (dC1 -
+    delta) / tau`` and ``C`` (the operand of ``dX = C dA``, ``dE = C dP``), both times ``scale_``
+    (float16: an exact power of two that keeps them normal; 1 otherwise) in the inputs' dtype. All
+    contiguous, rows of ``L'``."""
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -597,13 +583,12 @@ def _merge_rows_bwd_kernel(S, GX, GE, COL, GAMMA, DS, W, L, LP, inv_tau, ds_scal
         mask = mask_r[:, None] & mask_c[None, :]
         offs = (b * L + rows)[:, None] * LP + cols[None, :]
         c1, _, _ = _row_softmax(tl.load(S + offs, mask=mask, other=float("-inf")) * scale, mask, mask_r)
-        w = tl.where(mask, tl.exp(c1), 0.0)
+        c = tl.where(mask, tl.exp(c1), 0.0) * inv_col[None, :]
         g = tl.load(GX + offs, mask=mask, other=0.0) + tl.load(GE + offs, mask=mask, other=0.0)
-        dc1 = w * (g - gamma[None, :]) * inv_col[None, :]
+        dc1 = c * (g - gamma[None, :])
         delta = tl.sum(c1 * dc1, 1)
-        ds = c1 * (dc1 - delta[:, None]) * (inv_tau * ds_scale)
-        tl.store(DS + offs, ds.to(DS.dtype.element_ty), mask=mask)
-        tl.store(W + offs, w.to(W.dtype.element_ty), mask=mask)
+        tl.store(DS + offs, (c1 * (dc1 - delta[:, None]) * (inv_tau * scale_)).to(DS.dtype.element_ty), mask=mask)
+        tl.store(C + offs, (c * scale_).to(C.dtype.element_ty), mask=mask)
 
 
 # =========================================================================== launch configuration
@@ -641,28 +626,21 @@ def channel_split(width: int, ch: int, counts: tuple) -> tuple:
     return groups, next(n for n in counts if n >= share)
 
 
-def stores_scores(lp: int, d: int, itemsize: int) -> bool:
-    """Whether the backward keeps ``C1`` and ``dC1`` (fp32 ``(B, L, L')`` each) from the token pass
-    for the dX/dE and meta passes instead of recomputing ``S`` (and ``G``) there — 8U instead of
-    12U (module docstring) — when that scratch, ``2 L L' 4`` bytes a problem, is no larger than the
-    token gradients it serves (``dU``, ``dX``, ``dE``: ``3 L D`` elements of ``itemsize``), so peak
-    memory stays ``O(L D)``: few meta tokens per channel, as in sttm_vit_b's spatial stage
-    (``L' = 98``, D = 384 or 768)."""
-    return 2 * lp * 4 <= 3 * d * itemsize
-
-
 #: fp32 accumulator registers a thread may hold per kernel (the rest of the file holds ``S``, ``G``
-#: and the pipelined operand tiles): the dX/dE pass, which also streams the stored scores, spilled 8
+#: and the pipelined operand tiles): the dX/dE pass spilled 8
 #: bytes at 64 (NC = 3, 16-bit, sm_80; NC = 2, float32) once compiled as the JIT specialises a launch
 ACCUMULATOR_REGS = {"fwd": 64, "tokens": 64, "dx": 32, "meta": 64}
 #: pipeline stages of the backward's dX/dE and meta passes: Triton's default 3 buffered the gathered
 #: tiles three deep, 98.6 KB of shared memory (dX/dE, NC = 6) and registers past 128 (8-byte spills
 #: in dX/dE NC = 3 and 6 and meta NC = 3 on sm_90); 2 keeps both clean on Triton 3.8. Triton 3.6
-#: still spilled 8 bytes in dX/dE at 2 stages (NC = 6 without stored scores; float32 with): 1 there.
-MERGE_STAGES = for_triton({"dx": 2, "meta": 2}, {(3, 8): {"dx": 1}})
+#: still spilled 8 bytes in dX/dE at 2 stages (NC = 6; float32): 1 there. The token pass spilled 8-24
+#: bytes at NC = 1 (16-bit) wherever ``L'`` has no divisibility hint (an odd count of meta tokens)
+#: at 3 or 2 stages and 4 or 8 warps (ptxas holds it to 128 registers); unpipelined it is clean at
+#: every NC.
+MERGE_STAGES = for_triton({"dx": 2, "meta": 2, "tokens": 1}, {(3, 8): {"dx": 1}})
 #: warps that differ on older Tritons, by (kernel, dtype class, NC): Triton 3.6 spilled 8 bytes in
 #: the one-chunk 16-bit token pass at 8 warps on sm_90 (ptxas held it to 128 registers); 4 are clean
-WARPS_BEFORE = for_triton({}, {(3, 8): {("tokens", "half", 1): 4}})
+WARPS_EXCEPT = for_triton({}, {(3, 8): {("tokens", "half", 1): 4}})
 
 
 def merge_warps(kernel: str, nc: int, rows: int, ch: int, dtype) -> int:
@@ -672,11 +650,11 @@ def merge_warps(kernel: str, nc: int, rows: int, ch: int, dtype) -> int:
     at most :data:`ACCUMULATOR_REGS` registers a thread, up to 16 warps — but at most 8 for the
     token pass, which needs more than the 128 registers a thread 16 warps leave. Found with
     ``python -m vidkern.aot``, which compiles each launch as Triton's JIT specialises it and checks
-    that none spills on sm_80/sm_90, on Triton 3.6 and 3.8 (:data:`WARPS_BEFORE`)."""
+    that none spills on sm_80/sm_90, on Triton 3.6 and 3.8 (:data:`WARPS_EXCEPT`)."""
     if kernel == "lse":
         return 4
-    if (kernel, dtype_class(dtype), nc) in WARPS_BEFORE:
-        return WARPS_BEFORE[(kernel, dtype_class(dtype), nc)]
+    if (kernel, dtype_class(dtype), nc) in WARPS_EXCEPT:
+        return WARPS_EXCEPT[(kernel, dtype_class(dtype), nc)]
     floats = _ACCUMULATORS[kernel] * nc * rows * ch
     warps = 8 if kernel in ("tokens", "meta", "dx") or (kernel == "fwd" and dtype == torch.float32) else 4
     most = 8 if kernel == "tokens" else 16
@@ -728,66 +706,74 @@ def _meta_rows(u, idx):
 
 
 def half_scale(length: int, dtype) -> float:
-    """The exact power of two the materialised backward scales its 16-bit operands ``dS`` and ``dA /
-    col`` by before their cast, and its float32 products back by: for float16, ``2^floor(log2 L)``
-    — ``dS ~ |dA| sqrt(D) / (L L')`` and ``dA / col ~ dA / L`` would be subnormal there (float16's
-    smallest normal is 6e-5) at ordinary sizes; scaled by ``~L`` they are the size of the incoming
-    gradients, which are float16 themselves (and ``|dS| L <= 2 e |G|`` cannot overflow where ``G``
-    does not). 1 for bfloat16 and float32, which have float32's range."""
+    """The exact power of two the materialised path scales its 16-bit operands ``C`` (forward and
+    backward) and ``dS`` by before their cast, and its float32 products back by: for float16,
+    ``2^floor(log2 L)`` — ``C = W / col ~ 1 / L`` and ``dS ~ |dA| sqrt(D) / (L L')`` would be
+    subnormal there (float16's smallest normal is 6e-5) at ordinary sizes; scaled by ``~L`` they
+    are ``O(1)`` and the size of the incoming gradients, which are float16 themselves (``|dS| L <=
+    2 e |G|`` cannot overflow where ``G`` does not). 1 for bfloat16 and float32, which have
+    float32's range: their products are written in their dtype straight from cuBLAS."""
     return float(1 << (max(length, 1).bit_length() - 1)) if dtype == torch.float16 else 1.0
+
+
+def _product(a, b, scale: float, dtype):
+    """``(a @ b) / scale`` in ``dtype``: cuBLAS's own output when ``scale`` is 1, else its float32
+    product scaled back and cast."""
+    if scale == 1.0:
+        return torch.bmm(a, b)
+    return (_gemm32(a, b) * (1.0 / scale)).to(dtype)
 
 
 def _materialised_forward(u, idx, x, e, tau):
     """The forward while ``merge_materialises`` (``L' <= 2 D``): ``S = U V^T`` (fp32, one GEMM), the
-    row kernel (``LSE``, ``W = exp(C1)``, column sums), ``A = W^T X / col`` and ``P = W^T E / col``
-    (two GEMMs). 3U of products, all on cuBLAS; scratch ``(B, L, L')`` fp32 and 16-bit."""
+    row kernel's two passes (``LSE`` and column sums; then ``C = W / col``), ``A = C^T X`` and ``P =
+    C^T E`` (two GEMMs). 3U of products, all on cuBLAS; scratch ``(B, L, L')`` fp32 and 16-bit."""
     b, length, _ = u.shape
-    lp = idx.shape[1]
+    lp, dtype = idx.shape[1], x.dtype
     cfg = merge_row_config(lp)
     tiles = triton.cdiv(length, cfg.ROWS)
+    scale = half_scale(length, dtype)
     s = _gemm32(u, _meta_rows(u, idx).transpose(1, 2))
-    w = torch.empty((b, length, lp), dtype=x.dtype, device=x.device)
+    c = torch.empty((b, length, lp), dtype=dtype, device=x.device)
     lse = torch.empty((b, length), dtype=torch.float32, device=x.device)
     colp = torch.empty((b, tiles, lp), dtype=torch.float32, device=x.device)
     for bs in batch_chunks(b):
-        _merge_rows_fwd_kernel[(tiles, bs.stop - bs.start)](s[bs], w[bs], lse[bs], colp[bs], length, lp, 1.0 / tau,
-                                                            **cfg.launch())
+        _merge_rows_fwd_kernel[(tiles, bs.stop - bs.start)](s[bs], c[bs], lse[bs], colp[bs], colp[bs], length, lp,
+                                                            1.0 / tau, scale, WRITE=False, **cfg.launch())
     col = colp.sum(1)
-    wt, inv_col = w.transpose(1, 2), (1.0 / col)[..., None]
-    a = (_gemm32(wt, x) * inv_col).to(x.dtype)
-    p = (_gemm32(wt, e.expand(b, -1, -1)) * inv_col).to(e.dtype)
-    return a, p, lse, col
+    for bs in batch_chunks(b):
+        _merge_rows_fwd_kernel[(tiles, bs.stop - bs.start)](s[bs], c[bs], lse[bs], colp[bs], col[bs], length, lp,
+                                                            1.0 / tau, scale, WRITE=True, **cfg.launch())
+    ct = c.transpose(1, 2)
+    return _product(ct, x, scale, dtype), _product(ct, e.expand(b, -1, -1), scale, dtype), lse, col
 
 
 def _materialised_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, tau):
     """The backward while ``merge_materialises``: ``S = U V^T``, ``X dA^T``, ``E dP^T`` (fp32 GEMMs),
-    the row kernel (``dS``, ``W``), then ``dU = dS V + scatter_idx(dS^T U)``, ``dX = W (dA / col)``,
-    ``dE = W (dP / col)`` (GEMMs). 7U of products, each once."""
+    the row kernel (``dS``, ``C``), then ``dU = dS V + scatter_idx(dS^T U)``, ``dX = C dA``, ``dE =
+    C dP`` (GEMMs). 7U of products, each once."""
     b, length, du_dim = u.shape
     lp, dtype = idx.shape[1], x.dtype
     cfg = merge_row_config(lp)
     tiles = triton.cdiv(length, cfg.ROWS)
-    e = e.expand(b, -1, -1)
     gamma = gamma_of(grad_a, grad_p, a, p)
     v = _meta_rows(u, idx)
     s = _gemm32(u, v.transpose(1, 2))
-    gx, ge = _gemm32(x, grad_a.transpose(1, 2)), _gemm32(e, grad_p.transpose(1, 2))
+    gx, ge = _gemm32(x, grad_a.transpose(1, 2)), _gemm32(e.expand(b, -1, -1), grad_p.transpose(1, 2))
     scale = half_scale(length, dtype)
     ds = torch.empty((b, length, lp), dtype=dtype, device=x.device)
-    w = torch.empty_like(ds)
+    c = torch.empty_like(ds)
     for bs in batch_chunks(b):
-        _merge_rows_bwd_kernel[(tiles, bs.stop - bs.start)](s[bs], gx[bs], ge[bs], col_sum[bs],
-                                                            gamma[bs], ds[bs], w[bs], length, lp, 1.0 / tau, scale,
-                                                            **cfg.launch())
+        _merge_rows_bwd_kernel[(tiles, bs.stop - bs.start)](s[bs], gx[bs], ge[bs], col_sum[bs], gamma[bs], ds[bs],
+                                                            c[bs], length, lp, 1.0 / tau, scale, **cfg.launch())
     del s, gx, ge
-    du = _gemm32(ds, v)
-    du.scatter_add_(1, idx[..., None].expand(-1, -1, du_dim), _gemm32(ds.transpose(1, 2), u))
-    k = (scale / col_sum)[..., None]
-    if scale == 1.0:
-        dx, de = torch.bmm(w, (grad_a * k).to(dtype)), torch.bmm(w, (grad_p * k).to(dtype))
+    rows = idx[..., None].expand(-1, -1, du_dim)
+    if scale == 1.0:        # dS V and dS^T U in the inputs' dtype; the L' meta rows add the two
+        du = torch.bmm(ds, v).scatter_add_(1, rows, torch.bmm(ds.transpose(1, 2), u))
     else:
-        dx, de = ((_gemm32(w, (g * k).to(dtype)) * (1.0 / scale)).to(dtype) for g in (grad_a, grad_p))
-    return (du * (1.0 / scale)).to(u.dtype), dx, de
+        du = _gemm32(ds, v).scatter_add_(1, rows, _gemm32(ds.transpose(1, 2), u))
+        du = (du * (1.0 / scale)).to(dtype)
+    return du, _product(c, grad_a, scale, dtype), _product(c, grad_p, scale, dtype)
 
 
 @on_input_device
@@ -845,25 +831,21 @@ def soft_merge_backward(grad_a, grad_p, u, idx, x, e, a, p, row_lse, col_sum, ta
     idx = idx.contiguous()
     gamma = gamma_of(grad_a, grad_p, a, p)
     delta = torch.empty((b, length), dtype=torch.float32, device=x.device)
-    stored = stores_scores(lp, d, x.element_size())
-    c1s, dc1s = ((torch.empty((b, length, lp), dtype=torch.float32, device=x.device) for _ in range(2))
-                 if stored else (delta, delta))    # unused pointers without STORED
     prec = dot_precision(x.dtype)
     common = (*u.stride(), *x.stride(), *e.stride(), *grad_a.stride(), *grad_p.stride(), length, lp, du_dim, d,
               1.0 / tau)
     for bs in batch_chunks(b):
         nb = bs.stop - bs.start
         ins = tuple(t[bs] for t in (u, idx, x, e, grad_a, grad_p, row_lse, col_sum, gamma))
-        scores = (c1s[bs], dc1s[bs]) if stored else (c1s, dc1s)
         _merge_bwd_tokens_kernel[(triton.cdiv(length, bm), groups_u, nb)](
-            *ins, delta[bs], du[bs], *scores, *common, STORED=stored, PRECISION=prec,
+            *ins, delta[bs], du[bs], *common, PRECISION=prec,
             **merge_config("tokens", x.dtype, nc_u).launch())
         _merge_bwd_dx_kernel[(triton.cdiv(length, bm), groups_x, nb)](
-            u[bs], idx[bs], grad_a[bs], grad_p[bs], row_lse[bs], col_sum[bs], dx[bs], de[bs], scores[0],
+            u[bs], idx[bs], grad_a[bs], grad_p[bs], row_lse[bs], col_sum[bs], dx[bs], de[bs],
             *u.stride(), *grad_a.stride(), *grad_p.stride(), length, lp, du_dim, d, 1.0 / tau,
-            STORED=stored, PRECISION=prec, **merge_config("dx", x.dtype, nc_x).launch())
+            PRECISION=prec, **merge_config("dx", x.dtype, nc_x).launch())
         _merge_bwd_meta_kernel[(triton.cdiv(lp, bn), groups_u, nb)](
-            *ins, delta[bs], du[bs], *scores, *common, STORED=stored, PRECISION=prec,
+            *ins, delta[bs], du[bs], *common, PRECISION=prec,
             **merge_config("meta", x.dtype, nc_u).launch())
     return du.to(u.dtype), dx, de
 
@@ -876,17 +858,20 @@ MERGE_KERNELS = {"merge_lse": _merge_lse_kernel, "merge_fwd": _merge_fwd_kernel,
 
 def aot_specs(dtype) -> list:
     """The configurations the soft-merge launchers can launch for inputs of ``dtype``
-    (``vidkern.aot``): the lse kernel, and each chunked kernel at every ``NC`` of
-    ``merge_chunks(dtype)`` (the backward's with and without ``STORED`` scores)."""
+    (``vidkern.aot``): the streamed path's lse kernel and each chunked kernel at every ``NC`` of
+    ``merge_chunks(dtype)``, and the materialised path's row kernels at every ``BLOCK`` of
+    :data:`MERGE_ROW_BLOCKS` (the forward's two passes)."""
     import inspect
     specs = []
     for name, fn in MERGE_KERNELS.items():
         params = inspect.signature(fn.fn).parameters
         kernel = name.rsplit("_", 1)[-1]
         for nc in (merge_chunks(dtype) if "NC" in params else [1]):
-            for stored in ((False, True) if "STORED" in params else (None,)):
-                extra = dict(**({"STORED": stored} if stored is not None else {}), PRECISION=dot_precision(dtype))
-                specs.append(merge_config(kernel, dtype, nc).aot("sttm", name, fn, dtype, **extra))
+            specs.append(merge_config(kernel, dtype, nc).aot("sttm", name, fn, dtype, PRECISION=dot_precision(dtype)))
+    for block in MERGE_ROW_BLOCKS:
+        cfg = merge_row_config(block)
+        specs += [cfg.aot("sttm", "merge_rows_fwd", _merge_rows_fwd_kernel, dtype, WRITE=write) for write in (False, True)]
+        specs.append(cfg.aot("sttm", "merge_rows_bwd", _merge_rows_bwd_kernel, dtype))
     return specs
 
 
@@ -904,12 +889,18 @@ def _aot_launch(dtype, length: int, lp: int, d: int):
 def aot_launches(dtype) -> list:
     """``(label, launch)`` pairs: each ``launch()`` runs the soft-merge launchers (forward and
     backward) on CPU tensors of ``dtype`` (``vidkern.aot`` records the kernel launches): the
-    reference shapes (sttm_vit_b's two stages and the long clip at D = 768, the position features a
-    batch broadcast), then a width per chunk count ``NC`` with and without stored scores."""
+    reference shapes (sttm_vit_b's two stages, materialised, and the long clip, streamed, at D =
+    768, the position features a batch broadcast); then per chunk count ``NC`` a streamed merge
+    (``L' > 2 D``) with ragged sizes and one with sizes divisible by 16; then a materialised merge
+    per row ``BLOCK``."""
     ch = merge_blocks(dtype)[3]
     launches = [(f"{length} -> {lp}, D=768", _aot_launch(dtype, length, lp, 768))
                 for length, lp in ((196, 98), (784, 392), (12544, 6272))]
     for nc in merge_chunks(dtype):
-        launches += [(f"NC={nc}: 196 -> 16, D={nc * ch}", _aot_launch(dtype, 196, 16, nc * ch)),
-                     (f"NC={nc}: 1568 -> 784, D={nc * ch}", _aot_launch(dtype, 1568, 784, nc * ch))]
+        w = nc * ch
+        launches += [(f"NC={nc}: {4 * w + 2} -> {2 * w + 1}, D={w}", _aot_launch(dtype, 4 * w + 2, 2 * w + 1, w)),
+                     (f"NC={nc}: {4 * w} -> {2 * w + 16}, D={w}", _aot_launch(dtype, 4 * w, 2 * w + 16, w))]
+    for block in MERGE_ROW_BLOCKS:
+        lp = 3 * block // 4
+        launches.append((f"BLOCK={block}: {lp + 2} -> {lp}, D={lp // 2}", _aot_launch(dtype, lp + 2, lp, lp // 2)))
     return launches

@@ -105,15 +105,16 @@ def _expected(kernel: str, config: str, arch: int) -> str:
     sm_80 has only the warp-level ``mma.sync`` (HMMA). On sm_90 Triton emits the warpgroup MMA
     (``wgmma``, HGMMA) for a product whose tile has at least 64 rows for a warpgroup; smaller tiles
     stay on HMMA, which reaches about 2/3 of Hopper's tensor-core peak."""
-    products = kernel.startswith(("hsda fwd", "hsda bwd_dkdv", "hsda bwd_dq", "hsda packed", "sttm merge",
-                                  "sttm select_gram"))
+    products = (kernel.startswith(("hsda fwd", "hsda bwd_dkdv", "hsda bwd_dq", "hsda packed", "sttm merge",
+                                   "sttm select_gram")) and not kernel.startswith("sttm merge_rows"))
     if not products:
-        return "none"          # TEAM, the greedy steps, norms, the streaming selection: no products
+        return "none"          # TEAM, the greedy steps, norms, the streaming selection, the materialised
+        #                        merge's row kernels (its products are cuBLAS GEMMs): no products
     if arch == 80:
         return "HMMA"
     half = config.startswith(("fp16", "bf16"))
     if kernel.startswith("sttm merge"):
-        return "HMMA"          # 16 x 16 tiles (issue 23 moves the merge onto 64-row tiles and wgmma)
+        return "HMMA"          # the streamed merge's 16 x 16 tiles (merges with L' <= 2 D run on cuBLAS)
     if kernel == "sttm select_gram":
         return "HGMMA"         # 128 x 128 (16-bit) and 64 x 64 (tf32x3) tiles
     if kernel.startswith("hsda packed"):

@@ -105,8 +105,13 @@ def _run_every_op(b, dev, check=False):
         assert_greedy_picks(streamed, x, start)
     idx = torch.stack([torch.randperm(length)[:lp] for _ in range(b)])
     u = R.normalize(torch.randn(b, length, 16))
+    e = torch.randn(b, length, 16)
     compare("soft_merge", lambda uu, xx, ee: vidkern.soft_merge(uu, idx.to(dev), xx, ee, backend="triton"),
-            lambda uu, xx, ee: R.soft_merge(uu, idx, xx, ee), [u, x, torch.randn(b, length, 16)])
+            lambda uu, xx, ee: R.soft_merge(uu, idx, xx, ee), [u, x, e])
+    with pytest.MonkeyPatch.context() as mp:   # and the streamed kernels, which run merges with L' > 2 D
+        mp.setattr(merge, "merge_materialises", lambda lp, d: False)
+        compare("soft_merge streamed", lambda uu, xx, ee: vidkern.soft_merge(uu, idx.to(dev), xx, ee, backend="triton"),
+                lambda uu, xx, ee: R.soft_merge(uu, idx, xx, ee), [u, x, e])
 
 
 def test_every_launch_runs_on_the_inputs_device(launches):

@@ -15,18 +15,18 @@ pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="counts run i
               pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")]  # bf16 interpreted dots
 
 SMALL = [  # (B, L, L', D, dtype): L, L' not multiples of the 16-row tiles
-    (2, 37, 19, 24, "fp32"),   # these three keep the backward's scores (merge.stores_scores)
+    (2, 37, 19, 24, "fp32"),   # these three materialise the scores (L' <= 2 D: merge_materialises)
     (1, 50, 25, 40, "fp16"),
     (2, 33, 17, 64, "bf16"),   # counting bf16 is fine; its interpreted values are not checked
-    (2, 45, 30, 16, "fp32"),   # these two recompute S and G in every backward pass
-    (1, 41, 35, 24, "fp16"),
+    (2, 45, 40, 16, "fp32"),   # these three stream
+    (1, 41, 35, 16, "fp16"),
+    (2, 33, 30, 12, "bf16"),
 ]
 
 
-def test_small_shapes_cover_both_backward_designs():
-    from vidkern.kernels.merge import stores_scores
-    kept = [stores_scores(lp, d, Shape(dtype=dt).itemsize) for _, _, lp, d, dt in SMALL]
-    assert kept == [True, True, True, False, False]
+def test_small_shapes_cover_both_paths():
+    from vidkern.kernels.merge import merge_materialises
+    assert [merge_materialises(lp, d) for _, _, lp, d, _ in SMALL] == [True] * 3 + [False] * 3
 
 
 def _agree(formula, counted):
@@ -53,8 +53,10 @@ def test_formula_matches_counts(b, length, lp, d, dtype, direction):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """16-channel chunks, 1 or 2 resident: D = 40 is 3 chunks in 2 groups (one idle chunk)."""
+    """The streamed path with 16-channel chunks, 1 or 2 resident: D = 40 is 3 chunks in 2 groups
+    (one idle chunk)."""
     from vidkern.kernels import merge
+    monkeypatch.setattr(merge, "merge_materialises", lambda lp, d: False)
     for key in ("half", "fp32"):
         monkeypatch.setitem(merge.MERGE_BLOCKS, key, dict(merge.MERGE_BLOCKS[key], CH=16))
         monkeypatch.setitem(merge.MERGE_CHUNKS, key, (1, 2))
@@ -73,16 +75,14 @@ def test_the_agreement_check_can_fail():
     counted = MEASURES[("soft_merge", "triton")]("backward", shape)
     formula = launches("soft_merge", "backward", "triton", shape)
     _agree(formula, counted)
-    formula[1].macs = int(formula[1].macs * 1.03)          # a formula 3% off
+    kernel = next(f for f in formula if not f.kernel.startswith("aten."))
+    kernel.bytes = int(kernel.bytes * 1.03)                 # a formula 3% off
     with pytest.raises(AssertionError):
         _agree(formula, counted)
 
 
-@pytest.mark.parametrize("stored", [True, False], ids=["stored-scores", "recomputed"])
-def test_channel_groups_match_reference(small_chunks, poison, monkeypatch, stored):
-    """Several programs per tile (and an idle chunk) write every output element correctly, with the
-    backward's scores kept from the token pass or recomputed in every pass."""
-    monkeypatch.setattr(small_chunks, "stores_scores", lambda *a: stored)
+def test_channel_groups_match_reference(small_chunks, poison):
+    """Several programs per tile (and an idle chunk) write every output element correctly."""
     b, length, lp, d = 2, 29, 21, 40
     u = R.normalize(torch.randn(b, length, d))
     x, e = torch.randn(b, length, d), torch.randn(b, length, d)
@@ -103,7 +103,23 @@ REFERENCE = {  # sttm_vit_b's two stages and the long clip
 @pytest.mark.parametrize("d", [384, 768])
 @pytest.mark.parametrize("name", list(REFERENCE))
 def test_model_targets_at_the_reference_shapes(name, d, direction):
-    """S and G are computed once per (token tile, meta tile) per pass: issued MACs at most twice
-    the useful ones (ragged 16-row tiles included)."""
-    t = total("soft_merge", direction, "triton", Shape(D=d, dtype="bf16", **REFERENCE[name]))
-    assert t["macs"] <= 2 * t["useful_macs"], f"{name} D={d} {direction}: {t['macs'] / t['useful_macs']:.3f}"
+    """Materialised (L' <= 2 D: sttm_vit_b's stages), each product the math needs is one GEMM:
+    issued MACs are the useful ones exactly. Streamed (the long clip), S and G are computed once
+    per (token tile, meta tile) per pass: at most twice the useful ones (ragged tiles included)."""
+    from vidkern.kernels.merge import merge_materialises
+    shape = Shape(D=d, dtype="bf16", **REFERENCE[name])
+    t = total("soft_merge", direction, "triton", shape)
+    assert merge_materialises(shape.num_out, d) == (name != "long_clip")
+    most = 1 if name != "long_clip" else 2
+    assert t["macs"] <= most * t["useful_macs"], f"{name} D={d} {direction}: {t['macs'] / t['useful_macs']:.3f}"
+
+
+def test_stage_two_merge_reaches_a_third_of_the_tensor_core_peak():
+    """Issue 23's goal on the model: sttm_vit_b's stage 2 (B = 32, 784 -> 392 tokens, D = 768, bf16)
+    forward plus backward at >= 35% of the sustained bf16 peak (its useful MACs there over the
+    modelled time). The streamed kernels reached 11% (L2-bound)."""
+    from vidkern.work.report import limit_us
+    shape = Shape(B=32, L=784, num_out=392, D=768, dtype="bf16")
+    rows = [total("soft_merge", direction, "triton", shape) for direction in ("forward", "backward")]
+    share = sum(limit_us(0, r["useful_macs"]) for r in rows) / sum(r["model_us"] for r in rows)
+    assert share >= 0.35, f"{share:.0%} of the peak"

@@ -73,7 +73,8 @@ class Result:
 
     @property
     def needs_mma(self) -> bool:
-        return self.kernel.startswith(("hsda fwd", "hsda bwd_dkdv", "hsda bwd_dq", "hsda packed", "sttm merge"))
+        return (self.kernel.startswith(("hsda fwd", "hsda bwd_dkdv", "hsda bwd_dq", "hsda packed", "sttm merge"))
+                and not self.kernel.startswith("sttm merge_rows"))     # the materialised merge's row kernels
 
     @property
     def ok(self) -> bool:

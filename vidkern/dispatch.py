@@ -30,8 +30,8 @@ ENV_VAR = "VIDKERN_BACKEND"
 #: Each is what the work model prices faster at every reference shape (``python -m vidkern.work
 #: --reference``; tests/test_work_model.py holds the model to every preference here).
 PREFERENCES = {
-    "soft_merge": (("triton", "cuda"), "Triton's merge kernels use tensor cores; the CUDA ones are SIMT fp32 "
-                                       "(a correct, portable baseline)"),
+    "soft_merge": (("triton", "cuda"), "Triton's merge runs its products on tensor cores (cuBLAS GEMMs while "
+                                       "L' <= 2 D); the CUDA kernels are SIMT fp32 (a correct, portable baseline)"),
     "feature_summary": (("triton", "cuda"), "Triton's column kernel walks a thread's channels with no "
                                             "cross-thread reduction: 73 us against 113 forward plus backward at "
                                             "ViT-B B=32"),

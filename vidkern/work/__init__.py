@@ -129,6 +129,18 @@ def resident_set(programs_per_problem: int, problem_bytes: float, problems: int)
 
 
 F32, I64 = 4, 8   # bytes of the fp32 statistics and int64 indices the kernels read and write
+GEMM_TILE = 128   # the modelled cuBLAS output tile: the programs of a GEMM a launcher leaves to torch
+
+
+def gemm(batch: int, m: int, n: int, k: int, itemsize: int, out_itemsize: int, rate: str) -> Launch:
+    """One ``aten.bmm`` a launcher calls: ``batch`` products of ``(m, k)`` by ``(k, n)`` operands of
+    ``itemsize`` bytes into an ``(m, n)`` result of ``out_itemsize`` — each operand read once, the
+    result written once (cuBLAS's re-reads of its operand tiles stay in L2 at these sizes), priced at
+    the dense tensor-core rate (fp32 operands: SIMT, cuBLAS's default without TF32)."""
+    nbytes = batch * ((m + n) * k * itemsize + m * n * out_itemsize)
+    return Launch("aten.bmm", batch * cdiv(m, GEMM_TILE) * cdiv(n, GEMM_TILE), nbytes, batch * m * n * k,
+                  rate="fp32" if rate in ("tf32", "tf32x3", "fp32") else rate,
+                  config=dict(out="fp32" if out_itemsize == F32 else "inputs' dtype"), unique=nbytes)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from . import SMS, Launch, Shape, cdiv, formula, measure, resident_set
+from . import GEMM_TILE, SMS, Launch, Shape, cdiv, formula, measure, resident_set
 
 THREADS = 256          # csrc: kThreads
 WARPS = THREADS // 32
@@ -29,7 +29,6 @@ ROWS_PER_BLOCK = 32    # team.cu: kRowsPerBlock
 TILE = 32              # sttm.cu: kTile
 CHANNELS = 64          # sttm.cu: kChannels
 GRAM_SCRATCH = 1 << 30  # sttm.cu: gram_chunk
-GEMM_TILE = 128        # the modelled cuBLAS output tile (programs of aten.bmm)
 
 
 

@@ -1,8 +1,10 @@
-"""Work model of the soft-merge Triton kernels (``vidkern.kernels.merge``), forward and backward.
+"""Work model of the soft-merge Triton backend (``vidkern.kernels.merge``), forward and backward.
 
-Mirrors the launchers: the tiles ``(BM, BN, BK, CH)`` (``merge_blocks``), the channel groups and
-resident chunks (``channel_split`` with ``merge_chunks``), the warps (``merge_warps``), the batch
-chunks of the grid (``batch_chunks``), the backward's stored-scores choice (``stores_scores``),
+Mirrors the launchers: their path (``merge_materialises``: ``L' <= 2 D`` materialises the scores,
+:func:`materialised_launches`: cuBLAS GEMMs, :func:`vidkern.work.gemm`, and two row kernels);
+otherwise the streamed kernels (:func:`merge_launches`): the tiles ``(BM, BN, BK, CH)``
+(``merge_blocks``), the channel groups and resident chunks (``channel_split`` with
+``merge_chunks``), the warps (``merge_warps``), the batch chunks of the grid (``batch_chunks``),
 and per program every ``tl.load``/``tl.store`` the kernel issues (active lanes only: padded rows
 and channels issue nothing) and every ``tl.dot`` (padding
 included: ``BM x BN`` score tiles, ``BK``-step contractions, ``CH``-wide chunks). ``U`` (the keys)
@@ -22,7 +24,7 @@ the final cast of ``dU``).
 """
 from __future__ import annotations
 
-from . import F32, I64, Launch, Shape, cdiv, formula, measure, minimum, resident_set
+from . import F32, I64, Launch, Shape, cdiv, formula, gemm, measure, minimum, resident_set
 
 
 
@@ -36,6 +38,58 @@ def _merge():
 def _chunks(nb: int) -> list:
     from ..kernels.launch import batch_chunks
     return [s.stop - s.start for s in batch_chunks(nb)]
+
+
+def _elementwise(name: str, elements: int, in_itemsize: int, out_itemsize: int) -> Launch:
+    """A torch elementwise op over ``elements`` (a scaling, a cast): one read, one write."""
+    return Launch(f"aten.{name}", cdiv(elements, 1024), elements * (in_itemsize + out_itemsize), rate="fp32")
+
+
+def materialised_launches(direction: str, shape: Shape) -> list:
+    """The materialised path (``merge_materialises``: ``L' <= 2 D``). Forward: ``aten.gather`` (V),
+    ``aten.bmm`` (S, fp32), ``_merge_rows_fwd_kernel`` (statistics), ``aten.sum`` (the column sums),
+    ``_merge_rows_fwd_kernel`` (C), two ``aten.bmm`` (A, P). Backward: ``aten.sum`` (gamma),
+    ``aten.gather``, three ``aten.bmm`` (S, X dA^T, E dP^T; fp32), ``_merge_rows_bwd_kernel``, two
+    ``aten.bmm`` (dS V, dS^T U), ``aten.scatter_add``, two ``aten.bmm`` (dX, dE). The products of
+    16-bit inputs come out in their dtype, except float16's (``half_scale``: fp32, then
+    ``aten.mul`` and ``aten._to_copy`` to scale back and cast). The row kernels' bytes: the valid
+    pairs' scores, gradients and outputs, the per-row and per-column statistics once per program."""
+    M = _merge()
+    b, L, lp, d, isz = shape.B, shape.L, shape.num_out, shape.D, shape.itemsize
+    du = d
+    cfg = M.merge_row_config(lp)
+    tiles = cdiv(L, cfg.ROWS)
+    pairs = b * L * lp
+    scaled = M.half_scale(L, shape.torch_dtype) != 1.0
+    gather = Launch("aten.gather", cdiv(b * lp * du, 1024), b * lp * (I64 + 2 * du * isz), rate="fp32")
+
+    def product(batch, m, n, k):
+        """``_product``: cuBLAS in the inputs' dtype, or float16's fp32 product scaled back and cast."""
+        if not scaled:
+            return [gemm(batch, m, n, k, isz, isz, shape.rate)]
+        return [gemm(batch, m, n, k, isz, F32, shape.rate), _elementwise("mul", batch * m * n, F32, F32),
+                _elementwise("_to_copy", batch * m * n, F32, isz)]
+
+    def rows(name, nbytes, **constexprs):
+        return Launch(name, tiles * b, nbytes, config=dict(cfg.launch(), **constexprs), rate="fp32")
+
+    if direction == "forward":
+        return [gather, gemm(b, L, lp, du, isz, F32, shape.rate),
+                rows("_merge_rows_fwd_kernel", pairs * F32 + b * (L * F32 + tiles * lp * F32), WRITE=False),
+                Launch("aten.sum", b * lp, b * (tiles + 1) * lp * F32, rate="fp32"),
+                rows("_merge_rows_fwd_kernel", pairs * (F32 + isz) + b * tiles * lp * F32, WRITE=True),
+                *product(b, lp, d, L), *product(b, lp, d, L)]
+    out = [Launch("aten.sum", b * lp, b * (4 * lp * d * isz + lp * F32), rate="fp32",
+                  config=dict(of="gamma = A.dA + P.dP per meta token")),
+           gather, gemm(b, L, lp, du, isz, F32, shape.rate),
+           gemm(b, L, lp, d, isz, F32, shape.rate), gemm(b, L, lp, d, isz, F32, shape.rate),
+           rows("_merge_rows_bwd_kernel", pairs * (3 * F32 + 2 * isz) + b * tiles * 2 * lp * F32)]
+    dsum = F32 if scaled else isz           # dS V and dS^T U: fp32 for float16, else the inputs' dtype
+    out += [gemm(b, L, du, lp, isz, dsum, shape.rate), gemm(b, lp, du, L, isz, dsum, shape.rate),
+            Launch("aten.scatter_add", cdiv(b * lp * du, 1024), b * lp * (I64 + 3 * du * dsum), rate="fp32")]
+    if scaled:
+        out += [_elementwise("mul", b * L * du, F32, F32), _elementwise("_to_copy", b * L * du, F32, isz)]
+    return out + product(b, L, d, lp) + product(b, L, d, lp)
 
 
 def merge_launches(direction: str, shape: Shape) -> list:
@@ -82,54 +136,43 @@ def merge_launches(direction: str, shape: Shape) -> list:
     pair_k = du * isz + 2 * d * isz                    # one row of U, X, E (or of V, dA, dP) for S and G
     pair_macs = bm * bn * (kp(du) + 2 * kp(d))
     gm, ncm = gu, ncu
-    stored = M.stores_scores(lp, d, isz)
-    scores = L * lp * F32                              # one (L, L') fp32 score scratch, valid pairs
     pair_row = (L + lp) * (du + 2 * d) * isz           # a batch row's U, X, E and dA, dP
-    dx_reread = lp * 2 * d * isz + (0 if stored else L * du * isz)
-    meta_reread = L * du * isz + (2 * scores if stored else pair_row)
+    dx_reread = lp * 2 * d * isz + L * du * isz
+    meta_reread = L * du * isz + pair_row
     for b in _chunks(shape.B):
         out.append(Launch("aten.sum", b * lp, b * (4 * lp * d * isz + lp * F32), rate="fp32",
                           config=dict(of="gamma = A.dA + P.dP per meta token")))
         # tokens: lse once; per meta tile idx, col, gamma, S and G (token rows + meta rows), the
-        # V chunks; dU (fp32) and delta out (+ C1, dC1 from group 0 when stored)
+        # V chunks; dU (fp32) and delta out
         tok_bytes = (gu * L * F32 + gu * tm * lp * (I64 + 2 * F32) + gu * (tn * L + tm * lp) * pair_k
-                     + tm * lp * du * isz + L * du * F32 + L * F32 + (2 * scores if stored else 0))
+                     + tm * lp * du * isz + L * du * F32 + L * F32)
         tok_macs = tm * gu * tn * (pair_macs + ncu * 2 * bm * bn * ch)
         out.append(Launch("_merge_bwd_tokens_kernel", tm * gu * b, b * tok_bytes, b * tok_macs, rate=rate,
-                          config=dict(M.merge_config("tokens", dtype, ncu).launch(), groups=gu, STORED=stored),
+                          config=dict(M.merge_config("tokens", dtype, ncu).launch(), groups=gu),
                           # compulsory: U, X, E, dA, dP, idx, col, gamma, lse in; dU (fp32), delta
-                          # (and C1, dC1) out; re-read: a batch row's U, X, E, dA, dP
-                          unique=b * (pair_row + lp * (I64 + 2 * F32) + L * (du * F32 + 2 * F32)
-                                      + (2 * scores if stored else 0)),
+                          # out; re-read: a batch row's U, X, E, dA, dP
+                          unique=b * (pair_row + lp * (I64 + 2 * F32) + L * (du * F32 + 2 * F32)),
                           working_set=resident_set(tm * gu, pair_row, b), outer_iters=tn))
-        # dx: per meta tile col and either C1 (stored) or lse once, idx, S (token rows + meta rows
-        # of U); the dA, dP chunks; dX, dE out
-        if stored:
-            dx_bytes = gx * tm * lp * F32 + gx * scores
-        else:
-            dx_bytes = (gx * L * F32 + gx * tm * lp * (I64 + F32) + gx * (tn * L + tm * lp) * du * isz)
-        dx_bytes += tm * lp * 2 * d * isz + 2 * L * d * isz
-        dx_macs = tm * gx * tn * ((0 if stored else bm * bn * kp(du)) + ncx * 2 * bm * bn * ch)
+        # dx: per meta tile col, lse once, idx, S (token rows + meta rows of U); the dA, dP chunks;
+        # dX, dE out
+        dx_bytes = (gx * L * F32 + gx * tm * lp * (I64 + F32) + gx * (tn * L + tm * lp) * du * isz
+                    + tm * lp * 2 * d * isz + 2 * L * d * isz)
+        dx_macs = tm * gx * tn * (bm * bn * kp(du) + ncx * 2 * bm * bn * ch)
         out.append(Launch("_merge_bwd_dx_kernel", tm * gx * b, b * dx_bytes, b * dx_macs, rate=rate,
-                          config=dict(M.merge_config("dx", dtype, ncx).launch(), groups=gx, STORED=stored),
-                          # compulsory: C1 or (U, lse), idx, col, dA, dP in; dX, dE out; re-read: a
-                          # batch row's dA, dP (and U)
-                          unique=b * (dx_reread + lp * (I64 + F32) + (scores if stored else L * F32)
-                                      + 2 * L * d * isz),
+                          config=dict(M.merge_config("dx", dtype, ncx).launch(), groups=gx),
+                          # compulsory: U, lse, idx, col, dA, dP in; dX, dE out; re-read: a batch
+                          # row's dA, dP and U
+                          unique=b * (dx_reread + lp * (I64 + F32) + L * F32 + 2 * L * d * isz),
                           working_set=resident_set(tm * gx, dx_reread, b), outer_iters=tn))
-        # meta: idx once (and col, gamma unless stored); per token tile delta and either C1, dC1
-        # (stored) or lse, S and G; the U chunks; dU rows idx read and written back (+ dV)
-        if stored:
-            meta_bytes = gm * lp * I64 + gm * tn * L * F32 + gm * 2 * scores
-        else:
-            meta_bytes = (gm * lp * (I64 + 2 * F32) + gm * tn * L * 2 * F32 + gm * (tn * L + tm * lp) * pair_k)
-        meta_bytes += tn * L * du * isz + 2 * lp * du * F32
-        meta_macs = tn * gm * tm * ((0 if stored else pair_macs) + ncm * bn * bm * ch)
+        # meta: idx, col, gamma once; per token tile delta, lse, S and G; the U chunks; dU rows idx
+        # read and written back (+ dV)
+        meta_bytes = (gm * lp * (I64 + 2 * F32) + gm * tn * L * 2 * F32 + gm * (tn * L + tm * lp) * pair_k
+                      + tn * L * du * isz + 2 * lp * du * F32)
+        meta_macs = tn * gm * tm * (pair_macs + ncm * bn * bm * ch)
         out.append(Launch("_merge_bwd_meta_kernel", tn * gm * b, b * meta_bytes, b * meta_macs, rate=rate,
-                          config=dict(M.merge_config("meta", dtype, ncm).launch(), groups=gm, STORED=stored),
-                          # compulsory: idx, delta, C1 and dC1 (or U, X, E, dA, dP, lse, col, gamma),
-                          # U in; dU rows read and written; re-read: a batch row's scores (or its
-                          # pair rows) and U
+                          config=dict(M.merge_config("meta", dtype, ncm).launch(), groups=gm),
+                          # compulsory: idx, delta, U, X, E, dA, dP, lse, col, gamma in; dU rows read
+                          # and written; re-read: a batch row's pair rows and U
                           unique=b * (meta_reread + lp * (I64 + 2 * F32) + L * 2 * F32 + 2 * lp * du * F32),
                           working_set=resident_set(tn * gm, meta_reread, b), outer_iters=tm))
     if shape.dtype != "fp32":
@@ -140,6 +183,10 @@ def merge_launches(direction: str, shape: Shape) -> list:
 
 @formula("soft_merge", "triton")
 def soft_merge_triton(direction: str, shape: Shape) -> list:
+    """The launcher's choice (``merge_materialises``): :func:`materialised_launches` or the streamed
+    :func:`merge_launches`."""
+    if _merge().merge_materialises(shape.num_out, shape.D):
+        return materialised_launches(direction, shape)
     return merge_launches(direction, shape)
 
 
