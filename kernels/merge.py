@@ -632,15 +632,16 @@ def channel_split(width: int, ch: int, counts: tuple) -> tuple:
 ACCUMULATOR_REGS = {"fwd": 64, "tokens": 64, "dx": 32, "meta": 64}
 #: pipeline stages of the backward's dX/dE and meta passes: Triton's default 3 buffered the gathered
 #: tiles three deep, 98.6 KB of shared memory (dX/dE, NC = 6) and registers past 128 (8-byte spills
-#: in dX/dE NC = 3 and 6 and meta NC = 3 on sm_90); 2 keeps both clean on Triton 3.8. Triton 3.6
-#: still spilled 8 bytes in dX/dE at 2 stages (NC = 6; float32): 1 there. The token pass spilled 8-24
-#: bytes at NC = 1 (16-bit) wherever ``L'`` has no divisibility hint (an odd count of meta tokens)
-#: at 3 or 2 stages and 4 or 8 warps (ptxas holds it to 128 registers); unpipelined it is clean at
-#: every NC.
-MERGE_STAGES = for_triton({"dx": 2, "meta": 2, "tokens": 1}, {(3, 8): {"dx": 1}})
-#: warps that differ on older Tritons, by (kernel, dtype class, NC): Triton 3.6 spilled 8 bytes in
-#: the one-chunk 16-bit token pass at 8 warps on sm_90 (ptxas held it to 128 registers); 4 are clean
-WARPS_EXCEPT = for_triton({}, {(3, 8): {("tokens", "half", 1): 4}})
+#: in dX/dE NC = 3 and 6 and meta NC = 3 on sm_90); 2 keeps both clean on Triton 3.8. The token
+#: pass spilled 8-24 bytes at NC = 1 (16-bit) wherever ``L'`` has no divisibility hint (an odd count
+#: of meta tokens) at 3 or 2 stages and 4 or 8 warps (ptxas holds it to 128 registers); unpipelined
+#: it is clean at every NC. Triton 3.6 spilled 8-16 bytes in dX/dE at 2 stages and in the forward
+#: pass at NC = 1 and 3 with odd ``L'`` at 3 or 2: 1 stage for both there.
+MERGE_STAGES = for_triton({"dx": 2, "meta": 2, "tokens": 1}, {(3, 8): {"dx": 1, "fwd": 1}})
+#: warps that differ on older Tritons, by (kernel, dtype class, NC): Triton 3.6's unpipelined dX/dE
+#: pass spilled 8 bytes with odd ``L'`` at NC = 1 on 8 warps (sm_90) and at NC = 6 on 16 (sm_80,
+#: ptxas held it to 128 registers); 4 and 8 are clean
+WARPS_EXCEPT = for_triton({}, {(3, 8): {("dx", "half", 1): 4, ("dx", "half", 6): 8}})
 
 
 def merge_warps(kernel: str, nc: int, rows: int, ch: int, dtype) -> int:
