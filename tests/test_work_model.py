@@ -74,7 +74,14 @@ def test_issue_rate_grows_with_resident_warps_to_the_peak():
 
 def test_the_table_holds_every_configuration_the_reference_shapes_launch():
     """Every Triton and CUDA launch at every reference shape finds its compiled configuration (no
-    silent fallback to the memory-only price)."""
+    silent fallback to the memory-only price). The table is compiled with one Triton release; an
+    older one runs its own launch tables (``kernels.launch.for_triton``: e.g. Triton 3.6's dX/dE
+    merge pass on 8 warps where 3.8's takes 16), which that table does not hold."""
+    import triton
+    made_with = compiled.table()["triton"]
+    if triton.__version__ != made_with:
+        pytest.skip(f"vidkern/work/sass_sm90.json holds Triton {made_with}'s configurations; Triton "
+                    f"{triton.__version__} launches some of its own (kernels.launch.for_triton)")
     for row in report.reference_rows():
         for r in row["launches"]:
             library = r["kernel"].startswith(("aten.", "sdpa."))
