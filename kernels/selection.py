@@ -27,9 +27,13 @@ into two launches per chunk of problems:
    no scratch writes, no re-read of X.
 
 *Memory.* The Gram scratch is ``4 L^2`` bytes per problem; problems are processed in chunks of
-``max(1, GRAM_SCRATCH_BYTES // (4 L^2))`` (2 GiB: the whole of sttm_vit_b's stages at B=32 — 39 MB
-and 79 MB — in one chunk; the long clip, 12544 tokens, 629 MB, three problems per chunk), the
-launches of a chunk run in order on one stream, so one scratch buffer serves every chunk.
+:func:`chunk_problems`, as many as fit in :func:`scratch_budget` — ``GRAM_FREE_SHARE`` (half) of the
+memory the device has free at the call, at least one problem — and the launches of a chunk run in
+order on one stream, so one scratch buffer serves every chunk. Sized from free memory, not a fixed
+cap: the problems of one chunk run their greedy steps side by side, one SM each, while successive
+chunks wait for each other, so a fixed 2 GiB (three long clips) made a batch of 8 long clips three
+greedy launches in series (31.8 ms on the work model, H200, where one chunk takes 11.9; the
+scratch is 5 GB). sttm_vit_b's stages at B = 32 take 39 MB and 79 MB.
 
 *Regimes.* sttm_vit_b stage 1 (B*T problems of L=196) and stage 2 (B problems of L=784): the
 Gram launch fills the machine; the greedy launch has one program per problem. The long clip
@@ -190,7 +194,8 @@ def _stream_select_kernel(X, START, OUT, WORK, sxb, sxl, sxd, L, D, K, EPS: tl.c
 # =========================================================================== launch configuration
 GREEDY_MAX_L = 16384            # largest L of the register (Gram) regime: 16 scores per thread at 32 warps
 GREEDY_MIN_BLOCK = 128          # smallest BLOCK_L (fewer configurations; padding lanes issue no loads)
-GRAM_SCRATCH_BYTES = 2 ** 31    # Gram scratch per launch of the chunk loop (at least one problem)
+GRAM_FREE_SHARE = 0.5           # share of the device's free memory the Gram scratch may take
+GRAM_SCRATCH_BYTES = 2 ** 31    # the scratch budget where free memory is not known (not CUDA)
 #: The Gram kernel: 16-bit inputs on the bf16/fp16 tensor cores; float32 as tf32x3 (three
 #: products: more registers per tile, so smaller tiles)
 GRAM_BLOCKS = {"half": Config.of(BLOCK=128, BLOCK_D=32, num_warps=8, num_stages=3),
@@ -218,9 +223,22 @@ def greedy_config(length: int) -> Config:
     return Config.of(BLOCK_L=block, num_warps=min(32, max(4, block // 128)))
 
 
-def chunk_problems(length: int) -> int:
-    """Problems per Gram-scratch chunk: ``GRAM_SCRATCH_BYTES`` of float32 ``(L, L)`` matrices, at least one."""
-    return max(1, GRAM_SCRATCH_BYTES // (4 * length * length))
+def scratch_budget(device: torch.device) -> int:
+    """Bytes of Gram scratch one call may take on ``device``: ``GRAM_FREE_SHARE`` of its free memory
+    on CUDA (the driver's free memory plus the blocks torch's caching allocator holds unused, which
+    the scratch reuses first), ``GRAM_SCRATCH_BYTES`` elsewhere — and while a CUDA graph is being
+    captured, whose private memory pool would keep the scratch for the graph's lifetime."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return GRAM_SCRATCH_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(GRAM_FREE_SHARE * (free + cached))
+
+
+def chunk_problems(length: int, budget: int = None) -> int:
+    """Problems per Gram-scratch chunk: float32 ``(L, L)`` matrices within ``budget`` bytes
+    (default ``GRAM_SCRATCH_BYTES``), at least one."""
+    return max(1, (GRAM_SCRATCH_BYTES if budget is None else budget) // (4 * length * length))
 
 
 # =========================================================================== launcher
@@ -228,7 +246,8 @@ def chunk_problems(length: int) -> int:
 def orthogonal_select(x, k, start):
     """``x (B, L, D)`` any strides, ``start (B,)`` int64 -> int64 ``(B, k)`` in pick order.
 
-    ``L <= GREEDY_MAX_L``: per chunk of :func:`chunk_problems` problems, ``_gram_kernel`` then
+    ``L <= GREEDY_MAX_L``: per chunk of :func:`chunk_problems` problems (the Gram scratch within
+    :func:`scratch_budget`), ``_gram_kernel`` then
     ``_greedy_kernel`` (``k = 1``: the greedy kernel alone, no Gram). Larger ``L``: the streaming
     fallback, one launch. Every grid is on axis 0 (2^31 - 1 programs): no batch chunks needed."""
     b, length, d = x.shape
@@ -249,7 +268,7 @@ def orthogonal_select(x, k, start):
     gram_cfg = gram_config(x.dtype)
     tiles = triton.cdiv(length, gram_cfg.BLOCK)
     pairs = tiles * (tiles + 1) // 2
-    per = chunk_problems(length)
+    per = chunk_problems(length, scratch_budget(x.device))
     gram = torch.empty((min(b, per), length, length), dtype=torch.float32, device=x.device)
     inv = torch.empty((b, length), dtype=torch.float32, device=x.device)
     nl = triton.cdiv(length, NORM_BLOCKS.BLOCK_L)

@@ -60,6 +60,7 @@ def test_formula_matches_counted(case, monkeypatch):
     b, length, d, lp, scores, dtype, patches = case
     for name, value in patches.items():
         monkeypatch.setattr(S, name, value)
+    monkeypatch.setattr(W, "SCRATCH_BUDGET", S.GRAM_SCRATCH_BYTES)     # the CPU launcher's budget
     shape = Shape(B=b, L=length, N=length, D=d, num_out=lp, scores=scores, dtype=dtype)
     for op in OPS:
         formula = launches(op, "forward", "triton", shape)
@@ -137,11 +138,38 @@ def test_long_clip_within_30000_us(shape):
 
 
 def test_gram_scratch_is_bounded():
-    """At most GRAM_SCRATCH_BYTES of Gram scratch, or one problem when a problem alone is larger."""
-    for length in (1, 196, 784, 12544, S.GREEDY_MAX_L):
-        per = S.chunk_problems(length)
-        assert per >= 1 and (per == 1 or per * 4 * length * length <= S.GRAM_SCRATCH_BYTES)
+    """At most the budget of Gram scratch (GRAM_SCRATCH_BYTES by default), or one problem when a
+    problem alone is larger."""
+    for budget in (None, 10 ** 6, 5 * 10 ** 9):
+        for length in (1, 196, 784, 12544, S.GREEDY_MAX_L):
+            per = S.chunk_problems(length, budget)
+            assert per >= 1 and (per == 1 or per * 4 * length * length <= (budget or S.GRAM_SCRATCH_BYTES))
     assert 4 * S.GREEDY_MAX_L ** 2 <= S.GRAM_SCRATCH_BYTES                   # the register regime: one problem fits
+
+
+def test_scratch_budget_is_a_share_of_free_memory(monkeypatch):
+    """On CUDA the budget is GRAM_FREE_SHARE of the driver's free memory plus the caching allocator's
+    unused blocks (faked here: no GPU needed); elsewhere GRAM_SCRATCH_BYTES."""
+    import torch
+    assert S.scratch_budget(torch.device("cpu")) == S.GRAM_SCRATCH_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * 2 ** 30, 80 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 12 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    budget = S.scratch_budget(torch.device("cuda", 0))
+    assert budget == int(S.GRAM_FREE_SHARE * 32 * 2 ** 30)
+    assert S.chunk_problems(12544, budget) == 27                            # 629 MB a problem
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)   # a graph's pool keeps it
+    assert S.scratch_budget(torch.device("cuda", 0)) == S.GRAM_SCRATCH_BYTES
+
+
+def test_a_batch_of_long_clips_is_one_gram_chunk():
+    """Eight long clips take 5 GB of Gram scratch: within the free-memory budget, so their greedy
+    picks run side by side, one launch (a fixed 2 GiB made it three launches in series: 31.8 ms)."""
+    shape = Shape(B=8, L=12544, N=12544, num_out=6272, D=768)
+    rows = launches("orthogonal_select", "forward", "triton", shape)
+    assert [l.programs for l in rows if l.kernel == "_greedy_kernel"] == [8]
+    assert records("orthogonal_select", "forward", "triton", shape)[-1]["model_us"] <= 13000
 
 
 def test_no_backward_and_minima():

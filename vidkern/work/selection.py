@@ -4,7 +4,8 @@ launches).
 
 Mirrors the launcher (its module docstring has the design): the regime (``L <= GREEDY_MAX_L``:
 Gram, else the streaming fallback), the configs (``greedy_config``, ``gram_config``,
-``NORM_BLOCKS``, ``SELECT_BLOCKS``) and the chunking of the Gram scratch (``chunk_problems``), and
+``NORM_BLOCKS``, ``SELECT_BLOCKS``) and the chunking of the Gram scratch (``chunk_problems``
+within :data:`FREE_BYTES`' share, as ``scratch_budget`` sizes it on a GPU), and
 per program every ``tl.load``/``tl.store`` the kernels issue (active lanes only). Shapes: ``B``
 problems of ``L`` tokens of width ``D`` in ``shape.dtype``; ``orthogonal_select`` makes
 ``K = num_out`` picks, ``select_meta_tokens`` ``K = min(L, ceil(1.5 L'))`` with ``scores`` and
@@ -54,6 +55,14 @@ from . import F32, I64, Launch, Shape, cdiv, formula, measure, minimum, resident
 
 
 
+
+
+#: the device memory the model takes as free when the launcher sizes its Gram scratch
+#: (``kernels.selection.scratch_budget``): half an 80 GB H100, the smaller of the two GPUs priced
+#: (weights, activations and optimizer state hold the rest); ``SCRATCH_BUDGET`` overrides the budget
+#: (the counting tests set the CPU launcher's ``GRAM_SCRATCH_BYTES``)
+FREE_BYTES = 40 * 10 ** 9
+SCRATCH_BUDGET = None
 
 
 def _sel():
@@ -109,7 +118,7 @@ def select_launches(shape: Shape, k: int) -> list:
     tiles = cdiv(n, block)
     pairs = tiles * (tiles + 1) // 2
     gram_cfg = dict(gram.launch(), pairs=pairs)
-    per = S.chunk_problems(n)
+    per = S.chunk_problems(n, SCRATCH_BUDGET if SCRATCH_BUDGET is not None else int(S.GRAM_FREE_SHARE * FREE_BYTES))
     for start in range(0, b, per):
         m = min(b, start + per) - start
         gram_bytes = m * (n * (tiles + 1) * (d * s + F32) + n * n * F32)
