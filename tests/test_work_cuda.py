@@ -73,15 +73,14 @@ def test_selection_reads_one_gram_row_per_step():
 
 @pytest.mark.parametrize("shape, target", [
     (Shape(B=32 * 8, L=196, D=768, num_out=147), 1000),
-    pytest.param(Shape(B=32, L=784, D=768, num_out=588, scores=True), 1000, marks=pytest.mark.xfail(
-        strict=True, reason="issue 23: priced from its SASS, the greedy loop's dependent round trip per "
-                            "scanned entry (4 a step at L=784) takes stage 2 to ~1.2 ms")),
-    pytest.param(Shape(B=1, L=12544, D=768, num_out=6272), 30000, marks=pytest.mark.xfail(
-        strict=True, reason="issue 23: 49 dependent round trips a step at L=12544 (~120 ms; review: 60-120)")),
+    (Shape(B=32, L=784, D=768, num_out=588, scores=True), 1000),
+    (Shape(B=1, L=12544, D=768, num_out=6272), 30000),
 ], ids=["stage1", "stage2", "long-clip"])
 def test_model_targets(shape, target):
     """The reference shapes' model times (bf16): each sttm_vit_b selection stage <= 1000 us at
-    B=32, the long clip <= 30000 us (the misses are issue 23's work, held as strict xfails)."""
+    B=32, the long clip <= 30000 us. Both missed while the greedy loop loaded one row entry at a
+    time (a dependent round trip per entry: ~1.2 ms and ~120 ms); kRowLoads loads a step in flight
+    meet them."""
     assert sum(l.model_us for l in W.select_meta_tokens_cuda("forward", shape)) <= target
 
 

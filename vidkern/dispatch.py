@@ -39,8 +39,9 @@ PREFERENCES = {
                                       "ones: 201 us against 274 forward plus backward at ViT-B B=32"),
     "orthogonal_select": (("triton", "cuda"), "Triton's greedy step is cheaper per pick (its Gram rows "
                                               "are read by 4-32 warps with one load round trip a step; "
-                                              "the CUDA step makes about 30 dependent round trips at long "
-                                              "clips): 10 ms against 120 ms on the long clip"),
+                                              "the CUDA block loads 8 entries a thread at a time: 7 "
+                                              "round trips a step at long clips): 10 ms against 26 ms on "
+                                              "the long clip, 0.37 against 0.47 ms for 784 -> 588 at B=32"),
 }
 
 #: The reference path — autograd through the materialised math, its intermediates saved — is faster

@@ -29,6 +29,7 @@ ROWS_PER_BLOCK = 32    # team.cu: kRowsPerBlock
 TILE = 32              # sttm.cu: kTile
 CHANNELS = 64          # sttm.cu: kChannels
 GRAM_SCRATCH = 1 << 30  # sttm.cu: gram_chunk
+ROW_LOADS = 8           # sttm.cu: kRowLoads (Gram-row entries a thread loads before folding them in)
 
 
 
@@ -116,7 +117,8 @@ def gram_chunk(B: int, L: int) -> int:
 def select_launches(shape: Shape, k: int) -> list:
     """Per chunk of problems: the Gram matrices (aten.bmm, fp32 accumulation: tensor cores for
     16-bit inputs, SIMT fp32 for fp32), then the greedy kernel, one block per problem: the
-    diagonal, the start, one Gram row per step (less the pick itself), the K picks."""
+    diagonal, the start, one Gram row per step (the pick's own entry too: it is loaded with the
+    others, before the compare that skips it), the K picks."""
     b, L, d, isz = shape.B, shape.L, shape.D, shape.itemsize
     chunk = gram_chunk(b, L)
     rate = "fp32" if shape.dtype == "fp32" else shape.dtype
@@ -127,10 +129,12 @@ def select_launches(shape: Shape, k: int) -> list:
         out.append(Launch("aten.bmm", p * cdiv(L, GEMM_TILE) ** 2, 2 * p * L * d * isz + p * L * L * 4,
                           p * L * L * d, rate=rate, config=dict(out="fp32"), unique=p * L * (d * isz + L * 4),
                           working_set=resident_set(cdiv(L, GEMM_TILE) ** 2, L * d * isz, p)))
-        per = 4 * L + 8 * WARPS + (k - 1) * (L - 1) * 4 + 8 * k
-        # per step each thread scans its cdiv(L, kThreads) entries of the row with load, compare
-        # and store interleaved: one dependent global round trip per entry (review kernels-sass-read)
-        out.append(Launch("select_greedy", p, p * per, steps=k, rate="fp32", round_trips=cdiv(L, THREADS),
+        per = 4 * L + 8 * WARPS + (k - 1) * L * 4 + 8 * k
+        # per step each thread scans its cdiv(L, kThreads) entries of the row, kRowLoads loads
+        # issued before the first is folded in: one dependent global round trip per kRowLoads
+        # entries (one entry each, before: the review's kernels-sass-read)
+        out.append(Launch("select_greedy", p, p * per, steps=k, rate="fp32",
+                          round_trips=cdiv(cdiv(L, THREADS), ROW_LOADS),
                           config=dict(K=k, smem=shared, chunk=p)))
     return out
 
