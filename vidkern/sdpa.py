@@ -127,13 +127,14 @@ def block_diagonal(q, k, v, sizes, scale):
 
 
 def _parts(t, dim: int, sizes: list) -> tuple:
-    """``t`` cut along ``dim`` into consecutive parts of ``sizes`` (their sum: the whole axis).
+    """``t`` cut along ``dim`` into consecutive parts of ``sizes`` from its start (anything after
+    the last part is left out, as slices would).
 
     One ``split``, not a slice per part: autograd's backward of a slice writes its gradient into a
     zero-filled tensor of ``t``'s full shape and sums those, where ``split``'s concatenates the
     parts' gradients once (CPU, ViT-S's 3 + 3 heads: 6 fills and 3 adds of a (B, H, N, d) tensor
     saved per layer)."""
-    rest = t.shape[dim] - sum(sizes)            # tokens after the last part (none in grouped order)
+    rest = t.shape[dim] - sum(sizes)
     if len(sizes) == 1 and not rest:
         return (t,)
     return t.split(sizes + [rest] if rest else sizes, dim=dim)[:len(sizes)]
